@@ -1,0 +1,127 @@
+"""The per-element control-variate view of RFA (theory.md section 4).
+
+For query n and draws w_1..w_S, per key m:
+  hbar_m = phi(x_n).phi(y_m) / Z_n,   E[h_m] = exp(l_nm) / Z_n,   ghat_m = hbar_m v_m - beta_m (hbar_m - E[h_m]).
+The coefficient decides what the sum over m becomes: ``shared`` (one beta) gives RFA, ``optimal`` (beta_m = v_m)
+gives softmax, ``chunked`` (one beta per contiguous chunk of ``chunk_size`` keys) lies in between.
+The per-element terms (quadratic in length) attribute an estimator's error to individual keys.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks
+from .draw import Draw, make_generator
+from .features import SAMPLERS, log_features, sample_omega
+from .rfa import Inputs
+
+COEFFICIENTS = ("shared", "optimal", "chunked")
+
+
+@dataclass(frozen=True)
+class ControlVariateTerms:
+    """Per-element terms of one call. hbar (R, *b, N, M); expected_h (*b, N, M);
+    beta and ghat (R, *b, N, M, dv) (beta may be a broadcast view)."""
+
+    hbar: torch.Tensor
+    expected_h: torch.Tensor
+    beta: torch.Tensor
+    ghat: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ControlVariates:
+    """Control-variate estimate of softmax attention with a ``coefficient`` rule.
+
+    Shares draws with RFA of the same ``num_features``, ``feature_map`` and ``sampler``.
+    Call: est(q, k, v, draw) -> (R, *b, N, dv), the sum over keys of ghat_m. ``terms`` returns the elements.
+    """
+
+    num_features: int = 64
+    coefficient: str = "shared"
+    chunk_size: int | None = None
+    feature_map: str = "positive"
+    sampler: str = "iid"
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _checks.integer("num_features", self.num_features)
+        _checks.choice("coefficient", self.coefficient, COEFFICIENTS)
+        _checks.choice("feature_map", self.feature_map, ("positive", "hyperbolic"))
+        _checks.choice("sampler", self.sampler, SAMPLERS)
+        _checks.real("scale", self.scale, allow_none=True, strict=True)
+        if self.coefficient == "chunked":
+            if self.chunk_size is None:
+                raise ValueError("coefficient='chunked' needs chunk_size (a positive int), got None")
+            _checks.integer("chunk_size", self.chunk_size)
+        elif self.chunk_size is not None:
+            raise ValueError(f"chunk_size applies to coefficient='chunked' only, got chunk_size={self.chunk_size!r}")
+
+    @property
+    def noise_kind(self) -> str:
+        return f"omega:{self.sampler}"
+
+    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
+        """Shape of one replicate's noise: omega (S, d), as for RFA."""
+        return (self.num_features, q.shape[-1])
+
+    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
+        """Sample omega: Draw with noise (R, S, d)."""
+        _checks.integer("replicates", replicates)
+        omega = sample_omega(self.sampler, replicates, *self.noise_layout(q, k), make_generator(generator))
+        return Draw(omega, self.noise_kind)
+
+    def _hbar(self, inp: Inputs, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        """hbar (R, *b, N, M) and E[h] (*b, N, M)."""
+        omega = draw.as_tensor((self.num_features, inp.x.shape[-1]), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+        logits = inp.x @ inp.y.transpose(-1, -2)
+        log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+        lx, ly = log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map)
+        a, b = lx.amax(-1, keepdim=True), ly.amax((-2, -1), keepdim=True)
+        hbar = ((lx - a).exp() @ (ly - b).exp().transpose(-1, -2)) * (a + b - log_z).exp()
+        return hbar, (logits - log_z).exp()
+
+    def _chunk(self, M: int) -> int:
+        return {"shared": M, "optimal": 1, "chunked": self.chunk_size}[self.coefficient]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
+        inp = Inputs.prepare(q, k, v, self.scale)
+        hbar, expected_h = self._hbar(inp, draw)
+        if self.coefficient == "optimal":  # ghat_m = E[h_m] v_m whatever the draw
+            out = (expected_h @ inp.v).expand(hbar.shape[0], *expected_h.shape[:-1], inp.v.shape[-1])
+            return out.to(inp.out_dtype)
+        # sum_m ghat_m = sum_c beta_c sum_{m in P_c} E[h_m], beta_c = sum_{P_c} hbar_m v_m / sum_{P_c} hbar_m
+        size = min(self._chunk(hbar.shape[-1]), hbar.shape[-1])
+        beta_c = _chunk_coefficients(hbar, inp.v, size)
+        out = (beta_c * _chunked(expected_h, size).sum(-1, keepdim=True)).sum(-2)
+        return out.to(inp.out_dtype)
+
+    def terms(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> ControlVariateTerms:
+        """Per-element terms (hbar, E[h], beta, ghat) of one call; quadratic memory (R x N x M x dv)."""
+        inp = Inputs.prepare(q, k, v, self.scale)
+        hbar, expected_h = self._hbar(inp, draw)
+        R, M = hbar.shape[0], hbar.shape[-1]
+        vals = inp.v.unsqueeze(-3)  # (*b, 1, M, dv)
+        if self.coefficient == "optimal":
+            beta = vals.expand(R, *expected_h.shape, inp.v.shape[-1])
+        else:
+            size = min(self._chunk(M), M)
+            beta = _chunk_coefficients(hbar, inp.v, size).repeat_interleave(size, dim=-2)[..., :M, :]
+        ghat = hbar.unsqueeze(-1) * vals - beta * (hbar - expected_h).unsqueeze(-1)
+        return ControlVariateTerms(hbar, expected_h.to(hbar.dtype), beta, ghat)
+
+
+def _chunk_coefficients(hbar: torch.Tensor, v: torch.Tensor, size: int) -> torch.Tensor:
+    """beta_c = sum_{P_c} hbar_m v_m / sum_{P_c} hbar_m: hbar (R, *b, N, M), v (*b, M, dv) -> (R, *b, N, C, dv)."""
+    h_c = _chunked(hbar, size)
+    return torch.einsum("r...ncm,...vcm->r...ncv", h_c, _chunked(v.transpose(-1, -2), size)) / h_c.sum(-1, keepdim=True)
+
+
+def _chunked(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Split the last dimension into chunks of ``size`` (zero-padded): (..., M) -> (..., C, size)."""
+    M = t.shape[-1]
+    pad = (-M) % size
+    return torch.nn.functional.pad(t, (0, pad)).unflatten(-1, (math.ceil(M / size), size))

@@ -1,0 +1,66 @@
+"""Draw: the randomness of one estimator call, held apart from the estimator.
+
+Estimators never touch a global random state: ``est.draw(q, k, replicates=R, generator=g)`` samples a
+:class:`Draw`, and ``est(q, k, v, draw)`` is a pure function of its arguments. Estimators whose draws have the
+same ``kind`` and shape can share one draw (common random numbers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks
+
+
+@dataclass(frozen=True, eq=False)
+class Draw:
+    """Random noise for ``replicates`` independent estimates.
+
+    noise: (R, ...) with the replicates leading. RFA and ControlVariates: omega itself, (R, S, d).
+           EVA: eps, (R, C, S_c, d), added to each chunk's proposal mean.
+    kind:  what the noise is, e.g. ``"omega:iid"`` or ``"eps"``; estimators check it before use.
+    """
+
+    noise: torch.Tensor
+    kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor, got {type(self.noise).__name__}")
+        if self.noise.dim() < 1:
+            raise ValueError(f"noise must have a leading replicate dimension, got shape {tuple(self.noise.shape)}")
+
+    @property
+    def replicates(self) -> int:
+        return self.noise.shape[0]
+
+    def __getitem__(self, index: slice) -> "Draw":
+        """Draw of a slice of the replicates: ``draw[10:20]``."""
+        if not isinstance(index, slice):
+            raise TypeError(f"index a Draw with a slice of replicates, got {index!r}")
+        return Draw(self.noise[index], self.kind)
+
+    def as_tensor(self, layout: tuple[int, ...], kind: str, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The noise checked against ``layout`` (shape without R) and ``kind``, moved to ``device``/``dtype``."""
+        if tuple(self.noise.shape[1:]) != tuple(layout):
+            raise ValueError(
+                f"draw noise has shape {tuple(self.noise.shape)}, expected (replicates, {', '.join(map(str, layout))})"
+            )
+        if self.kind is not None and self.kind != kind:
+            raise ValueError(f"draw holds {self.kind!r} noise, this estimator needs {kind!r}")
+        return self.noise.to(device=device, dtype=dtype)
+
+
+def make_generator(generator: torch.Generator | int | None) -> torch.Generator:
+    """A CPU generator from a generator, an integer seed, or None (fresh entropy, not the global RNG)."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    g = torch.Generator()
+    if generator is None:
+        g.seed()
+    elif isinstance(generator, int) and not isinstance(generator, bool):
+        g.manual_seed(generator)
+    else:
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
+    return g

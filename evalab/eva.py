@@ -1,0 +1,214 @@
+"""EVA: an exact local window plus one control-variate coefficient per chunk of keys (theory.md section 5).
+
+For query n the output is one softmax over [l_nm for m in the window E_n ; one logit per visible chunk]
+applied to [v_m ; beta_{n,c}], where beta_{n,c} is the chunk's self-normalised importance-sampling estimate of
+its own softmax average, from S_c draws w_{c,s} = mu_c + eps_{c,s}. Window logits, chunk logits and the
+visibility mask are deterministic and computed once per call; only the chunk values beta depend on the draw.
+Cost O(N (w + C S_c) d) per replicate; chunk_logit="exact" adds the quadratic oracle (once per call).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks
+from .draw import Draw, make_generator
+from .rfa import Inputs
+from .softmax import BLOCK_ELEMENTS
+
+PROPOSALS = ("zero", "mean", "half-mean")
+CHUNK_LOGITS = ("exact", "mean", "official")
+PARTITIONS = ("disjoint", "official")
+
+
+@dataclass(frozen=True)
+class EVA:
+    """EVA with a block-local ``window`` (0: none) and chunks of ``chunk_size`` keys (0: none, window only).
+
+    proposal: zero | mean | half-mean (mean of the chunk's x plus mean of its y, or half of it).
+    chunk_logit: exact | mean | official. partition: disjoint (paper) | official (reference code).
+    Call: est(q, k, v, draw) -> (R, *b, N, dv); draw noise (R, C, S_c, d).
+    """
+
+    window: int = 32
+    chunk_size: int = 8
+    samples_per_chunk: int = 1
+    proposal: str = "mean"
+    chunk_logit: str = "mean"
+    partition: str = "disjoint"
+    causal: bool = False
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _checks.integer("window", self.window, minimum=0)
+        _checks.integer("chunk_size", self.chunk_size, minimum=0)
+        _checks.integer("samples_per_chunk", self.samples_per_chunk)
+        _checks.choice("proposal", self.proposal, PROPOSALS)
+        _checks.choice("chunk_logit", self.chunk_logit, CHUNK_LOGITS)
+        _checks.choice("partition", self.partition, PARTITIONS)
+        _checks.real("scale", self.scale, allow_none=True, strict=True)
+        if self.window == 0 and self.chunk_size == 0:
+            raise ValueError("window=0 and chunk_size=0 leave nothing to attend; set at least one of them > 0")
+        if self.window > 0 and self.chunk_size > 0 and self.window % self.chunk_size:
+            raise ValueError(f"window={self.window} must be a multiple of chunk_size={self.chunk_size}")
+        if self.causal and self.window == 0 and (self.partition == "official" or self.chunk_size > 1):
+            raise ValueError(
+                f"causal EVA with window=0 needs partition='disjoint' and chunk_size=1, got partition="
+                f"{self.partition!r}, chunk_size={self.chunk_size}: early queries would see no complete chunk"
+            )
+
+    @property
+    def noise_kind(self) -> str:
+        return "eps"
+
+    def num_chunks(self, k: torch.Tensor) -> int:
+        """C = ceil(M / chunk_size), 0 without chunks."""
+        return math.ceil(k.shape[-2] / self.chunk_size) if self.chunk_size else 0
+
+    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
+        """Shape of one replicate's noise: eps (C, S_c, d)."""
+        return (self.num_chunks(k), self.samples_per_chunk, q.shape[-1])
+
+    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
+        """Sample eps ~ N(0, I): Draw with noise (R, C, S_c, d), float64 on the generator's device."""
+        _checks.integer("replicates", replicates)
+        g = make_generator(generator)
+        noise = torch.randn(replicates, *self.noise_layout(q, k), generator=g, device=g.device, dtype=torch.float64)
+        return Draw(noise, self.noise_kind)
+
+    def _check_lengths(self, N: int, M: int) -> None:
+        if N == M:
+            return
+        if self.window > 0:
+            raise ValueError(f"window={self.window} needs self-attention (N == M), got N={N}, M={M}")
+        if self.chunk_size > 0 and self.proposal != "zero":
+            raise ValueError(f"proposal={self.proposal!r} uses the chunk's queries and needs N == M, got N={N}, M={M}")
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
+        inp = Inputs.prepare(q, k, v, self.scale, causal=self.causal)
+        self._check_lengths(q.shape[-2], k.shape[-2])
+        eps = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+        R, (N, dv) = eps.shape[0], (q.shape[-2], v.shape[-1])
+
+        window = _Window(inp, self.window, self.causal) if self.window else None
+        if not self.chunk_size:
+            return window.output(window.lse).expand(R, *inp.x.shape[:-1], dv).to(inp.out_dtype)
+
+        chunks = _Chunks(inp, self.chunk_size)
+        logits = self._chunk_logits(inp, chunks).masked_fill(~self._visible(N, chunks), -math.inf)  # (*b, N, C)
+        lse = torch.logsumexp(logits, dim=-1)
+        if window is not None:
+            lse = torch.logaddexp(lse, window.lse)
+        weights = (logits - lse.unsqueeze(-1)).exp()  # (*b, N, C), deterministic
+        out = self._chunk_output(inp, chunks, eps, weights)
+        if window is not None:
+            out = out + window.output(lse)
+        return out.to(inp.out_dtype)
+
+    def _visible(self, N: int, chunks: "_Chunks") -> torch.Tensor:
+        """(N, C) bool: which chunk terms query n uses."""
+        device = chunks.sizes.device
+        n = torch.arange(N, device=device).unsqueeze(-1)
+        c = torch.arange(chunks.count, device=device)
+        if self.partition == "official":
+            return (c < n // self.chunk_size) if self.causal else torch.ones(N, chunks.count, dtype=torch.bool, device=device)
+        if self.causal:  # chunks ending before the window block starts (no window: chunks ending at or before n)
+            window_start = (n // self.window) * self.window if self.window else n + 1
+            return chunks.ends <= window_start
+        if not self.window:
+            return torch.ones(N, chunks.count, dtype=torch.bool, device=device)
+        return (c * chunks.length) // self.window != n // self.window  # chunks outside the window block
+
+    def _chunk_logits(self, inp: Inputs, chunks: "_Chunks") -> torch.Tensor:
+        """(*b, N, C) stand-ins for log sum_{P_c} exp(l_nm)."""
+        if self.chunk_logit == "exact":
+            return _chunk_log_mass(inp.x, inp.y, chunks)
+        logits = inp.x @ chunks.mean(inp.y).transpose(-1, -2)
+        return logits + chunks.sizes.log() if self.chunk_logit == "mean" else logits
+
+    def _proposal_mean(self, inp: Inputs, chunks: "_Chunks") -> torch.Tensor:
+        """mu_c (*b, C, d)."""
+        if self.proposal == "zero":
+            return torch.zeros(*inp.y.shape[:-2], chunks.count, inp.y.shape[-1], dtype=inp.y.dtype, device=inp.y.device)
+        mu = chunks.mean(inp.x) + chunks.mean(inp.y)
+        return 0.5 * mu if self.proposal == "half-mean" else mu
+
+    def _chunk_output(self, inp: Inputs, chunks: "_Chunks", eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_c weights_nc beta_{n,c}: (R, *b, N, dv)."""
+        R, C, S, d = eps.shape
+        mu = self._proposal_mean(inp, chunks)  # (*b, C, d)
+        w = mu.unsqueeze(-2) + eps.reshape(R, *([1] * (mu.dim() - 2)), C, S, d)  # (R, *b, C, S, d)
+        y, vals = chunks.split(inp.y), chunks.split(inp.v)  # (*b, C, L, d), (*b, C, L, dv)
+        log_xi = y @ w.transpose(-1, -2) - 0.5 * (y * y).sum(-1, keepdim=True)  # (R, *b, C, L, S)
+        log_xi = log_xi.masked_fill(~chunks.valid.unsqueeze(-1), -math.inf)
+        averages = torch.softmax(log_xi, dim=-2).transpose(-1, -2) @ vals  # (R, *b, C, S, dv)
+        if S == 1:  # the importance weights cancel: beta_c does not depend on the query
+            return weights @ averages.squeeze(-2)
+        # a_s ∝ exp(w.x_n - w.mu_c + |mu_c|^2/2); beta_{n,c} = softmax_s(log a_s + log K_cs) @ averages
+        log_mass = torch.logsumexp(log_xi, dim=-2)  # (R, *b, C, S)
+        offset = log_mass - (w * mu.unsqueeze(-2)).sum(-1) + 0.5 * (mu * mu).sum(-1, keepdim=True)
+        logits = (inp.x @ w.flatten(-3, -2).transpose(-1, -2)).unflatten(-1, (C, S)) + offset.unsqueeze(-3)
+        mix = torch.softmax(logits, dim=-1) * weights.unsqueeze(-1)  # (R, *b, N, C, S)
+        return mix.flatten(-2) @ averages.flatten(-3, -2)
+
+
+class _Chunks:
+    """Contiguous chunks of ``chunk_size`` keys over M positions (the last one may be shorter)."""
+
+    def __init__(self, inp: Inputs, chunk_size: int):
+        M, device = inp.y.shape[-2], inp.y.device
+        self.length = min(chunk_size, M)
+        self.count = math.ceil(M / self.length)
+        position = torch.arange(self.count * self.length, device=device).view(self.count, self.length)
+        self.valid = position < M  # (C, L)
+        self.sizes = self.valid.sum(-1).to(inp.y.dtype)  # (C,)
+        self.ends = torch.clamp((torch.arange(self.count, device=device) + 1) * self.length, max=M)  # exclusive
+        self._pad = self.count * self.length - M
+
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        """(*b, M, e) -> (*b, C, L, e), zero-padded."""
+        return torch.nn.functional.pad(t, (0, 0, 0, self._pad)).unflatten(-2, (self.count, self.length))
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-chunk mean over real positions: (*b, M, e) -> (*b, C, e)."""
+        return self.split(t).sum(-2) / self.sizes.unsqueeze(-1)
+
+
+class _Window:
+    """Exact block-local attention: position n sees the block of ``window`` positions holding it (causal: m <= n)."""
+
+    def __init__(self, inp: Inputs, window: int, causal: bool):
+        N = inp.x.shape[-2]
+        self.N, self.length = N, min(window, N)
+        blocks = math.ceil(N / self.length)
+        pad = blocks * self.length - N
+        split = lambda t: torch.nn.functional.pad(t, (0, 0, 0, pad)).unflatten(-2, (blocks, self.length))
+        self.v = split(inp.v)  # (*b, B, L, dv)
+        logits = split(inp.x) @ split(inp.y).transpose(-1, -2)  # (*b, B, L, L)
+        position = torch.arange(blocks * self.length, device=inp.x.device).view(blocks, 1, self.length)
+        hidden = (position >= N).expand(blocks, self.length, self.length)
+        if causal:
+            hidden = hidden | torch.ones(self.length, self.length, dtype=torch.bool, device=inp.x.device).triu(1)
+        self.logits = logits.masked_fill(hidden, -math.inf)
+        self.lse = torch.logsumexp(self.logits, dim=-1).flatten(-2)[..., :N]  # (*b, N)
+
+    def output(self, lse: torch.Tensor) -> torch.Tensor:
+        """sum_{m in E_n} exp(l_nm - lse_n) v_m for a total log-normaliser lse (*b, N): (*b, N, dv)."""
+        pad = self.logits.shape[-3] * self.length - self.N
+        lse = torch.nn.functional.pad(lse, (0, pad)).unflatten(-1, self.logits.shape[-3:-1])
+        weights = (self.logits - lse.unsqueeze(-1)).exp()
+        return (weights @ self.v).flatten(-3, -2)[..., : self.N, :]
+
+
+def _chunk_log_mass(x: torch.Tensor, y: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
+    """Exact log sum_{m in P_c} exp(x_n.y_m): (*b, N, C), over blocks of queries (the quadratic oracle)."""
+    N = x.shape[-2]
+    block = max(1, min(N, BLOCK_ELEMENTS // max(1, math.prod(x.shape[:-2]) * chunks.count * chunks.length)))
+    y_c = chunks.split(y)  # (*b, C, L, d)
+    out = torch.empty(*x.shape[:-1], chunks.count, dtype=x.dtype, device=x.device)
+    for start in range(0, N, block):
+        logits = torch.einsum("...nd,...cld->...ncl", x[..., start : start + block, :], y_c)
+        out[..., start : start + block, :] = torch.logsumexp(logits.masked_fill(~chunks.valid, -math.inf), dim=-1)
+    return out

@@ -1,0 +1,99 @@
+"""Random features of the softmax kernel exp(x.y) (theory.md section 2).
+
+All functions work on *scaled* coordinates x = sqrt(scale) q. ``omega`` has shape (R, S, d): one set of S
+draws per replicate, shared by every batch/head element.
+
+Feature maps (F feature columns, phi(x).phi(y) estimates exp(x.y) without bias):
+- ``positive``   F = S:  phi_s(x) = exp(w_s.x - |x|^2/2) / sqrt(S)
+- ``hyperbolic`` F = 2S: the positive features of w_s and -w_s, divided by sqrt(2S)
+- ``trig``       F = 2S: exp(|x|^2/2) [cos(w_s.x), sin(w_s.x)] / sqrt(S)
+The positive-type maps are returned as log-features, so that float32 stays finite at large norms.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from scipy.special import ndtri
+from scipy.stats import qmc
+
+from . import _checks
+
+FEATURE_MAPS = ("positive", "hyperbolic", "trig")
+SAMPLERS = ("iid", "orthogonal", "qmc")
+
+
+def num_columns(feature_map: str, num_features: int) -> int:
+    """Number of feature columns F for S = ``num_features`` omega draws."""
+    return num_features if feature_map == "positive" else 2 * num_features
+
+
+def sample_omega(sampler: str, replicates: int, num_features: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """(R, S, d) float64 omega on the generator's device; every row is marginally N(0, I_d).
+
+    iid: independent rows. orthogonal: blocks of d orthogonal directions, each block Haar-distributed, rows
+    scaled by independent chi(d) norms. qmc: scrambled Sobol points through the inverse normal CDF, an
+    independent scramble per replicate.
+    """
+    _checks.choice("sampler", sampler, SAMPLERS)
+    R, S, d = replicates, num_features, dim
+    device = generator.device
+    if sampler == "iid":
+        return torch.randn(R, S, d, generator=generator, device=device, dtype=torch.float64)
+    if sampler == "orthogonal":
+        blocks = -(-S // d)
+        gauss = torch.randn(R * blocks, d, d, generator=generator, device=device, dtype=torch.float64)
+        q, r = torch.linalg.qr(gauss)
+        # Haar correction: QR of a Gaussian matrix fixes the signs of diag(r); undo that convention.
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+        rows = q.transpose(-1, -2)  # orthonormal rows
+        norms = torch.randn(R * blocks, d, d, generator=generator, device=device, dtype=torch.float64).norm(dim=-1)
+        return (rows * norms.unsqueeze(-1)).reshape(R, blocks * d, d)[:, :S]
+    seeds = torch.randint(0, 2**62, (R,), generator=generator, device=device).tolist()
+    points = np.empty((R, S, d))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*balance properties.*")
+        for r, seed in enumerate(seeds):
+            points[r] = qmc.Sobol(d, scramble=True, rng=np.random.default_rng(seed)).random(S)
+    tiny = np.finfo(np.float64).eps
+    return torch.from_numpy(ndtri(np.clip(points, tiny, 1 - tiny))).to(device)
+
+
+def _project(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """w_s . x for every replicate: x (*batch, N, d), omega (R, S, d) -> (R, *batch, N, S)."""
+    R, S, d = omega.shape
+    w = omega.reshape(R, *([1] * (x.dim() - 2)), S, d)
+    return torch.matmul(x.unsqueeze(0), w.transpose(-1, -2))
+
+
+def log_features(x: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """log phi(x) of a positive-type map: x (*batch, N, d), omega (R, S, d) -> (R, *batch, N, F)."""
+    _checks.choice("feature_map", feature_map, ("positive", "hyperbolic"))
+    proj = _project(x, omega)
+    half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
+    if feature_map == "hyperbolic":
+        return torch.cat([proj, -proj], dim=-1) - half_sq - 0.5 * math.log(2 * omega.shape[1])
+    return proj - half_sq - 0.5 * math.log(omega.shape[1])
+
+
+def trig_features(x: torch.Tensor, omega: torch.Tensor, log_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[cos(w.x), sin(w.x)] * exp(log_weight) / sqrt(S): (R, *batch, N, 2S).
+
+    ``log_weight`` (*batch, N, 1) defaults to |x|^2/2, the exact trig map; estimators pass a stabilised one.
+    """
+    proj = _project(x, omega)
+    if log_weight is None:
+        log_weight = 0.5 * (x * x).sum(-1, keepdim=True)
+    scale = torch.exp(log_weight - 0.5 * math.log(omega.shape[1]))
+    return torch.cat([torch.cos(proj), torch.sin(proj)], dim=-1) * scale
+
+
+def kernel_estimate(x: torch.Tensor, y: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """phi(x_n).phi(y_m), the random-feature estimate of exp(x_n.y_m): (R, *batch, N, M). Quadratic; for analysis."""
+    _checks.choice("feature_map", feature_map, FEATURE_MAPS)
+    if feature_map == "trig":
+        return trig_features(x, omega) @ trig_features(y, omega).transpose(-1, -2)
+    lx, ly = log_features(x, omega, feature_map), log_features(y, omega, feature_map)
+    return torch.logsumexp(lx.unsqueeze(-2) + ly.unsqueeze(-3), dim=-1).exp()

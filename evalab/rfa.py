@@ -1,0 +1,172 @@
+"""Random-feature attention (RFA / Performer): the self-normalised importance sampler of softmax attention.
+
+  RFA_n = sum_f phi_f(x_n) sum_m phi_f(y_m) v_m / sum_f phi_f(x_n) sum_m phi_f(y_m)      (theory.md section 3)
+
+Positive-type maps are evaluated in log space as a softmax over feature columns of the per-column key
+averages, so float32 stays finite at large norms; ``trig`` features and ``eps > 0`` use stabilised features in
+the linear domain. Causal prefix sums run over blocks of positions with a carried state of size F x dv.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+
+import torch
+
+from . import _checks
+from .draw import Draw, make_generator
+from .features import FEATURE_MAPS, SAMPLERS, log_features, num_columns, sample_omega, trig_features
+
+#: Positions per block of the causal prefix sums (memory R x block x block x F per step).
+CAUSAL_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Scaled, dtype-converted inputs of one estimator call: x (*b, N, d), y (*b, M, d), v (*b, M, dv)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    v: torch.Tensor
+    out_dtype: torch.dtype
+
+    @classmethod
+    def prepare(cls, q, k, v, scale: float | None, *, causal: bool = False) -> "Inputs":
+        _checks.qkv(q, k, v, causal=causal)
+        ct = _checks.compute_dtype(q, k, v)
+        root = math.sqrt(_checks.resolve_scale(scale, q.shape[-1]))
+        out_dtype = reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype))
+        return cls(q.to(ct) * root, k.to(ct) * root, v.to(ct), out_dtype)
+
+
+@dataclass(frozen=True)
+class RFA:
+    """Random-feature attention with S = ``num_features`` omega draws.
+
+    feature_map: positive | hyperbolic | trig; sampler: iid | orthogonal | qmc.
+    eps: constant added to the stabilised features (Performer's kernel epsilon); 0 gives the exact estimator.
+    With causal=True each key's own stabiliser is used, so no position sees a later one.
+    Call: est(q, k, v, draw) with q (*b, N, d), k (*b, M, d), v (*b, M, dv) -> (R, *b, N, dv).
+    """
+
+    num_features: int = 64
+    feature_map: str = "positive"
+    sampler: str = "iid"
+    causal: bool = False
+    eps: float = 0.0
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _checks.integer("num_features", self.num_features)
+        _checks.choice("feature_map", self.feature_map, FEATURE_MAPS)
+        _checks.choice("sampler", self.sampler, SAMPLERS)
+        _checks.real("eps", self.eps)
+        _checks.real("scale", self.scale, allow_none=True, strict=True)
+        if self.eps > 0 and self.feature_map == "trig":
+            raise ValueError("eps > 0 applies to positive-type features only, got feature_map='trig'")
+
+    @property
+    def noise_kind(self) -> str:
+        return f"omega:{self.sampler}"
+
+    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
+        """Shape of one replicate's noise: omega (S, d)."""
+        return (self.num_features, q.shape[-1])
+
+    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
+        """Sample omega for ``replicates`` estimates: Draw with noise (R, S, d), float64 on the generator's device."""
+        _checks.integer("replicates", replicates)
+        omega = sample_omega(self.sampler, replicates, *self.noise_layout(q, k), make_generator(generator))
+        return Draw(omega, self.noise_kind)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
+        inp = Inputs.prepare(q, k, v, self.scale, causal=self.causal)
+        omega = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+        if self.feature_map == "trig" or self.eps > 0:
+            qf, kf = self._linear_features(inp, omega)
+            out = _causal_linear(qf, kf, inp.v) if self.causal else _linear(qf, kf, inp.v)
+        else:
+            lq = log_features(inp.x, omega, self.feature_map)
+            lk = log_features(inp.y, omega, self.feature_map)
+            out = _causal_log(lq, lk, inp.v) if self.causal else _log(lq, lk, inp.v)
+        return out.to(inp.out_dtype)
+
+    @property
+    def columns(self) -> int:
+        """Number of feature columns F."""
+        return num_columns(self.feature_map, self.num_features)
+
+    def _linear_features(self, inp: Inputs, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stabilised non-negative (or trig) features; constant factors that cancel in the ratio are dropped."""
+        if self.feature_map == "trig":
+            half_sq = 0.5 * (inp.y * inp.y).sum(-1, keepdim=True)
+            zero = torch.zeros_like(inp.x[..., :1])
+            return trig_features(inp.x, omega, zero), trig_features(inp.y, omega, half_sq - half_sq.amax(-2, keepdim=True))
+        lq = log_features(inp.x, omega, self.feature_map)
+        lk = log_features(inp.y, omega, self.feature_map)
+        key_stabiliser = lk.amax(-1, keepdim=True) if self.causal else lk.amax((-2, -1), keepdim=True)
+        return (lq - lq.amax(-1, keepdim=True)).exp() + self.eps, (lk - key_stabiliser).exp() + self.eps
+
+
+def _log(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal RFA from log-features lq (R, *b, N, F), lk (R, *b, M, F): softmax_f(lq + log sum_m e^lk) @ kv."""
+    log_mass = torch.logsumexp(lk, dim=-2, keepdim=True)  # (R, *b, 1, F)
+    kv = torch.softmax(lk, dim=-2).transpose(-1, -2) @ v  # per-column average of v, (R, *b, F, dv)
+    return torch.softmax(lq + log_mass, dim=-1) @ kv
+
+
+def _causal_log(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal RFA in log space, over blocks of positions.
+
+    Carried state per column f: log_mass_f = log sum_{m<block} e^{lk_mf} and kv_f, the matching average of v.
+    Within a block the pairwise log-kernel logsumexp_f(lq_nf + lk_mf) is formed directly (block x block x F).
+    """
+    N = lq.shape[-2]
+    log_mass = torch.full_like(lk[..., :1, :], -math.inf)  # (R, *b, 1, F)
+    kv = torch.zeros(*lk.shape[:-2], lk.shape[-1], v.shape[-1], dtype=v.dtype, device=v.device)
+    out = torch.empty(*lq.shape[:-1], v.shape[-1], dtype=v.dtype, device=v.device)
+    for start in range(0, N, CAUSAL_BLOCK):
+        stop = min(N, start + CAUSAL_BLOCK)
+        lq_b, lk_b, v_b = lq[..., start:stop, :], lk[..., start:stop, :], v[..., start:stop, :]
+        pair = torch.logsumexp(lq_b.unsqueeze(-2) + lk_b.unsqueeze(-3), dim=-1)  # (R, *b, T, T)
+        ahead = torch.ones(stop - start, stop - start, dtype=torch.bool, device=v.device).triu_(1)
+        pair = pair.masked_fill(ahead, -math.inf)
+        if start == 0:
+            out[..., start:stop, :] = torch.softmax(pair, -1) @ v_b
+        else:
+            past = lq_b + log_mass  # (R, *b, T, F)
+            logits = torch.cat([past, pair], dim=-1)
+            weights = torch.softmax(logits, dim=-1)
+            F = lq.shape[-1]
+            out[..., start:stop, :] = weights[..., :F] @ kv + weights[..., F:] @ v_b
+        block_mass = torch.logsumexp(lk_b, dim=-2, keepdim=True)
+        new_mass = torch.logaddexp(log_mass, block_mass)
+        kv = torch.exp(log_mass - new_mass).transpose(-1, -2) * kv + torch.exp(lk_b - new_mass).transpose(-1, -2) @ v_b
+        log_mass = new_mass
+    return out
+
+
+def _linear(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal linear attention from features qf (R, *b, N, F), kf (R, *b, M, F)."""
+    num = qf @ (kf.transpose(-1, -2) @ v)
+    den = qf @ kf.sum(-2).unsqueeze(-1)
+    return num / den
+
+
+def _causal_linear(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal linear attention over blocks of positions with a carried (F, dv) state."""
+    N = qf.shape[-2]
+    state = torch.zeros(*kf.shape[:-2], kf.shape[-1], v.shape[-1], dtype=v.dtype, device=v.device)
+    mass = torch.zeros_like(kf[..., :1, :])  # (R, *b, 1, F)
+    out = torch.empty(*qf.shape[:-1], v.shape[-1], dtype=v.dtype, device=v.device)
+    for start in range(0, N, CAUSAL_BLOCK):
+        stop = min(N, start + CAUSAL_BLOCK)
+        qf_b, kf_b, v_b = qf[..., start:stop, :], kf[..., start:stop, :], v[..., start:stop, :]
+        pair = (qf_b @ kf_b.transpose(-1, -2)).tril_()
+        num = qf_b @ state + pair @ v_b
+        den = (qf_b * mass).sum(-1, keepdim=True) + pair.sum(-1, keepdim=True)
+        out[..., start:stop, :] = num / den
+        state = state + kf_b.transpose(-1, -2) @ v_b
+        mass = mass + kf_b.sum(-2, keepdim=True)
+    return out

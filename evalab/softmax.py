@@ -1,0 +1,46 @@
+"""Exact softmax attention, the reference every estimator is measured against."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks
+
+#: Logit elements per query block (float32: 64 MiB); bounds memory whatever N and M are.
+BLOCK_ELEMENTS = 2**24
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Exact softmax attention, computed over blocks of queries so the N x M matrix never exists at once.
+
+    q (*batch, N, d), k (*batch, M, d), v (*batch, M, dv) -> (*batch, N, dv) in the inputs' dtype
+    (float16/bfloat16 are computed in float32). ``scale`` defaults to d**-0.5; ``causal`` keeps keys m <= n.
+    """
+    _checks.qkv(q, k, v, causal=causal)
+    _checks.integer("block_elements", block_elements)
+    ct = _checks.compute_dtype(q, k, v)
+    s = _checks.resolve_scale(_checks.real("scale", scale, allow_none=True, strict=True), q.shape[-1])
+    x, y, vals = (q.to(ct) * s), k.to(ct), v.to(ct)
+    batch = math.prod(q.shape[:-2])
+    N, M = q.shape[-2], k.shape[-2]
+    block = max(1, min(N, block_elements // max(1, batch * M)))
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=ct, device=q.device)
+    for start in range(0, N, block):
+        stop = min(N, start + block)
+        keys = stop if causal else M  # causal queries in [start, stop) see keys [0, stop)
+        logits = x[..., start:stop, :] @ y[..., :keys, :].transpose(-1, -2)
+        if causal:
+            ahead = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).triu_(start + 1)
+            logits.masked_fill_(ahead, -math.inf)
+        logits = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        out[..., start:stop, :] = (logits @ vals[..., :keys, :]).div_(logits.sum(-1, keepdim=True))
+    return out.to(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))

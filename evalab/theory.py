@@ -1,0 +1,271 @@
+"""Closed-form theory for random-feature attention (theory.md sections 2 and 7), in float64 and log space.
+
+``kernel_mse`` gives the exact mean squared error of the random-feature estimate of the softmax kernel
+exp(x.y) for the positive, hyperbolic and trig feature maps (Performer Lemma 2). ``rfa_bias_variance`` gives the
+first-order (delta-method, O(1/S)) bias vector and variance trace of RFA, the self-normalised importance
+sampling estimate of softmax attention, for iid positive and hyperbolic (antithetic) features; it returns an
+:class:`RFATheory`. ``measured_vs_predicted`` sets Monte-Carlo measurements against that prediction. Inputs
+are in scaled coordinates for ``kernel_mse`` and raw (q, k, v) for ``rfa_bias_variance``; every exponential is
+formed after its maximum has been factored out, so results overflow only when the true value exceeds float64.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import _checks
+
+__all__ = ["kernel_mse", "rfa_bias_variance", "RFATheory", "measured_vs_predicted"]
+
+KERNEL_FEATURE_MAPS = ("positive", "hyperbolic", "trig")
+RFA_FEATURE_MAPS = ("positive", "hyperbolic")
+MEMORY_BUDGET_BYTES = 256 * 2**20  # working memory of one query block in rfa_bias_variance
+
+
+def _log1mexp_neg(t: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(-t)) for t >= 0 (-inf at t = 0), accurate for small and large t."""
+    return torch.where(t > math.log(2.0), torch.log1p(-torch.exp(-t)), torch.log(-torch.expm1(-t)))
+
+
+def kernel_mse(x: torch.Tensor, y: torch.Tensor, *, num_features: int, feature_map: str = "positive") -> torch.Tensor:
+    """Exact MSE of the S-draw random-feature estimate of exp(x.y) (theory.md section 2).
+
+    x (..., d) and y (..., d) are scaled coordinates (x = sqrt(scale) q) whose leading dimensions broadcast;
+    returns float64 of the broadcast shape (...). ``num_features`` is S, the number of omega draws (S antithetic
+    pairs for ``hyperbolic``). With z = x + y, D = x - y, K = exp(x.y):
+    positive (1/S) e^{|z|^2} K^2 (1 - e^{-|z|^2}); hyperbolic (1/(2S)) e^{|z|^2} K^2 (1 - e^{-|z|^2})^2;
+    trig (1/(2S)) e^{|z|^2} K^{-2} (1 - e^{-|D|^2})^2.
+    """
+    for name, t in (("x", x), ("y", y)):
+        if isinstance(t, torch.Tensor) and t.dim() < 1:
+            raise ValueError(f"{name} must have shape (..., d), got a 0-dimensional tensor")
+        _checks.tensor(name, t, min_dim=1)
+    num_features = _checks.integer("num_features", num_features)
+    feature_map = _checks.choice("feature_map", feature_map, KERNEL_FEATURE_MAPS)
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"x and y must have the same last dimension d, got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    try:
+        torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    except RuntimeError as err:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must broadcast in their leading dimensions") from err
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device, got x on {x.device} and y on {y.device}")
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    xy = (x * y).sum(-1)
+    log_s = math.log(num_features)
+    if feature_map == "trig":
+        d_sq = ((x - y) ** 2).sum(-1)
+        log_mse = (x * x).sum(-1) + (y * y).sum(-1) + 2.0 * _log1mexp_neg(d_sq) - math.log(2.0) - log_s
+    else:
+        z_sq = ((x + y) ** 2).sum(-1)
+        if feature_map == "positive":
+            log_mse = z_sq + 2.0 * xy + _log1mexp_neg(z_sq) - log_s
+        else:
+            log_mse = z_sq + 2.0 * xy + 2.0 * _log1mexp_neg(z_sq) - math.log(2.0) - log_s
+    return torch.exp(log_mse)
+
+
+@dataclass(frozen=True, eq=False)
+class RFATheory:
+    """First-order (O(1/S)) theory of RFA for each query.
+
+    bias:     (*batch, N, dv) float64, E[RFA_n] - Y_n to first order.
+    variance: (*batch, N) float64, trace of the covariance of RFA_n to first order.
+    num_features: S (omega draws; antithetic pairs for hyperbolic). feature_map: the feature map.
+    """
+
+    bias: torch.Tensor
+    variance: torch.Tensor
+    num_features: int
+    feature_map: str = "positive"
+
+    @property
+    def bias2(self) -> torch.Tensor:
+        """|bias|^2 per query, (*batch, N)."""
+        return (self.bias * self.bias).sum(-1)
+
+    @property
+    def mse(self) -> torch.Tensor:
+        """variance + |bias|^2 per query, (*batch, N)."""
+        return self.variance + self.bias2
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per query: columns query, variance, bias2, mse (plus batch, a flat index, when batched)."""
+        return _per_query_frame(
+            self.variance.shape, {"variance": self.variance, "bias2": self.bias2, "mse": self.mse}
+        )
+
+
+def _per_query_frame(shape: torch.Size, columns: dict[str, object]) -> pd.DataFrame:
+    """A DataFrame with a ``query`` column (and a flat ``batch`` column when shape has leading dims)."""
+    *batch, n = shape
+    num_batch = int(np.prod(batch)) if batch else 1
+    data: dict[str, np.ndarray] = {}
+    if batch:
+        data["batch"] = np.repeat(np.arange(num_batch), n)
+    data["query"] = np.tile(np.arange(n), num_batch)
+    for name, value in columns.items():
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        data[name] = arr.astype(np.float64).reshape(-1)
+    return pd.DataFrame(data)
+
+
+def rfa_bias_variance(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    num_features: int,
+    feature_map: str = "positive",
+    scale: float | None = None,
+    block_size: int | None = None,
+) -> RFATheory:
+    """Delta-method bias and variance of RFA with S = ``num_features`` iid draws (theory.md section 7).
+
+    q (*batch, N, d), k (*batch, M, d), v (*batch, M, dv). With x = sqrt(scale) q, y = sqrt(scale) k,
+    u_m = v_m - Y_n and K_{mm'} = exp(|x_n|^2 + 2 x_n.y_m + 2 x_n.y_m' + y_m.y_m'):
+    variance_n = (1/S) sum K_{mm'} u_m.u_m' / Z_n^2,   bias_n = -(1/S) sum K_{mm'} u_m / Z_n^2.
+    ``hyperbolic`` (S antithetic pairs) uses (K_{mm'} + exp(-|x_n|^2 - y_m.y_m')) / 2 in place of K.
+    Queries are processed ``block_size`` at a time (default: as many as fit in ~256 MB); cost O(N M^2 dv).
+    """
+    _checks.qkv(q, k, v)
+    num_features = _checks.integer("num_features", num_features)
+    feature_map = _checks.choice("feature_map", feature_map, RFA_FEATURE_MAPS)
+    if block_size is not None:
+        block_size = _checks.integer("block_size", block_size)
+    scale = _checks.resolve_scale(scale, q.shape[-1])
+    _checks.real("scale", scale, minimum=0.0, strict=True)
+
+    *batch, n, d = q.shape
+    m, dv = v.shape[-2], v.shape[-1]
+    root = math.sqrt(scale)
+    x = (q.to(torch.float64) * root).reshape(-1, n, d)
+    y = (k.to(torch.float64) * root).reshape(-1, m, d)
+    vals = v.to(torch.float64).reshape(-1, m, dv)
+    if block_size is None:
+        block_size = max(1, MEMORY_BUDGET_BYTES // (8 * m * (4 * dv + 4)))
+
+    bias = torch.empty(x.shape[0], n, dv, dtype=torch.float64, device=q.device)
+    variance = torch.empty(x.shape[0], n, dtype=torch.float64, device=q.device)
+    for b in range(x.shape[0]):
+        _single_head(x[b], y[b], vals[b], feature_map, block_size, bias[b], variance[b])
+    bias = bias / num_features
+    variance = variance / num_features
+    return RFATheory(bias.reshape(*batch, n, dv), variance.reshape(*batch, n), num_features, feature_map)
+
+
+def _times_exp(t: torch.Tensor, log_factor: torch.Tensor) -> torch.Tensor:
+    """t * exp(log_factor) without forming exp(log_factor) alone (a zero t gives 0, not inf * 0 = nan)."""
+    return torch.sign(t) * torch.exp(torch.log(t.abs()) + log_factor)
+
+
+def _single_head(
+    x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, feature_map: str, block_size: int,
+    bias_out: torch.Tensor, var_out: torch.Tensor,
+) -> None:
+    """S * bias and S * variance for one head: x (N, d), y (M, d), v (M, dv); writes into the outputs.
+
+    Stabilisation. Since y.y' = (|y|^2 + |y'|^2)/2 - |y - y'|^2/2,
+      K_{mm'} / Z^2 = exp(g_m + g_m') G_{mm'},  g_m = |x|^2/2 + 2 x.y_m + |y_m|^2/2 - log Z,
+      G_{mm'} = exp(-|y_m - y_m'|^2 / 2)  (query-independent, entries in (0, 1], unit diagonal).
+    K is positive semi-definite, so its largest entry is exp(2 max_m g_m), on the diagonal: factoring it out
+    leaves weights w_m = exp(g_m - max g) in (0, 1] and a quadratic form whose largest term is exactly 1.
+    The antithetic term exp(-|x|^2 - y.y') / Z^2 = exp(-|x|^2 - 2 log Z + h) H_{mm'} with
+    H = exp(-y.y' - h), h = max(-y.y'), is a scalar per query times a fixed matrix; with c the H-weighted mean
+    of v, sum H_{mm'} u_m.u_m' = tr((v - c)^T H (v - c)) + |Y_n - c|^2 sum(H) exactly (the cross term vanishes).
+    """
+    sq_y = (y * y).sum(-1)
+    gram = y @ y.T
+    dist = (sq_y[:, None] + sq_y[None, :] - 2.0 * gram).clamp_min(0.0)
+    dist.fill_diagonal_(0.0)
+    g_mat = torch.exp(-0.5 * dist)  # (M, M)
+    del dist
+    hyperbolic = feature_map == "hyperbolic"
+    if hyperbolic:
+        neg_gram = -gram
+        h_max = neg_gram.max()
+        h_mat = torch.exp(neg_gram - h_max)  # (M, M), entries in (0, 1]
+        h_row = h_mat.sum(-1)  # (M,)
+        h_total = h_row.sum()
+        center = (h_row @ v) / h_total  # (dv,)
+        vc = v - center
+        h_const = ((h_mat @ vc) * vc).sum()  # tr((v - c)^T H (v - c))
+        del neg_gram
+    del gram
+
+    n, m = x.shape[0], y.shape[0]
+    for start in range(0, n, block_size):
+        xb = x[start:start + block_size]  # (B, d)
+        logits = xb @ y.T  # (B, M)
+        log_z = torch.logsumexp(logits, dim=-1)  # (B,)
+        p = torch.exp(logits - log_z[:, None])  # softmax weights
+        y_exact = p @ v  # (B, dv), exact softmax output Y_n
+        sq_x = (xb * xb).sum(-1)  # (B,)
+        g = 0.5 * sq_x[:, None] + 2.0 * logits + 0.5 * sq_y[None, :] - log_z[:, None]
+        g_max = g.max(dim=-1).values  # (B,)
+        w = torch.exp(g - g_max[:, None])  # (B, M), in (0, 1]
+        u = v[None, :, :] - y_exact[:, None, :]  # (B, M, dv)
+        wu = w[:, :, None] * u  # (B, M, dv)
+        b_size, dv = wu.shape[0], wu.shape[-1]
+        # G @ (w u) for the whole block in one matrix product: (M, M) @ (M, B*dv).
+        g_wu = (g_mat @ wu.permute(1, 0, 2).reshape(m, b_size * dv)).reshape(m, b_size, dv).permute(1, 0, 2)
+        quad = (wu * g_wu).sum(dim=(-1, -2))  # (B,)
+        s = w * (w @ g_mat)  # (B, M): w_m sum_m' G_{mm'} w_m'   (G symmetric)
+        lin = (s[:, :, None] * u).sum(-2)  # (B, dv)
+        log_k = 2.0 * g_max  # (B,)
+        var_b = _times_exp(quad, log_k)
+        bias_b = -_times_exp(lin, log_k[:, None])
+        if hyperbolic:
+            log_h = -sq_x - 2.0 * log_z + h_max  # (B,)
+            dy = y_exact - center  # (B, dv)
+            quad_h = h_const + (dy * dy).sum(-1) * h_total
+            lin_h = (h_row @ v)[None, :] - h_total * y_exact  # sum_m (H 1)_m u_m
+            var_b = 0.5 * (var_b + _times_exp(quad_h, log_h))
+            bias_b = 0.5 * (bias_b - _times_exp(lin_h, log_h[:, None]))
+        var_out[start:start + block_size] = var_b
+        bias_out[start:start + block_size] = bias_b
+
+
+def measured_vs_predicted(
+    measured_variance: torch.Tensor | np.ndarray,
+    measured_bias2: torch.Tensor | np.ndarray,
+    prediction: RFATheory,
+) -> pd.DataFrame:
+    """Per-query table of Monte-Carlo measurements beside the theory.
+
+    measured_variance, measured_bias2: (*batch, N) (e.g. theory.md section 6 variance_n and bias2_n), as torch
+    tensors or numpy arrays, with the shape of ``prediction.variance``. Returns columns query, variance_measured,
+    variance_predicted, variance_ratio (measured / predicted), bias2_measured, bias2_predicted (plus batch, a
+    flat index, when batched).
+    """
+    if not isinstance(prediction, RFATheory):
+        raise TypeError(f"prediction must be an RFATheory, got {type(prediction).__name__}")
+    expected = tuple(prediction.variance.shape)
+    arrays = {}
+    for name, value in (("measured_variance", measured_variance), ("measured_bias2", measured_bias2)):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().to(torch.float64).numpy()
+        elif isinstance(value, np.ndarray):
+            value = value.astype(np.float64)
+        else:
+            raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+        if value.shape != expected:
+            raise ValueError(f"{name} must have shape {expected} like prediction.variance, got {value.shape}")
+        arrays[name] = value
+    predicted_var = prediction.variance.detach().cpu().numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = arrays["measured_variance"] / predicted_var
+    return _per_query_frame(
+        prediction.variance.shape,
+        {
+            "variance_measured": arrays["measured_variance"],
+            "variance_predicted": predicted_var,
+            "variance_ratio": ratio,
+            "bias2_measured": arrays["measured_bias2"],
+            "bias2_predicted": prediction.bias2,
+        },
+    )
