@@ -6,7 +6,7 @@
     y = est(q, k, v, draw)                      # (100, *batch, N, dv)
     exact = ev.softmax_attention(q, k, v)       # (*batch, N, dv)
 """
-from . import features
+from . import features, inputs
 from .control_variates import ControlVariates, ControlVariateTerms
 from .draw import Draw
 from .eva import EVA
@@ -22,6 +22,7 @@ __all__ = [
     "EVA",
     "RFA",
     "features",
+    "inputs",
     "softmax_attention",
     "__version__",
 ]
