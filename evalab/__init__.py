@@ -1,28 +1,43 @@
 """evalab: measure how well efficient attention approximates exact softmax attention.
 
     import evalab as ev
+    q, k, v = ev.inputs.gaussian(seq_len=256, d=64, norm=1.5)
     est = ev.RFA(num_features=64)
     draw = est.draw(q, k, replicates=100, generator=0)
-    y = est(q, k, v, draw)                      # (100, *batch, N, dv)
-    exact = ev.softmax_attention(q, k, v)       # (*batch, N, dv)
+    y = est(q, k, v, draw)                              # (100, N, dv)
+    res = ev.monte_carlo(est, q, k, v, replicates=1000)  # bias, variance, error with 95% intervals
 """
 from . import features, inputs
+from .attribution import Attribution, key_variance
 from .control_variates import ControlVariates, ControlVariateTerms
+from .cost import Cost, estimate_cost
 from .draw import Draw
 from .eva import EVA
+from .intervals import Estimate
+from .monte_carlo import Comparison, MCResult, compare, monte_carlo
 from .rfa import RFA
-from .softmax import softmax_attention
+from .softmax import Softmax, softmax_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attribution",
+    "Comparison",
     "ControlVariateTerms",
     "ControlVariates",
+    "Cost",
     "Draw",
     "EVA",
+    "Estimate",
+    "MCResult",
     "RFA",
+    "Softmax",
+    "compare",
+    "estimate_cost",
     "features",
     "inputs",
+    "key_variance",
+    "monte_carlo",
     "softmax_attention",
     "__version__",
 ]

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import _checks
+from .draw import Draw
 
 #: Logit elements per query block (float32: 64 MiB); bounds memory whatever N and M are.
 BLOCK_ELEMENTS = 2**24
@@ -44,3 +46,25 @@ def softmax_attention(
         logits = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
         out[..., start:stop, :] = (logits @ vals[..., :keys, :]).div_(logits.sum(-1, keepdim=True))
     return out.to(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+
+
+@dataclass(frozen=True)
+class Softmax:
+    """Exact softmax attention as an estimator (no randomness), so sweeps and costs treat it like the others."""
+
+    causal: bool = False
+    scale: float | None = None
+
+    noise_kind = "none"
+
+    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
+        return (0,)
+
+    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
+        """An empty draw: (R, 0)."""
+        _checks.integer("replicates", replicates)
+        return Draw(torch.zeros(replicates, 0, dtype=torch.float64), self.noise_kind)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
+        out = softmax_attention(q, k, v, scale=self.scale, causal=self.causal)
+        return out.expand(draw.replicates, *out.shape)

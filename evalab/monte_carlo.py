@@ -1,0 +1,319 @@
+"""Monte-Carlo metrics of an estimator against exact attention (theory.md section 6), with 95% intervals.
+
+Replicates are drawn in fixed blocks of ``NOISE_BLOCK``, each from a generator seeded by (seed, block), so the
+numbers depend on the seed only, not on the batch size, the device or the run order; estimators whose draws
+have the same kind and layout see the same noise for the same seed (common random numbers). Replicates are
+evaluated in vectorised batches sized to a memory budget and accumulated in float64 per jackknife group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import _checks
+from .cost import Cost, estimate_cost
+from .draw import Draw
+from .intervals import Estimate, jackknife_interval, mean_interval, quantile_interval
+from .softmax import softmax_attention
+
+NOISE_BLOCK = 64
+GROUPS = 20
+DEFAULT_MAX_MEMORY = 2 * 2**30
+MATRIX_ELEMENTS = 2**22  # matrix metrics run by default when batch x N x M is at most this
+
+SUMMED = ("mse", "variance", "bias2", "rel_mse", "rel_variance", "rel_bias2")
+METRICS = SUMMED + ("rel_error", "rel_error_median", "rel_error_p90")
+MATRIX_METRICS = ("matrix_rel_error", "row_kl", "row_tv")
+
+
+@dataclass(frozen=True)
+class MCResult:
+    """Monte-Carlo metrics of one estimator on one input.
+
+    metrics: name -> Estimate (value and 95% interval) for METRICS (+ MATRIX_METRICS when computed).
+    per_query: mse, variance, bias2 as float64 tensors (*batch, N).
+    replicate_error: (R,) mean over queries of |Yhat_r - Y|^2; rel_error_samples: (R,) |Yhat_r - Y|_F / |Y|_F.
+    """
+
+    estimator: object
+    replicates: int
+    seed: int
+    sizes: dict
+    cost: Cost
+    metrics: dict
+    per_query: dict
+    replicate_error: np.ndarray
+    rel_error_samples: np.ndarray
+    matrix_skipped: str | None = None
+    leave_one_out: dict = field(default_factory=dict, repr=False)
+
+    def __getattr__(self, name: str) -> Estimate:
+        metrics = self.__dict__.get("metrics", {})
+        if name in metrics:
+            return metrics[name]
+        raise AttributeError(f"MCResult has no metric {name!r}; metrics: {', '.join(metrics)}")
+
+    def to_frame(self) -> pd.DataFrame:
+        """One tidy row: estimator, its hyper-parameters, sizes, metrics with ``_low``/``_high`` bounds, costs."""
+        row = {"estimator": type(self.estimator).__name__, **estimator_params(self.estimator)}
+        row.update(self.sizes, replicates=self.replicates, seed=self.seed)
+        for name, est in self.metrics.items():
+            row.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})
+        row.update(self.cost.as_dict())
+        row["matrix_skipped"] = self.matrix_skipped
+        return pd.DataFrame([row])
+
+    def per_query_frame(self) -> pd.DataFrame:
+        """One row per (batch index, query) with mse, variance, bias2."""
+        shape = self.per_query["mse"].shape
+        index = np.indices(shape).reshape(len(shape), -1)
+        cols = {f"batch{i}": index[i] for i in range(len(shape) - 1)}
+        cols["query"] = index[-1]
+        cols.update({k: t.reshape(-1).numpy() for k, t in self.per_query.items()})
+        return pd.DataFrame(cols)
+
+    def __repr__(self) -> str:
+        lines = [f"MCResult({type(self.estimator).__name__}, replicates={self.replicates}, seed={self.seed}, {self.sizes})"]
+        lines += [f"  {name:<18} {est!r}" for name, est in self.metrics.items()]
+        if self.matrix_skipped:
+            lines.append(f"  matrix metrics skipped: {self.matrix_skipped}")
+        return "\n".join(lines)
+
+
+def estimator_params(estimator) -> dict:
+    """Hyper-parameters of a dataclass estimator as a flat dict."""
+    return {f.name: getattr(estimator, f.name) for f in dataclasses.fields(estimator)}
+
+
+def noise_generator(seed: int, block: int) -> torch.Generator:
+    """The CPU generator of noise block ``block`` for ``seed``."""
+    state = np.random.SeedSequence([seed, block]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Iterator[tuple[int, Draw]]:
+    """Yield (first replicate index, Draw) for consecutive batches; noise is fixed per NOISE_BLOCK block."""
+    cached: tuple[int, Draw] | None = None
+    for start in range(0, replicates, batch):
+        stop = min(replicates, start + batch)
+        pieces = []
+        for block in range(start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK + 1):
+            if cached is None or cached[0] != block:
+                cached = (block, estimator.draw(q, k, replicates=NOISE_BLOCK, generator=noise_generator(seed, block)))
+            lo = max(start - block * NOISE_BLOCK, 0)
+            hi = min(stop - block * NOISE_BLOCK, NOISE_BLOCK)
+            pieces.append(cached[1][lo:hi].noise)
+        yield start, Draw(torch.cat(pieces) if len(pieces) > 1 else pieces[0], cached[1].kind)
+
+
+def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replicate: float = 0.0) -> int:
+    """Replicates per batch within ``max_memory`` bytes; a multiple or a divisor of NOISE_BLOCK."""
+    per = cost.replicate_bytes + extra_per_replicate
+    room = max_memory - cost.fixed_bytes
+    if room < per:
+        raise MemoryError(
+            f"one replicate needs about {(cost.fixed_bytes + per) / 2**30:.3g} GiB, over max_memory="
+            f"{max_memory / 2**30:.3g} GiB; raise max_memory or shrink the inputs"
+        )
+    b = min(replicates, int(room // per)) if per > 0 else replicates
+    if b >= NOISE_BLOCK:
+        return b - b % NOISE_BLOCK if b < replicates else b
+    return 1 << (b.bit_length() - 1)
+
+
+class _Accumulator:
+    """Per-group float64 sums of d = Yhat - shift (shift = replicate 0) and |d|^2, plus per-replicate errors."""
+
+    def __init__(self, reference: torch.Tensor, replicates: int):
+        self.ref = reference.to(torch.float64)
+        self.R, self.G = replicates, min(GROUPS, replicates)
+        shape = self.ref.shape
+        self.sum_d = torch.zeros(self.G, *shape, dtype=torch.float64, device=self.ref.device)
+        self.sum_sq = torch.zeros(self.G, *shape[:-1], dtype=torch.float64, device=self.ref.device)
+        self.count = torch.zeros(self.G, dtype=torch.float64, device=self.ref.device)
+        self.shift: torch.Tensor | None = None
+        self.ref_sq = float((self.ref**2).sum(-1).mean())
+        self.ref_fro = math.sqrt(float((self.ref**2).sum()))
+        self.errors: list[torch.Tensor] = []
+        self.rel: list[torch.Tensor] = []
+
+    def add(self, start: int, y: torch.Tensor) -> None:
+        y = y.to(torch.float64)
+        if self.shift is None:
+            self.shift = y[0].clone()
+        group = torch.arange(start, start + y.shape[0], device=y.device) * self.G // self.R
+        d = y - self.shift
+        self.sum_d.index_add_(0, group, d)
+        self.sum_sq.index_add_(0, group, (d * d).sum(-1))
+        self.count.index_add_(0, group, torch.ones_like(group, dtype=torch.float64))
+        err = ((y - self.ref) ** 2).sum(-1).flatten(1)  # (b, batch * N)
+        self.errors.append(err.mean(-1))
+        self.rel.append(err.sum(-1).sqrt() / self.ref_fro)
+
+    def _per_query(self, sum_d, sum_sq, n):
+        mean_d = sum_d / n
+        variance = ((sum_sq - n * (mean_d * mean_d).sum(-1)) / (n - 1)).clamp_min(0.0)
+        bias2 = ((self.shift + mean_d - self.ref) ** 2).sum(-1) - variance / n
+        return {"mse": variance + bias2, "variance": variance, "bias2": bias2}
+
+    def _aggregates(self, sum_d, sum_sq, n) -> dict[str, float]:
+        pq = self._per_query(sum_d, sum_sq, n)
+        out = {name: float(t.mean()) for name, t in pq.items()}
+        out.update({f"rel_{name}": value / self.ref_sq for name, value in list(out.items())})
+        return out
+
+    def finish(self) -> tuple[dict, dict, dict, np.ndarray, np.ndarray]:
+        total_d, total_sq, n = self.sum_d.sum(0), self.sum_sq.sum(0), float(self.count.sum())
+        full = self._aggregates(total_d, total_sq, n)
+        loo = [self._aggregates(total_d - self.sum_d[g], total_sq - self.sum_sq[g], n - float(self.count[g])) for g in range(self.G)]
+        leave_one_out = {name: np.array([row[name] for row in loo]) for name in SUMMED}
+        metrics = {name: jackknife_interval(full[name], leave_one_out[name]) for name in SUMMED}
+        rel = torch.cat(self.rel).cpu().numpy()
+        metrics["rel_error"] = mean_interval(rel)
+        metrics["rel_error_median"] = quantile_interval(rel, 0.5)
+        metrics["rel_error_p90"] = quantile_interval(rel, 0.9)
+        per_query = {k: t.cpu() for k, t in self._per_query(total_d, total_sq, n).items()}
+        return metrics, leave_one_out, per_query, torch.cat(self.errors).cpu().numpy(), rel
+
+
+def _matrix_errors(a_hat: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(b, 3): relative Frobenius error, mean row KL(A || Ahat) and mean row total variation per replicate."""
+    a_hat, a = a_hat.to(torch.float64).flatten(1, -2), a.to(torch.float64).flatten(0, -2)
+    fro = ((a_hat - a) ** 2).sum((-2, -1)).sqrt() / (a**2).sum().sqrt()
+    kl = torch.where(a > 0, a * (a.log() - a_hat.log()), 0.0).sum(-1).mean(-1)  # inf where Ahat misses mass
+    tv = 0.5 * (a_hat - a).abs().sum(-1).mean(-1)
+    return torch.stack([fro, kl, tv], dim=-1)
+
+
+def _rows_are_distributions(a_hat: torch.Tensor) -> str | None:
+    tol = 1e-4 if a_hat.dtype != torch.float64 else 1e-9
+    low, sums = float(a_hat.min()), a_hat.sum(-1)
+    if low < -tol:
+        return f"rows have negative entries (min {low:.3g})"
+    spread = float((sums - 1).abs().max())
+    if spread > tol:
+        return f"rows do not sum to one (max |row sum - 1| = {spread:.3g})"
+    return None
+
+
+def monte_carlo(
+    estimator,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    replicates: int,
+    seed: int = 0,
+    reference: torch.Tensor | None = None,
+    max_memory: float | None = None,
+    matrix: bool | None = None,
+    progress: bool = False,
+) -> MCResult:
+    """Bias, variance and error of ``estimator`` over ``replicates`` independent draws, with 95% intervals.
+
+    q (*b, N, d), k (*b, M, d), v (*b, M, dv); ``reference`` (*b, N, dv) defaults to exact softmax attention.
+    ``max_memory`` (bytes, default 2 GiB) bounds each vectorised batch of replicates. ``matrix`` adds metrics of
+    the implied attention matrix (V = I_M); by default when batch x N x M <= MATRIX_ELEMENTS.
+    """
+    _checks.integer("replicates", replicates, minimum=2)
+    _checks.integer("seed", seed, minimum=0)
+    _checks.qkv(q, k, v, causal=getattr(estimator, "causal", False))
+    max_memory = DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
+    batch_elems, (N, d), (M, dv) = math.prod(q.shape[:-2]), q.shape[-2:], v.shape[-2:]
+    sizes = {"seq_len": N, "key_len": M, "d": d, "dv": dv, "batch": batch_elems}
+    itemsize = 8 if _checks.compute_dtype(q, k, v) == torch.float64 else 4
+    cost = estimate_cost(estimator, N=N, M=M, d=d, dv=dv, batch=batch_elems, itemsize=itemsize)
+    scale, causal = getattr(estimator, "scale", None), getattr(estimator, "causal", False)
+    if reference is None:
+        reference = softmax_attention(q, k, v, scale=scale, causal=causal)
+    elif reference.shape != q.shape[:-1] + (dv,):
+        raise ValueError(f"reference must have shape {tuple(q.shape[:-1]) + (dv,)}, got {tuple(reference.shape)}")
+    matrix = batch_elems * N * M <= MATRIX_ELEMENTS if matrix is None else matrix
+    matrix_extra = 3 * batch_elems * N * M * 8 if matrix else 0.0
+    out_bytes = 3 * batch_elems * N * dv * 8
+    b = batch_size(cost, replicates, max_memory, out_bytes + matrix_extra)
+
+    acc = _Accumulator(reference, replicates)
+    skipped, matrix_rows = (None if matrix else "disabled"), []
+    if matrix:
+        eye = torch.eye(M, dtype=v.dtype, device=v.device).expand(*k.shape[:-2], M, M)
+        exact_matrix = softmax_attention(q, k, eye, scale=scale, causal=causal)
+    draws = iter_draws(estimator, q, k, replicates, seed, b)
+    for start, draw in tqdm(draws, total=math.ceil(replicates / b), disable=not progress, desc="replicates", unit="batch"):
+        acc.add(start, estimator(q, k, v, draw))
+        if matrix and skipped is None:
+            a_hat = estimator(q, k, eye, draw)
+            skipped = _rows_are_distributions(a_hat)
+            matrix_rows.append(_matrix_errors(a_hat, exact_matrix))
+    metrics, loo, per_query, errors, rel = acc.finish()
+    if matrix and skipped is None:
+        values = torch.cat(matrix_rows).cpu().numpy()
+        for i, name in enumerate(MATRIX_METRICS):
+            finite = np.isfinite(values[:, i]).all()
+            metrics[name] = mean_interval(values[:, i]) if finite else Estimate(math.inf, math.inf, math.inf)
+    return MCResult(estimator, replicates, seed, sizes, cost, metrics, per_query, errors, rel, skipped, loo)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Metrics of several estimators on the same input and seed, with paired differences.
+
+    results: name -> MCResult. Estimators whose draws share kind and layout saw the same noise (common
+    random numbers), which makes their differences sharper; others are compared as independent samples.
+    """
+
+    results: dict
+    shared_draws: dict = field(repr=False)
+
+    def difference(self, a: str, b: str, metric: str = "mse") -> Estimate:
+        """metric(a) - metric(b) with a 95% interval."""
+        ra, rb = self.results[a], self.results[b]
+        if metric == "rel_error":
+            return mean_interval(ra.rel_error_samples - rb.rel_error_samples)
+        if metric not in SUMMED:
+            raise ValueError(f"metric={metric!r} has no paired difference; expected one of {', '.join(SUMMED + ('rel_error',))}")
+        full = ra.metrics[metric].value - rb.metrics[metric].value
+        return jackknife_interval(full, ra.leave_one_out[metric] - rb.leave_one_out[metric])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per estimator (its metrics), with a ``name`` column."""
+        return pd.concat([r.to_frame().assign(name=n) for n, r in self.results.items()], ignore_index=True)
+
+    def differences(self, baseline: str | None = None, metrics=("mse", "variance", "bias2", "rel_error")) -> pd.DataFrame:
+        """Paired differences of every estimator against ``baseline`` (default: the first one)."""
+        names = list(self.results)
+        baseline = names[0] if baseline is None else baseline
+        rows = []
+        for name in names:
+            if name == baseline:
+                continue
+            for metric in metrics:
+                d = self.difference(name, baseline, metric)
+                rows.append({"name": name, "baseline": baseline, "metric": metric, "difference": d.value,
+                             "low": d.low, "high": d.high, "shared_draws": self.shared_draws[name, baseline]})
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        return "Comparison\n" + self.differences().to_string(index=False)
+
+
+def compare(estimators: dict, q, k, v, *, replicates: int, seed: int = 0, **options) -> Comparison:
+    """Run ``monte_carlo`` for each named estimator with the same seed; ``options`` go to monte_carlo."""
+    if not isinstance(estimators, dict) or len(estimators) < 2:
+        raise ValueError(f"estimators must be a dict of at least two named estimators, got {estimators!r}")
+    if "reference" not in options:
+        causal = {getattr(e, "causal", False) for e in estimators.values()}
+        scale = {getattr(e, "scale", None) for e in estimators.values()}
+        if len(causal) == 1 and len(scale) == 1:
+            options["reference"] = softmax_attention(q, k, v, scale=scale.pop(), causal=causal.pop())
+    results = {name: monte_carlo(est, q, k, v, replicates=replicates, seed=seed, **options) for name, est in estimators.items()}
+    key = {n: (e.noise_kind, tuple(e.noise_layout(q, k))) for n, e in estimators.items()}
+    shared = {(a, b): key[a] == key[b] for a in key for b in key}
+    return Comparison(results, shared)
