@@ -21,6 +21,7 @@ from . import _checks
 from .cost import Cost, estimate_cost
 from .draw import Draw
 from .intervals import Estimate, jackknife_interval, mean_interval, quantile_interval
+from .registry import estimator_name
 from .softmax import softmax_attention
 
 NOISE_BLOCK = 64
@@ -62,7 +63,7 @@ class MCResult:
 
     def to_frame(self) -> pd.DataFrame:
         """One tidy row: estimator, its hyper-parameters, sizes, metrics with ``_low``/``_high`` bounds, costs."""
-        row = {"estimator": type(self.estimator).__name__, **estimator_params(self.estimator)}
+        row = {"estimator": estimator_name(self.estimator), **estimator_params(self.estimator)}
         row.update(self.sizes, replicates=self.replicates, seed=self.seed)
         for name, est in self.metrics.items():
             row.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})

@@ -137,8 +137,7 @@ def rfa_bias_variance(
     feature_map = _checks.choice("feature_map", feature_map, RFA_FEATURE_MAPS)
     if block_size is not None:
         block_size = _checks.integer("block_size", block_size)
-    scale = _checks.resolve_scale(scale, q.shape[-1])
-    _checks.real("scale", scale, minimum=0.0, strict=True)
+    scale = _checks.resolve_scale(_checks.real("scale", scale, allow_none=True, strict=True), q.shape[-1])
 
     *batch, n, d = q.shape
     m, dv = v.shape[-2], v.shape[-1]
