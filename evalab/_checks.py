@@ -37,16 +37,20 @@ def real(name: str, value: object, *, minimum: float = 0.0, allow_none: bool = F
 
 
 def tensor(name: str, value: object, *, min_dim: int = 2) -> torch.Tensor:
-    """Check that ``value`` is a finite floating tensor with at least ``min_dim`` dimensions."""
+    """Check that ``value`` is a floating tensor with at least ``min_dim`` dimensions."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {value.dtype}")
     if value.dim() < min_dim:
         raise ValueError(f"{name} must have shape (*batch, length, features), got shape {tuple(value.shape)}")
+    return value
+
+
+def finite(name: str, value: torch.Tensor) -> None:
+    """Raise if ``value`` holds nan or inf."""
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
-    return value
 
 
 def qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, *, causal: bool = False) -> None:
@@ -61,13 +65,15 @@ def qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, *, caus
         raise ValueError(f"q and k must be on the same device, got q on {q.device} and k on {k.device}")
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"causal attention needs as many queries as keys, got N={q.shape[-2]} and M={k.shape[-2]}")
-    if v is None:
-        return
-    tensor("v", v)
-    if v.shape[:-1] != k.shape[:-1]:
-        raise ValueError(f"v must have shape (*batch, M, dv) matching k {tuple(k.shape)}, got v {tuple(v.shape)}")
-    if v.device != k.device:
-        raise ValueError(f"v must be on the same device as k, got v on {v.device} and k on {k.device}")
+    if v is not None:
+        tensor("v", v)
+        if v.shape[:-1] != k.shape[:-1]:
+            raise ValueError(f"v must have shape (*batch, M, dv) matching k {tuple(k.shape)}, got v {tuple(v.shape)}")
+        if v.device != k.device:
+            raise ValueError(f"v must be on the same device as k, got v on {v.device} and k on {k.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t is not None:
+            finite(name, t)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

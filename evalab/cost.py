@@ -40,11 +40,12 @@ class Cost:
 
 
 def estimate_cost(estimator, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
-    """The Cost of ``estimator`` on q (batch, N, d), k (batch, M, d), v (batch, M, dv); itemsize 4 (float32) or 8."""
-    kind = type(estimator)
-    if kind not in _MODELS:
-        raise TypeError(f"no cost model for {kind.__name__}; known: {', '.join(t.__name__ for t in _MODELS)}")
-    fixed_f, rep_f, fixed_b, rep_b = _MODELS[kind](estimator, N, M, d, dv)
+    """The Cost of ``estimator`` on q (batch, N, d), k (batch, M, d), v (batch, M, dv); itemsize 4 (float32) or 8.
+
+    Estimators without a model here report NaN FLOPs and, as memory, their output only.
+    """
+    model = _MODELS.get(type(estimator), _unknown)
+    fixed_f, rep_f, fixed_b, rep_b = model(estimator, N, M, d, dv)
     return Cost(batch * fixed_f, batch * rep_f, batch * itemsize * fixed_b, batch * itemsize * rep_b)
 
 
@@ -94,6 +95,10 @@ def _control_variates(est: ControlVariates, N, M, d, dv):
     fixed = 2 * N * M * d + 4 * N * M
     rep = 2 * (N + M) * S * d + 2 * (N + M) * F + 2 * N * M * F + 2 * N * M * dv + 3 * N * M
     return fixed, rep, 2 * N * M, 3 * (N + M) * F + 2 * N * M + N * dv * math.ceil(M / (est.chunk_size or M))
+
+
+def _unknown(est, N, M, d, dv):
+    return math.nan, math.nan, 0.0, N * dv
 
 
 _MODELS = {Softmax: _softmax, RFA: _rfa, EVA: _eva, ControlVariates: _control_variates}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import stats
@@ -23,6 +24,7 @@ class Estimate:
         return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
 
 
+@lru_cache(maxsize=None)
 def _t(df: int) -> float:
     return float(stats.t.ppf(0.5 + LEVEL / 2, df)) if df > 0 else math.inf
 

@@ -89,7 +89,9 @@ class MCResult:
 
 
 def estimator_params(estimator) -> dict:
-    """Hyper-parameters of a dataclass estimator as a flat dict."""
+    """Hyper-parameters of a dataclass estimator as a flat dict (empty for other estimators)."""
+    if not dataclasses.is_dataclass(estimator):
+        return {}
     return {f.name: getattr(estimator, f.name) for f in dataclasses.fields(estimator)}
 
 
@@ -149,11 +151,16 @@ class _Accumulator:
         y = y.to(torch.float64)
         if self.shift is None:
             self.shift = y[0].clone()
-        group = torch.arange(start, start + y.shape[0], device=y.device) * self.G // self.R
         d = y - self.shift
-        self.sum_d.index_add_(0, group, d)
-        self.sum_sq.index_add_(0, group, (d * d).sum(-1))
-        self.count.index_add_(0, group, torch.ones_like(group, dtype=torch.float64))
+        sq = (d * d).sum(-1)
+        stop = start + y.shape[0]
+        first, last = start * self.G // self.R, (stop - 1) * self.G // self.R
+        for g in range(first, last + 1):  # groups are contiguous runs of replicates
+            lo = max(start, -(-g * self.R // self.G)) - start
+            hi = min(stop, -(-(g + 1) * self.R // self.G)) - start
+            self.sum_d[g] += d[lo:hi].sum(0)
+            self.sum_sq[g] += sq[lo:hi].sum(0)
+            self.count[g] += hi - lo
         err = ((y - self.ref) ** 2).sum(-1).flatten(1)  # (b, batch * N)
         self.errors.append(err.mean(-1))
         self.rel.append(err.sum(-1).sqrt() / self.ref_fro)

@@ -1,0 +1,78 @@
+"""Identities of theory.md section 4, in float64."""
+import math
+
+import pytest
+import torch
+
+import evalab as ev
+from conftest import make_qkv, scaled
+
+TOL = 1e-10
+
+
+@pytest.fixture
+def case():
+    q, k, v = make_qkv(N=9, M=14, d=4, dv=3, batch=(2,), norm=1.0, seed=4)
+    draw = ev.RFA(num_features=10).draw(q, k, replicates=3, generator=7)
+    return q, k, v, draw
+
+
+@pytest.mark.parametrize("feature_map", ["positive", "hyperbolic"])
+def test_shared_coefficient_is_rfa(case, feature_map):
+    q, k, v, draw = case
+    cv = ev.ControlVariates(num_features=10, coefficient="shared", feature_map=feature_map)
+    rfa = ev.RFA(num_features=10, feature_map=feature_map)
+    assert (cv(q, k, v, draw) - rfa(q, k, v, draw)).abs().max() < TOL
+    assert (ev.ControlVariates(num_features=10, coefficient="chunked", chunk_size=14, feature_map=feature_map)(q, k, v, draw)
+            - rfa(q, k, v, draw)).abs().max() < TOL
+
+
+def test_optimal_coefficient_is_softmax(case):
+    q, k, v, draw = case
+    exact = ev.softmax_attention(q, k, v)
+    for est in (ev.ControlVariates(num_features=10, coefficient="optimal"),
+                ev.ControlVariates(num_features=10, coefficient="chunked", chunk_size=1)):
+        assert (est(q, k, v, draw) - exact).abs().max() < TOL
+        terms = est.terms(q, k, v, draw)
+        assert (terms.ghat.sum(-2) - exact).abs().max() < TOL
+
+
+def test_terms_follow_definitions(case):
+    """hbar, E[h], beta and ghat against the formulas of section 4 computed term by term."""
+    q, k, v, draw = case
+    est = ev.ControlVariates(num_features=10, coefficient="chunked", chunk_size=4)
+    t = est.terms(q, k, v, draw)
+    x, y, w = scaled(q), scaled(k), draw.noise
+    xi_x = torch.exp(x @ w.transpose(-1, -2).unsqueeze(1) - 0.5 * (x * x).sum(-1, keepdim=True))  # (R, b, N, S)
+    xi_y = torch.exp(y @ w.transpose(-1, -2).unsqueeze(1) - 0.5 * (y * y).sum(-1, keepdim=True))  # (R, b, M, S)
+    logits = x @ y.transpose(-1, -2)
+    z = logits.exp().sum(-1, keepdim=True)
+    hbar = (xi_x @ xi_y.transpose(-1, -2)) / 10 / z
+    assert (t.hbar - hbar).abs().max() < TOL
+    assert (t.expected_h - logits.exp() / z).abs().max() < TOL
+    gbar = hbar.unsqueeze(-1) * v.unsqueeze(-3)
+    for c0 in range(0, 14, 4):
+        sl = slice(c0, c0 + 4)
+        beta = gbar[..., sl, :].sum(-2) / hbar[..., sl].sum(-1, keepdim=True)
+        assert (t.beta[..., sl, :] - beta.unsqueeze(-2)).abs().max() < TOL
+    ghat = gbar - t.beta * (hbar - t.expected_h).unsqueeze(-1)
+    assert (t.ghat - ghat).abs().max() < TOL
+    assert (t.ghat.sum(-2) - est(q, k, v, draw)).abs().max() < TOL
+
+
+def test_hbar_unbiased():
+    """E[hbar_m] = E[h_m] = softmax weight (z-test over 4000 draws, |z| < 4.5: FPR about 7e-6 per entry, 30 entries)."""
+    q, k, v = make_qkv(N=5, M=6, d=4, dv=2, norm=0.7, seed=1)
+    est = ev.ControlVariates(num_features=4)
+    t = est.terms(q, k, v, est.draw(q, k, replicates=4000, generator=3))
+    z = (t.hbar.mean(0) - t.expected_h) / (t.hbar.std(0) / math.sqrt(4000))
+    assert z.abs().max() < 4.5
+
+
+def test_chunked_needs_chunk_size():
+    with pytest.raises(ValueError, match="chunk_size"):
+        ev.ControlVariates(coefficient="chunked")
+    with pytest.raises(ValueError, match="chunk_size"):
+        ev.ControlVariates(coefficient="shared", chunk_size=4)
+    with pytest.raises(ValueError, match="coefficient='bogus'.*'shared', 'optimal', 'chunked'"):
+        ev.ControlVariates(coefficient="bogus")

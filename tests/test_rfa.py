@@ -1,0 +1,125 @@
+import math
+
+import pytest
+import torch
+
+import evalab as ev
+from conftest import make_qkv, scaled
+from evalab.features import kernel_estimate
+from evalab.rfa import CAUSAL_BLOCK
+
+MAPS = ["positive", "hyperbolic", "trig"]
+
+
+def rfa_reference(q, k, v, omega, feature_map, causal=False):
+    """Literal SNIS ratio from the kernel estimate (float64, quadratic)."""
+    kern = kernel_estimate(scaled(q), scaled(k), omega, feature_map)
+    if causal:
+        kern = kern.tril()
+    return (kern @ v) / kern.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("feature_map", MAPS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference(feature_map, causal):
+    N = 2 * CAUSAL_BLOCK + 5  # several causal blocks and a partial one
+    q, k, v = make_qkv(N=N, d=6, dv=3, batch=(2,), norm=0.8)
+    est = ev.RFA(num_features=12, feature_map=feature_map, causal=causal)
+    draw = est.draw(q, k, replicates=3, generator=0)
+    out = est(q, k, v, draw)
+    assert out.shape == (3, 2, N, 3)
+    assert (out - rfa_reference(q, k, v, draw.noise, feature_map, causal)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("feature_map", MAPS)
+def test_causal_never_looks_ahead(feature_map):
+    q, k, v = make_qkv(N=70, d=4, dv=2, norm=0.8)
+    est = ev.RFA(num_features=8, feature_map=feature_map, causal=True)
+    draw = est.draw(q, k, replicates=2, generator=1)
+    out = est(q, k, v, draw)
+    n = 40
+    k2, v2 = k.clone(), v.clone()
+    k2[n + 1 :] = 5 * torch.randn_like(k2[n + 1 :])
+    v2[n + 1 :] = torch.randn_like(v2[n + 1 :])
+    out2 = est(q, k2, v2, draw)
+    assert (out[:, : n + 1] - out2[:, : n + 1]).abs().max() < 1e-12
+    assert (out[:, n + 1 :] - out2[:, n + 1 :]).abs().max() > 1e-3
+
+
+def test_eps_reproduces_performer_constants():
+    """eps > 0: phi = exp(log xi - stabiliser) + eps, with a per-row query stabiliser and a global key one."""
+    q, k, v = make_qkv(N=10, M=13, d=4, dv=3, norm=1.0)
+    est = ev.RFA(num_features=6, eps=1e-3)
+    draw = est.draw(q, k, replicates=2, generator=2)
+    w = draw.noise
+    lq = scaled(q) @ w.transpose(-1, -2) - 0.5 * (scaled(q) ** 2).sum(-1, keepdim=True)
+    lk = scaled(k) @ w.transpose(-1, -2) - 0.5 * (scaled(k) ** 2).sum(-1, keepdim=True)
+    qf = torch.exp(lq - lq.amax(-1, keepdim=True)) + 1e-3
+    kf = torch.exp(lk - lk.amax((-2, -1), keepdim=True)) + 1e-3
+    ref = (qf @ (kf.transpose(-1, -2) @ v)) / (qf @ kf.sum(-2, keepdim=True).transpose(-1, -2))
+    assert (est(q, k, v, draw) - ref).abs().max() < 1e-12
+    # and eps changes the estimator
+    assert (ev.RFA(num_features=6)(q, k, v, draw) - ref).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("feature_map", ["positive", "hyperbolic"])
+def test_float32_finite_at_norm_10(causal, feature_map):
+    q, k, v = make_qkv(N=80, d=16, dv=4, norm=10.0, dtype=torch.float32)
+    est = ev.RFA(num_features=64, feature_map=feature_map, causal=causal)
+    out = est(q, k, v, est.draw(q, k, replicates=4, generator=0))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    # convex combination of the values
+    assert (out <= v.amax(-2) + 1e-4).all() and (out >= v.amin(-2) - 1e-4).all()
+
+
+def test_float32_matches_float64_at_norm_10():
+    q, k, v = make_qkv(N=40, d=16, dv=4, norm=10.0)
+    est = ev.RFA(num_features=64)
+    draw = est.draw(q, k, replicates=2, generator=0)
+    exact = est(q, k, v, draw)
+    single = est(q.float(), k.float(), v.float(), draw)
+    assert (single.double() - exact).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_close_to_float32(dtype):
+    q, k, v = make_qkv(N=30, d=8, dv=4, norm=1.0, dtype=torch.float32)
+    est = ev.RFA(num_features=32)
+    draw = est.draw(q, k, replicates=2, generator=0)
+    half = est(q.to(dtype), k.to(dtype), v.to(dtype), draw)
+    assert half.dtype == dtype
+    full = est(q, k, v, draw)
+    # precision floor: the same estimator fed the rounded inputs, computed in float32, then rounded to dtype
+    rounded = est(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), draw)
+    assert torch.equal(half, rounded.to(dtype))
+    assert (half.float() - full).abs().max() < 0.1
+
+
+def test_shared_draw_between_feature_maps():
+    """positive and hyperbolic RFA with the same S consume the same omega (common random numbers)."""
+    q, k, v = make_qkv()
+    pos, hyp = ev.RFA(num_features=8), ev.RFA(num_features=8, feature_map="hyperbolic")
+    draw = pos.draw(q, k, replicates=2, generator=0)
+    assert hyp.noise_kind == pos.noise_kind and hyp.noise_layout(q, k) == pos.noise_layout(q, k)
+    assert torch.isfinite(hyp(q, k, v, draw)).all()
+
+
+def test_draw_checks_layout_and_kind():
+    q, k, v = make_qkv(d=4)
+    est = ev.RFA(num_features=8)
+    with pytest.raises(ValueError, match=r"expected \(replicates, 8, 4\)"):
+        est(q, k, v, ev.Draw(torch.randn(2, 7, 4)))
+    orth = ev.RFA(num_features=8, sampler="orthogonal").draw(q, k, replicates=2, generator=0)
+    with pytest.raises(ValueError, match="omega:orthogonal"):
+        est(q, k, v, orth)
+    # a bare Draw of given noise is accepted for any estimator with that layout
+    assert est(q, k, v, ev.Draw(torch.randn(2, 8, 4, dtype=torch.float64))).shape == (2, 12, 3)
+
+
+def test_dataclass_variant():
+    import dataclasses
+
+    est = dataclasses.replace(ev.RFA(num_features=8), num_features=16)
+    assert est.num_features == 16 and est.columns == 16
+    assert ev.RFA(num_features=16, feature_map="trig").columns == 32

@@ -1,0 +1,47 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evalab as ev
+from conftest import make_qkv
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_elements", [7, 100, 2**24])
+def test_matches_sdpa_in_float64(causal, block_elements):
+    q, k, v = make_qkv(N=37, d=8, dv=5, batch=(2, 3), norm=2.0)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = ev.softmax_attention(q, k, v, causal=causal, block_elements=block_elements)
+    assert out.dtype == torch.float64
+    assert (out - ref).abs().max() < 1e-12
+
+
+def test_cross_attention_and_scale():
+    q, k, v = make_qkv(N=9, M=23, d=6, dv=2, norm=1.5)
+    ref = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert (ev.softmax_attention(q, k, v, scale=0.3, block_elements=50) - ref).abs().max() < 1e-12
+
+
+def test_large_logits_stay_finite():
+    q, k, v = make_qkv(N=16, d=4, norm=30.0, dtype=torch.float32)  # logits up to 900
+    out = ev.softmax_attention(q, k, v)
+    assert torch.isfinite(out).all()
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert (out.double() - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(dtype):
+    q, k, v = make_qkv(N=20, d=8, dv=4, norm=1.0, dtype=dtype)
+    out = ev.softmax_attention(q, k, v)
+    assert out.dtype == dtype
+    exact = ev.softmax_attention(q.double(), k.double(), v.double())
+    # judged against the precision floor: the error of rounding the exact result to the half dtype
+    floor = (exact.to(dtype).double() - exact).abs().max()
+    assert (out.double() - exact).abs().max() <= 2 * floor + 1e-6
+
+
+def test_causal_needs_square():
+    q, k, v = make_qkv(N=4, M=5)
+    with pytest.raises(ValueError, match="causal"):
+        ev.softmax_attention(q, k, v, causal=True)
