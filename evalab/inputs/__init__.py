@@ -1,5 +1,7 @@
 """Attention workloads: synthetic inputs with controlled norms, and q/k/v captured from real models."""
 from .qkv import QKV
 from .synthetic import gaussian
+from .capture import Captured, capture
+from .minilm import minilm
 
-__all__ = ["QKV", "gaussian"]
+__all__ = ["QKV", "gaussian", "Captured", "capture", "minilm"]
