@@ -45,8 +45,8 @@ class RFA:
     """Random-feature attention with S = ``num_features`` omega draws.
 
     feature_map: positive | hyperbolic | trig; sampler: iid | orthogonal | qmc.
-    eps: constant added to the stabilised features (Performer's kernel epsilon); 0 gives the exact estimator.
-    With causal=True each key's own stabiliser is used, so no position sees a later one.
+    eps: constant added to the stabilised features, as Performer does (see ``_linear_features``); 0 gives the
+    exact estimator.
     Call: est(q, k, v, draw) with q (*b, N, d), k (*b, M, d), v (*b, M, dv) -> (R, *b, N, dv).
     """
 
@@ -98,15 +98,21 @@ class RFA:
         return num_columns(self.feature_map, self.num_features)
 
     def _linear_features(self, inp: Inputs, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stabilised non-negative (or trig) features; constant factors that cancel in the ratio are dropped."""
+        """Stabilised features in the linear domain; factors that cancel in the ratio are dropped.
+
+        Positive-type with eps (Performer's convention): phi = exp(w.x - |x|^2/2 - max w.x) + eps, the max taken
+        per query row and, for keys, over all keys and features (per key when causal, so no key sees the future).
+        """
+        half_x = 0.5 * (inp.x * inp.x).sum(-1, keepdim=True)
+        half_y = 0.5 * (inp.y * inp.y).sum(-1, keepdim=True)
         if self.feature_map == "trig":
-            half_sq = 0.5 * (inp.y * inp.y).sum(-1, keepdim=True)
-            zero = torch.zeros_like(inp.x[..., :1])
-            return trig_features(inp.x, omega, zero), trig_features(inp.y, omega, half_sq - half_sq.amax(-2, keepdim=True))
+            return trig_features(inp.x, omega, torch.zeros_like(half_x)), trig_features(inp.y, omega, half_y - half_y.amax(-2, keepdim=True))
         lq = log_features(inp.x, omega, self.feature_map)
         lk = log_features(inp.y, omega, self.feature_map)
-        key_stabiliser = lk.amax(-1, keepdim=True) if self.causal else lk.amax((-2, -1), keepdim=True)
-        return (lq - lq.amax(-1, keepdim=True)).exp() + self.eps, (lk - key_stabiliser).exp() + self.eps
+        key_dims = -1 if self.causal else (-2, -1)
+        qf = (lq - (lq + half_x).amax(-1, keepdim=True)).exp() + self.eps
+        kf = (lk - (lk + half_y).amax(key_dims, keepdim=True)).exp() + self.eps
+        return qf, kf
 
 
 def _log(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

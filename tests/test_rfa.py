@@ -47,19 +47,26 @@ def test_causal_never_looks_ahead(feature_map):
 
 
 def test_eps_reproduces_performer_constants():
-    """eps > 0: phi = exp(log xi - stabiliser) + eps, with a per-row query stabiliser and a global key one."""
+    """eps > 0: phi = exp(w.x - |x|^2/2 - max w.x) + eps, the max per query row and over all keys and features."""
     q, k, v = make_qkv(N=10, M=13, d=4, dv=3, norm=1.0)
     est = ev.RFA(num_features=6, eps=1e-3)
     draw = est.draw(q, k, replicates=2, generator=2)
     w = draw.noise
-    lq = scaled(q) @ w.transpose(-1, -2) - 0.5 * (scaled(q) ** 2).sum(-1, keepdim=True)
-    lk = scaled(k) @ w.transpose(-1, -2) - 0.5 * (scaled(k) ** 2).sum(-1, keepdim=True)
-    qf = torch.exp(lq - lq.amax(-1, keepdim=True)) + 1e-3
-    kf = torch.exp(lk - lk.amax((-2, -1), keepdim=True)) + 1e-3
+    pq, pk = scaled(q) @ w.transpose(-1, -2), scaled(k) @ w.transpose(-1, -2)
+    qf = torch.exp(pq - 0.5 * (scaled(q) ** 2).sum(-1, keepdim=True) - pq.amax(-1, keepdim=True)) + 1e-3
+    kf = torch.exp(pk - 0.5 * (scaled(k) ** 2).sum(-1, keepdim=True) - pk.amax((-2, -1), keepdim=True)) + 1e-3
     ref = (qf @ (kf.transpose(-1, -2) @ v)) / (qf @ kf.sum(-2, keepdim=True).transpose(-1, -2))
     assert (est(q, k, v, draw) - ref).abs().max() < 1e-12
-    # and eps changes the estimator
-    assert (ev.RFA(num_features=6)(q, k, v, draw) - ref).abs().max() > 1e-6
+    assert (ev.RFA(num_features=6)(q, k, v, draw) - ref).abs().max() > 1e-6  # eps changes the estimator
+    # causal: each key is stabilised by its own max, so the prefix ratio uses only past keys
+    causal = ev.RFA(num_features=6, eps=1e-3, causal=True)
+    q2, k2, v2 = make_qkv(N=40, d=4, dv=3, norm=1.0)
+    pq, pk = scaled(q2) @ w.transpose(-1, -2), scaled(k2) @ w.transpose(-1, -2)
+    qf = torch.exp(pq - 0.5 * (scaled(q2) ** 2).sum(-1, keepdim=True) - pq.amax(-1, keepdim=True)) + 1e-3
+    kf = torch.exp(pk - 0.5 * (scaled(k2) ** 2).sum(-1, keepdim=True) - pk.amax(-1, keepdim=True)) + 1e-3
+    kern = (qf @ kf.transpose(-1, -2)).tril()
+    ref = (kern @ v2) / kern.sum(-1, keepdim=True)
+    assert (causal(q2, k2, v2, draw) - ref).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("causal", [False, True])
