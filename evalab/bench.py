@@ -1,0 +1,247 @@
+"""``evalab bench``: what the estimators and the Monte-Carlo engine cost, measured side by side.
+
+Sections: (a) the vectorised Monte-Carlo engine against the natural per-replicate loop; (b) the engine's
+achieved FLOP/s (by the cost model) against a plain matmul measured in the same run; (c) forward time and peak
+memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
+on the same projection matrix. Prints a markdown table, writes bench.json and bench.png into ``out``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .cost import estimate_cost
+from .draw import Draw
+from .eva import EVA
+from .inputs import gaussian
+from .monte_carlo import monte_carlo
+from .rfa import RFA
+from .softmax import Softmax, softmax_attention
+
+D = 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one bench run: engine cases (N, R, naive R), scaling lengths, performer N, matmul n."""
+
+    engine: tuple = ((128, 1000, 1000), (2048, 300, 30))
+    lengths: tuple = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+    slope_from: int = 4096
+    performer_seq_len: int = 4096
+    matmul_n: int = 2048
+    memory: bool = True  # peak memory per forward (a fresh process per point on CPU)
+
+
+PLANS = {
+    "full": Plan(),
+    "quick": Plan(engine=((128, 1000, 200), (2048, 100, 10)), lengths=(1024, 2048, 4096, 8192), slope_from=1024,
+                  performer_seq_len=1024),
+    "tiny": Plan(engine=((16, 8, 4),), lengths=(64, 128), slope_from=64, performer_seq_len=64, matmul_n=64,
+                 memory=False),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, repeats: int = 3) -> float:
+    """Median wall seconds of ``fn()`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _inputs(seq_len: int, device, batch=()):
+    return tuple(gaussian(seq_len=seq_len, d=D, batch=batch, norm=1.0, dtype=torch.float32, device=device))
+
+
+def naive_loop(estimator, q, k, v, replicates: int, seed: int = 0) -> float:
+    """The natural notebook code: draw one replicate, call, accumulate the squared error; returns the mean error."""
+    exact = softmax_attention(q, k, v)
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(replicates):
+        y = estimator(q, k, v, estimator.draw(q, k, replicates=1, generator=g))
+        total += float(((y[0] - exact) ** 2).sum(-1).mean())
+    return total / replicates
+
+
+def matmul_flops(device, n: int) -> float:
+    """FLOP/s of a float32 n x n matmul on ``device``."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / _time(lambda: a @ b, device)
+
+
+def bench_engine(device, plan: Plan) -> list[dict]:
+    """(a) and (b): engine vs naive loop (timed on R_naive replicates, scaled to R), fraction of matmul FLOP/s."""
+    peak = matmul_flops(device, plan.matmul_n)
+    rows = []
+    for N, R, R_naive in plan.engine:
+        q, k, v = _inputs(N, device)
+        for label, est in (("rfa S=256", RFA(num_features=256)), ("eva w=32 c=8", EVA(window=32, chunk_size=8))):
+            exact = softmax_attention(q, k, v)
+            engine = _time(lambda: monte_carlo(est, q, k, v, replicates=R, reference=exact, matrix=False), device, 1)
+            naive = _time(lambda: naive_loop(est, q, k, v, R_naive), device, 1) * R / R_naive
+            flops = estimate_cost(est, N=N, M=N, d=D, dv=D).flops(R)
+            rows.append({"case": label, "seq_len": N, "replicates": R, "engine_s": engine, "naive_s": naive,
+                         "speedup": naive / engine, "gflops": flops / engine / 1e9, "matmul_gflops": peak / 1e9,
+                         "roofline_fraction": flops / engine / peak})
+    return rows
+
+
+def _forward(name: str, seq_len: int, device):
+    """A zero-argument callable running one forward pass of ``name`` at ``seq_len``."""
+    q, k, v = _inputs(seq_len, device, batch=(1,))
+    if name == "sdpa":
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    est = {"softmax": Softmax(), "rfa": RFA(num_features=256), "eva": EVA(window=64, chunk_size=64)}[name]
+    draw = est.draw(q, k, replicates=1, generator=0)
+    draw = Draw(draw.noise.to(device), draw.kind)
+    return lambda: est(q, k, v, draw)
+
+
+def _peak_cpu_worker(name: str, seq_len: int, conn) -> None:
+    fn = _forward(name, seq_len, torch.device("cpu"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+
+
+def peak_memory(name: str, seq_len: int, device) -> float:
+    """Extra peak bytes of one forward pass: CUDA allocator statistics, or a fresh process's max RSS on CPU."""
+    if device.type == "cuda":
+        fn = _forward(name, seq_len, device)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - base)
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_peak_cpu_worker, args=(name, seq_len, child))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return float(value)
+
+
+def bench_scaling(device, plan: Plan) -> tuple[list[dict], dict]:
+    """(c): forward time and peak memory vs seq_len; log-log slopes from ``plan.slope_from`` on."""
+    lengths, lo = plan.lengths, plan.slope_from
+    rows = []
+    for name in ("softmax", "sdpa", "rfa", "eva"):
+        for N in lengths:
+            seconds = _time(_forward(name, N, device), device, 1 if N >= 16384 else 3)
+            peak = peak_memory(name, N, device) if plan.memory else None
+            rows.append({"method": name, "seq_len": N, "seconds": seconds, "peak_bytes": peak})
+    slopes = {}
+    for name in ("softmax", "sdpa", "rfa", "eva"):
+        pts = [(r["seq_len"], r["seconds"]) for r in rows if r["method"] == name and r["seq_len"] >= lo]
+        slopes[name] = float(np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0])
+    sdpa = {r["seq_len"]: r["seconds"] for r in rows if r["method"] == "sdpa"}
+    crossover = {}
+    for name in ("rfa", "eva"):
+        faster = [r["seq_len"] for r in rows if r["method"] == name and r["seconds"] < sdpa[r["seq_len"]]]
+        crossover[name] = min(faster) if faster else None
+    return rows, {"slopes": slopes, "slope_range": [lo, lengths[-1]], "crossover_vs_sdpa": crossover}
+
+
+def bench_performer(device, plan: Plan) -> dict | None:
+    """(d): evalab RFA vs performer-pytorch FastAttention (same projection, eps 1e-4), or None if not installed."""
+    try:
+        from performer_pytorch import FastAttention
+    except ImportError:
+        return None
+    S, N, heads = 256, plan.performer_seq_len, 8
+    q, k, v = _inputs(N, device, batch=(1, heads))
+    fast = FastAttention(dim_heads=D, nb_features=S, causal=False).to(device)
+    ours = RFA(num_features=S, eps=1e-4)
+    draw = Draw(fast.projection_matrix.unsqueeze(0).to(torch.float64), ours.noise_kind)
+    theirs_s = _time(lambda: fast(q, k, v), device)
+    ours_s = _time(lambda: ours(q, k, v, draw), device)
+    diff = float((fast(q, k, v) - ours(q, k, v, draw)[0]).abs().max())
+    return {"num_features": S, "seq_len": N, "heads": heads, "evalab_s": ours_s, "performer_s": theirs_s,
+            "time_ratio": ours_s / theirs_s, "max_abs_diff": diff}
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown tables."""
+    lines = [f"# evalab bench ({report['device']}, torch {report['torch']}, plan {report['plan']})", "",
+             "| case | N | R | engine s | naive loop s | speed-up | GFLOP/s | matmul GFLOP/s | roofline |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["engine"]:
+        lines.append(f"| {r['case']} | {r['seq_len']} | {r['replicates']} | {r['engine_s']:.3g} | {r['naive_s']:.3g} | "
+                     f"{r['speedup']:.1f}x | {r['gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['roofline_fraction']:.0%} |")
+    lines += ["", "| method | " + " | ".join(str(n) for n in sorted({r['seq_len'] for r in report['scaling']})) + " | slope |",
+              "|---|" + "---|" * (len({r['seq_len'] for r in report['scaling']}) + 1)]
+    for name, slope in report["scaling_fit"]["slopes"].items():
+        cells = [f"{r['seconds']:.3g}s" + (f" / {r['peak_bytes'] / 2**20:.0f}MiB" if r["peak_bytes"] is not None else "")
+                 for r in report["scaling"] if r["method"] == name]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {slope:.2f} |")
+    lines.append(f"\nCrossover vs SDPA (first length where faster): {report['scaling_fit']['crossover_vs_sdpa']}")
+    if report.get("performer"):
+        p = report["performer"]
+        lines.append(f"\nperformer-pytorch, S={p['num_features']}, N={p['seq_len']}, heads={p['heads']}: evalab {p['evalab_s']:.3g}s, "
+                     f"performer {p['performer_s']:.3g}s, ratio {p['time_ratio']:.2f}, max |diff| {p['max_abs_diff']:.2g}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Forward time vs seq_len, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for name in report["scaling_fit"]["slopes"]:
+        pts = [r for r in report["scaling"] if r["method"] == name]
+        label = f"{name} (slope {report['scaling_fit']['slopes'][name]:.2f})"
+        ax[0].loglog([r["seq_len"] for r in pts], [r["seconds"] for r in pts], "o-", label=label)
+        if all(r["peak_bytes"] is not None for r in pts):
+            ax[1].loglog([r["seq_len"] for r in pts], [max(r["peak_bytes"], 1) / 2**20 for r in pts], "o-", label=name)
+    ax[0].set(xlabel="seq_len", ylabel="forward seconds", title=f"time ({report['device']})")
+    ax[1].set(xlabel="seq_len", ylabel="peak MiB", title="peak memory")
+    ax[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path = "bench") -> dict:
+    """Run every section of ``plan`` (full | quick | tiny); write bench.json, bench.md, bench.png under ``out``."""
+    if plan not in PLANS:
+        raise ValueError(f"plan={plan!r} is not known; expected one of {', '.join(map(repr, PLANS))}")
+    dev, sizes = torch.device(device), PLANS[plan]
+    report = {"evalab": __version__, "torch": torch.__version__, "device": str(dev), "plan": plan, "sizes": asdict(sizes),
+              "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    report["engine"] = bench_engine(dev, sizes)
+    report["scaling"], report["scaling_fit"] = bench_scaling(dev, sizes)
+    report["performer"] = bench_performer(dev, sizes)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.md").write_text(markdown(report) + "\n")
+    plot(report, out / "bench.png")
+    return report

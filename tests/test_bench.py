@@ -1,0 +1,76 @@
+"""Benchmark code paths at tiny sizes (no timing assertions), and the cost model against hand counts."""
+import json
+import math
+
+import pytest
+import torch
+
+import evalab as ev
+from evalab.bench import naive_loop, run_bench
+from evalab.cost import estimate_cost
+
+
+def test_bench_tiny_plan_writes_report(tmp_path):
+    report = run_bench(plan="tiny", out=tmp_path)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["plan"] == "tiny" and len(saved["engine"]) == 2
+    assert (tmp_path / "bench.png").stat().st_size > 0 and "| rfa S=256 |" in (tmp_path / "bench.md").read_text()
+    assert set(report["scaling_fit"]["slopes"]) == {"softmax", "sdpa", "rfa", "eva"}
+    if report["performer"] is not None:  # same projection, same stabiliser: agreement to float32 precision
+        assert report["performer"]["max_abs_diff"] < 1e-5
+
+
+def test_bench_rejects_unknown_plan(tmp_path):
+    with pytest.raises(ValueError, match="plan='huge'"):
+        run_bench(plan="huge", out=tmp_path)
+
+
+def test_naive_loop_agrees_with_engine_mse():
+    """The naive loop and the engine estimate the same mse (different draws: agreement within 5 standard errors)."""
+    q, k, v = ev.inputs.gaussian(seq_len=16, d=8, norm=1.0)
+    est = ev.RFA(num_features=8)
+    naive = naive_loop(est, q, k, v, 400, seed=0)
+    res = ev.monte_carlo(est, q, k, v, replicates=400, seed=1, matrix=False)
+    se = (res.mse.high - res.mse.low) / (2 * 2.1)
+    assert abs(naive - res.mse.value) < 5 * math.sqrt(2) * se
+
+
+N, M, d, dv = 12, 10, 4, 3
+
+
+@pytest.mark.parametrize(
+    "est,expected",
+    [
+        # softmax: logits 2NMd, weights @ v 2NMdv, 4 elementwise per logit
+        (ev.Softmax(), N * M * (2 * d + 2 * dv + 4)),
+        # RFA positive, S = 5: projections 2(N+M)Sd, averages and mixture 2(N+M)S dv, 4(N+M)S elementwise
+        (ev.RFA(num_features=5), 2 * 22 * 5 * 4 + 2 * 22 * 5 * 3 + 4 * 22 * 5),
+        # hyperbolic doubles the feature columns but not the projections
+        (ev.RFA(num_features=5, feature_map="hyperbolic"), 2 * 22 * 5 * 4 + 2 * 22 * 10 * 3 + 4 * 22 * 10),
+    ],
+)
+def test_cost_matches_hand_count(est, expected):
+    c = estimate_cost(est, N=N, M=M, d=d, dv=dv)
+    assert c.flops(1) == expected
+
+
+def test_eva_cost_hand_count():
+    """EVA w=4, c=2, S_c=1 on N = M = 12: window 2 N w (d + dv) + 4 N w; chunk logits 2 N C d + 2 M d (fixed);
+    per replicate 2 M d + 4 M + 2 M dv (chunk averages) + 2 N C dv (mixture), C = 6."""
+    est = ev.EVA(window=4, chunk_size=2)
+    c = estimate_cost(est, N=12, M=12, d=d, dv=dv)
+    fixed = 12 * 4 * (2 * d + 2 * dv + 4) + 2 * 12 * 6 * d + 2 * 12 * d
+    per = 2 * 12 * d + 4 * 12 + 2 * 12 * dv + 2 * 12 * 6 * dv
+    assert (c.fixed_flops, c.replicate_flops) == (fixed, per)
+    assert c.flops(10) == fixed + 10 * per
+    # batch dims and itemsize scale linearly
+    c2 = estimate_cost(est, N=12, M=12, d=d, dv=dv, batch=3, itemsize=8)
+    assert c2.flops(1) == 3 * c.flops(1) and c2.bytes(1) == 6 * c.bytes(1)
+
+
+def test_unknown_estimator_cost_is_nan():
+    class Custom:
+        pass
+
+    c = estimate_cost(Custom(), N=4, M=4, d=2, dv=2)
+    assert math.isnan(c.flops(1)) and c.bytes(1) == 4 * 4 * 2
