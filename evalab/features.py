@@ -62,20 +62,31 @@ def sample_omega(sampler: str, replicates: int, num_features: int, dim: int, gen
 
 
 def _project(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-    """w_s . x for every replicate: x (*batch, N, d), omega (R, S, d) -> (R, *batch, N, S)."""
+    """w_s . x for every replicate: x (*batch, N, d), omega (R, S, d) -> (R, *batch, N, S) (a view)."""
     R, S, d = omega.shape
-    w = omega.reshape(R, *([1] * (x.dim() - 2)), S, d)
-    return torch.matmul(x.unsqueeze(0), w.transpose(-1, -2))
+    proj = x @ omega.reshape(R * S, d).transpose(0, 1)  # one GEMM against all R x S directions
+    return proj.unflatten(-1, (R, S)).movedim(-2, 0)
+
+
+def stacked_projection(x: torch.Tensor, omega: torch.Tensor, feature_map: str, *, minus_half_norm: bool) -> torch.Tensor:
+    """log phi(x) up to the constant -log(F)/2, replicates second to last: (*batch, N, R, F), contiguous.
+
+    Positive: w.x; hyperbolic: [w.x, -w.x]; minus |x|^2/2 when ``minus_half_norm`` (folded into the GEMM).
+    """
+    _checks.choice("feature_map", feature_map, ("positive", "hyperbolic"))
+    R, S, d = omega.shape
+    directions = torch.cat([omega, -omega], dim=1) if feature_map == "hyperbolic" else omega
+    directions = directions.reshape(-1, d)
+    if minus_half_norm:
+        x = torch.cat([x, -0.5 * (x * x).sum(-1, keepdim=True)], dim=-1)
+        directions = torch.cat([directions, torch.ones_like(directions[:, :1])], dim=-1)
+    return (x @ directions.transpose(0, 1)).unflatten(-1, (R, -1))
 
 
 def log_features(x: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:
-    """log phi(x) of a positive-type map: x (*batch, N, d), omega (R, S, d) -> (R, *batch, N, F)."""
-    _checks.choice("feature_map", feature_map, ("positive", "hyperbolic"))
-    proj = _project(x, omega)
-    half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
-    if feature_map == "hyperbolic":
-        return torch.cat([proj, -proj], dim=-1) - half_sq - 0.5 * math.log(2 * omega.shape[1])
-    return proj - half_sq - 0.5 * math.log(omega.shape[1])
+    """log phi(x) of a positive-type map: x (*batch, N, d), omega (R, S, d) -> (R, *batch, N, F) (a view)."""
+    stacked = stacked_projection(x, omega, feature_map, minus_half_norm=True)
+    return stacked.movedim(-2, 0) - 0.5 * math.log(stacked.shape[-1])
 
 
 def trig_features(x: torch.Tensor, omega: torch.Tensor, log_weight: torch.Tensor | None = None) -> torch.Tensor:

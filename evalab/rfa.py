@@ -16,7 +16,7 @@ import torch
 
 from . import _checks
 from .draw import Draw, make_generator
-from .features import FEATURE_MAPS, SAMPLERS, log_features, num_columns, sample_omega, trig_features
+from .features import FEATURE_MAPS, SAMPLERS, log_features, num_columns, sample_omega, stacked_projection, trig_features
 
 #: Positions per block of the causal prefix sums (memory R x block x block x F per step).
 CAUSAL_BLOCK = 32
@@ -86,10 +86,10 @@ class RFA:
         if self.feature_map == "trig" or self.eps > 0:
             qf, kf = self._linear_features(inp, omega)
             out = _causal_linear(qf, kf, inp.v) if self.causal else _linear(qf, kf, inp.v)
+        elif self.causal:
+            out = _causal_log(log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map), inp.v)
         else:
-            lq = log_features(inp.x, omega, self.feature_map)
-            lk = log_features(inp.y, omega, self.feature_map)
-            out = _causal_log(lq, lk, inp.v) if self.causal else _log(lq, lk, inp.v)
+            out = _log(inp.x, inp.y, inp.v, omega, self.feature_map)
         return out.to(inp.out_dtype)
 
     @property
@@ -115,11 +115,17 @@ class RFA:
         return qf, kf
 
 
-def _log(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal RFA from log-features lq (R, *b, N, F), lk (R, *b, M, F): softmax_f(lq + log sum_m e^lk) @ kv."""
-    log_mass = torch.logsumexp(lk, dim=-2, keepdim=True)  # (R, *b, 1, F)
-    kv = torch.softmax(lk, dim=-2).transpose(-1, -2) @ v  # per-column average of v, (R, *b, F, dv)
-    return torch.softmax(lq + log_mass, dim=-1) @ kv
+def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """Non-causal RFA in log space: out_n = softmax_f(log phi_f(x_n) + log sum_m phi_f(y_m)) @ kv_f, where kv_f is
+    the phi_f(y)-weighted average of v. Works in the (*b, N, R, F) layout so every pass is contiguous."""
+    lq = stacked_projection(x, omega, feature_map, minus_half_norm=False)  # per-query constants cancel
+    lk = stacked_projection(y, omega, feature_map, minus_half_norm=True)  # (*b, M, R, F)
+    top = lk.amax(-3, keepdim=True)
+    weights = lk.sub_(top).exp_()
+    mass = weights.sum(-3, keepdim=True)  # (*b, 1, R, F)
+    kv = torch.einsum("...mrf,...mv->...rfv", weights, v) / mass.squeeze(-3).unsqueeze(-1)
+    mix = torch.softmax(lq.add_(top + mass.log()), dim=-1)  # (*b, N, R, F)
+    return torch.einsum("...nrf,...rfv->...nrv", mix, kv).movedim(-2, 0)
 
 
 def _causal_log(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
