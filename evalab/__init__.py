@@ -17,6 +17,7 @@ from .intervals import Estimate
 from .monte_carlo import Comparison, MCResult, compare, monte_carlo
 from .rfa import RFA
 from .softmax import Softmax, softmax_attention
+from .sweep import load_results, load_spec, run_sweep
 
 __version__ = "0.1.0"
 
@@ -37,7 +38,10 @@ __all__ = [
     "features",
     "inputs",
     "key_variance",
+    "load_results",
+    "load_spec",
     "monte_carlo",
+    "run_sweep",
     "softmax_attention",
     "__version__",
 ]

@@ -1,4 +1,9 @@
-"""The ``evalab`` command line."""
+"""The ``evalab`` command line.
+
+Each subcommand is one ``add_<name>_command(commands)`` function that adds its subparser and sets
+``run=<function(args) -> exit status>`` with ``set_defaults``; ``build_parser`` calls them in ``COMMANDS``
+order. Subcommands import their machinery inside ``run`` so that ``evalab --help`` stays fast.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +12,104 @@ import sys
 from . import __version__
 
 
+# --- evalab sweep -----------------------------------------------------------------------------------------
+
+SWEEP_EPILOG = """\
+output directory layout:
+  DIR/spec.toml                 the spec of the latest run (DIR/specs/<hash>.toml keeps every one)
+  DIR/cells/<cell_id>.parquet   one row per cell, status ok or failed; load with evalab.load_results(DIR)
+
+Rerunning skips cells already done (status ok) and retries failed ones; editing the grid reuses the cells that
+are still in it. With --executor dask the workers compute and return each cell's row and this process writes
+the files, so the workers need no access to DIR. Exit status: 0 all cells ok, 1 some cell failed, 2 bad spec
+or arguments. The spec format: analysis/sweeps/README.md.
+"""
+
+
+def add_sweep_command(commands) -> None:
+    p = commands.add_parser(
+        "sweep",
+        help="run a sweep spec (TOML) into a resumable parquet store",
+        description="Expand a TOML sweep spec into cells and run each cell's Monte-Carlo measurement, one "
+                    "parquet file per cell in --out.",
+        epilog=SWEEP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("spec", metavar="SPEC.toml", help="the sweep spec")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; reruns resume in it)")
+    p.add_argument("--device", help="torch device to run on (cpu, cuda, cuda:N, mps); overrides the spec's device")
+    p.add_argument("--executor", choices=("local", "dask"), default=None,
+                   help="local: cells one after another in this process (default); dask: on a Dask cluster "
+                        "(default when --scheduler or --workers is given)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="start a local Dask cluster of N worker processes on loopback (default: one per core)")
+    p.add_argument("--fresh", action="store_true", help="delete the cells already stored in DIR first")
+    p.add_argument("--dry-run", action="store_true", help="validate the spec and list its cells, run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the summary line is still printed)")
+    p.set_defaults(run=run_sweep_command)
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from .sweep import SpecError, load_spec, run_sweep
+    from .sweep.store import statuses
+
+    prog = "evalab sweep"
+    try:
+        spec = load_spec(args.spec)
+    except (SpecError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        cells = spec.cells()
+        stored = statuses(args.out)
+        for cell in cells:
+            state = stored.get(cell.cell_id, "todo")
+            note = f"  [invalid: {cell.error}]" if cell.error else ""
+            print(f"{cell.cell_id}  {state:<6}  {cell.description}{note}")
+        invalid = sum(c.error is not None for c in cells)
+        print(f"{spec.name}: {len(cells)} cells, {invalid} invalid, "
+              f"{sum(stored.get(c.cell_id) == 'ok' for c in cells)} already done in {args.out}")
+        return 0
+    executor = args.executor or ("dask" if args.scheduler or args.workers else "local")
+    if executor == "local" and (args.scheduler or args.workers):
+        print(f"{prog}: error: --scheduler and --workers need --executor dask", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        bad = [c for c in spec.cells() if c.error is not None]
+        if bad:
+            print(f"{len(bad)} cells have invalid parameters and are recorded as failed:", file=sys.stderr)
+            for c in bad[:10]:
+                print(f"  {c.description}: {c.error}", file=sys.stderr)
+    try:
+        summary = run_sweep(spec, args.out, device=args.device, executor=executor, workers=args.workers,
+                            scheduler=args.scheduler, fresh=args.fresh, progress=not args.quiet)
+    except (SpecError, ValueError, ImportError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    for description, error in summary.failures[:20]:
+        print(f"failed: {description}: {error}", file=sys.stderr)
+    if len(summary.failures) > 20:
+        print(f"... and {len(summary.failures) - 20} more failed cells (see the error column)", file=sys.stderr)
+    print(f"{spec.name}: {summary}")
+    return 0 if summary.ok else 1
+
+
+# --- the parser -------------------------------------------------------------------------------------------
+
+COMMANDS = (add_sweep_command,)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evalab",
         description="Measure how well efficient attention (RFA, Performer, EVA) approximates softmax attention.",
     )
     parser.add_argument("--version", action="version", version=f"evalab {__version__}")
-    parser.add_subparsers(dest="command", title="commands")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
     return parser
 
 

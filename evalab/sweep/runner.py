@@ -1,0 +1,360 @@
+"""Run a sweep: every cell not yet done, locally or on a Dask cluster, one parquet file per cell.
+
+Who writes the store: always the process that called ``run_sweep``. Dask workers compute a cell and return
+its one-row DataFrame; the client writes the file, so workers need no shared filesystem with the client.
+A cell that raises is recorded as a failed row (``status="failed"``, ``error``) and the sweep goes on;
+a rerun skips cells whose stored status is "ok" and retries the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .. import registry
+from ..monte_carlo import monte_carlo
+from . import store
+from .spec import Cell, Spec, SpecError, check_device, input_parameters, load_spec, parse_spec
+
+EXECUTORS = ("local", "dask")
+SIZE_COLUMNS = ("seq_len", "key_len", "d", "dv", "batch")
+DASK_MISSING = 'the dask executor needs dask.distributed; install it with: pip install "evalab[dask]"'
+NON_TTY_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """What one ``run_sweep`` call did: cells computed (done), already complete (skipped), failed."""
+
+    done: int
+    skipped: int
+    failed: int
+    wall_seconds: float
+    out: Path
+    failures: tuple = ()  # (description, error) of each failed cell
+
+    @property
+    def total(self) -> int:
+        return self.done + self.skipped + self.failed
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def __str__(self) -> str:
+        return (f"{self.total} cells: {self.done} done, {self.skipped} skipped (already complete), "
+                f"{self.failed} failed in {self.wall_seconds:.1f} s -> {self.out}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a worker needs besides the cell (picklable)."""
+
+    device: str
+    max_memory: float | None
+    spec_name: str
+    spec_hash: str
+    threads: int | None = None  # torch intra-op threads to set in the worker (None: leave as is)
+
+
+# --- one cell ---------------------------------------------------------------------------------------------
+
+_INPUT_CACHE: dict = {}  # the last input workload built in this process: (key, QKV)
+
+
+def _make_inputs(cell: Cell, device: str):
+    dtype = getattr(torch, cell.dtype)
+    key = (cell.inputs_id, cell.dtype, device)
+    if key in _INPUT_CACHE:
+        return _INPUT_CACHE[key]
+    accepted = input_parameters(cell.kind)
+    params = dict(cell.inputs)
+    if cell.input_seed is not None:
+        params["seed"] = cell.input_seed
+    if "dtype" in accepted:
+        params["dtype"] = dtype
+    if "device" in accepted:
+        params["device"] = device
+    qkv = registry.make_inputs(cell.kind, **params).to(device=device, dtype=dtype)
+    _INPUT_CACHE.clear()
+    _INPUT_CACHE[key] = qkv
+    return qkv
+
+
+def _reserved_names() -> set[str]:
+    names = {"estimator", "label", "inputs", "replicates", "seed", "scale", "status", "error", "cell_id"}
+    for cls in registry.ESTIMATORS.values():
+        names.update(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+def _input_columns(cell: Cell) -> dict:
+    """Every input parameter as a column; names that mean something else in a row get an ``input_`` prefix."""
+    reserved = _reserved_names()
+    columns = {"inputs": cell.kind}
+    for name, value in cell.inputs.items():
+        if name in SIZE_COLUMNS:  # same idea as the Monte-Carlo sizes, which replace them in ok rows
+            columns[name] = math.prod(value) if isinstance(value, (tuple, list)) else value
+        else:
+            columns[f"input_{name}" if name in reserved else name] = list(value) if isinstance(value, tuple) else value
+    columns["input_seed"] = cell.input_seed
+    return columns
+
+
+def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
+    """Compute one cell; never raises for a failing cell: returns its row with status "failed" instead."""
+    if options.threads is not None and torch.get_num_threads() != options.threads:
+        torch.set_num_threads(options.threads)
+    start = time.perf_counter()
+    row = {"estimator": cell.estimator, "label": cell.label, **cell.params, **_input_columns(cell)}
+    row.update(replicates=cell.replicates, seed=cell.mc_seed)
+    status, error = "ok", cell.error
+    if error is None:
+        try:
+            qkv = _make_inputs(cell, options.device)
+            params = dict(cell.params)
+            if "scale" in params and params["scale"] is None:
+                params["scale"] = qkv.scale
+            est = registry.make_estimator(cell.estimator, **params)
+            res = monte_carlo(est, qkv.q, qkv.k, qkv.v, replicates=cell.replicates, seed=cell.mc_seed,
+                              max_memory=options.max_memory, matrix=cell.matrix)
+            row.update(res.to_frame().iloc[0].to_dict())
+            row["input_scale"] = qkv.scale
+        except Exception as err:  # noqa: BLE001 -- failure isolation: record and go on
+            error = f"{type(err).__name__}: {err}"
+    if error is not None:
+        status = "failed"
+    row.update(
+        dtype=cell.dtype, device=options.device, status=status, error=error, cell_id=cell.cell_id,
+        spec_name=options.spec_name, spec_hash=options.spec_hash, evalab_version=_version(),
+        torch_version=torch.__version__, host=socket.gethostname(),
+        finished_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        wall_seconds=time.perf_counter() - start,
+    )
+    return pd.DataFrame([row])
+
+
+def _version() -> str:
+    import evalab
+
+    return evalab.__version__
+
+
+# --- progress ---------------------------------------------------------------------------------------------
+
+
+class _Lines:
+    """Progress for non-terminals (logs, CI): one line at most every NON_TTY_INTERVAL seconds, and at the end."""
+
+    def __init__(self, total: int, desc: str, file):
+        self.total, self.desc, self.file = total, desc, file
+        self.n, self.postfix = 0, ""
+        self.start = self.last = time.monotonic()
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= NON_TTY_INTERVAL or self.n == self.total:
+            self.last = now
+            elapsed = now - self.start
+            eta = elapsed / self.n * (self.total - self.n) if self.n else float("nan")
+            print(f"{self.desc}: {self.n}/{self.total} cells, {elapsed:.0f} s elapsed, eta {eta:.0f} s  {self.postfix}",
+                  file=self.file, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _Silent:
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled or total == 0:
+        return _Silent()
+    if "ipykernel" in sys.modules:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, unit="cell")
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit="cell", file=sys.stderr, dynamic_ncols=True)
+    return _Lines(total, desc, sys.stderr)
+
+
+# --- executors --------------------------------------------------------------------------------------------
+
+
+def _run_local(cells: list[Cell], options: RunOptions, bar):
+    for cell in cells:
+        bar.set_postfix_str(cell.description)
+        yield cell, run_cell(cell, options)
+
+
+def _run_dask(cells: list[Cell], options: RunOptions, bar, *, workers: int | None, scheduler: str | None):
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError as err:
+        raise ImportError(DASK_MISSING) from err
+    import logging
+
+    cluster = None
+    if scheduler is None:
+        cores = os.cpu_count() or 1
+        workers = workers or cores
+        options = dataclasses.replace(options, threads=max(1, cores // workers))
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address=None, silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    try:
+        by_key = {}
+        futures = []
+        token = uuid.uuid4().hex[:8]
+        for cell in cells:
+            future = client.submit(run_cell, cell, options, key=f"evalab-cell-{cell.cell_id}-{token}", pure=False)
+            by_key[future.key] = cell
+            futures.append(future)
+        for future in as_completed(futures):
+            cell = by_key[future.key]
+            try:
+                frame = future.result()
+            except Exception as err:  # the worker died or the task could not run: record, go on
+                frame = _failed_frame(cell, options, f"{type(err).__name__}: {err}")
+            future.release()
+            bar.set_postfix_str(cell.description)
+            yield cell, frame
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _failed_frame(cell: Cell, options: RunOptions, error: str) -> pd.DataFrame:
+    return run_cell(dataclasses.replace(cell, error=error), options)
+
+
+# --- the sweep --------------------------------------------------------------------------------------------
+
+
+def _as_spec(spec) -> Spec:
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, dict):
+        return parse_spec(spec)
+    if isinstance(spec, (str, Path)):
+        return load_spec(spec)
+    raise TypeError(f"spec must be a Spec, a dict or a path to a TOML file, got {type(spec).__name__}")
+
+
+def run_sweep(
+    spec,
+    out: str | Path,
+    *,
+    device: str | None = None,
+    executor: str = "local",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+) -> SweepSummary:
+    """Run every cell of ``spec`` (a path, dict or Spec) not yet complete in ``out``; return a SweepSummary.
+
+    device: overrides the spec's device. executor: "local" (cells one after another in this process) or
+    "dask" (``scheduler`` address of a running cluster, or a LocalCluster of ``workers`` processes on
+    loopback, one thread each). fresh: delete previous cell files first. progress: a progress bar on a
+    terminal, a line every 30 s otherwise. Failed cells are stored with status "failed" and counted.
+    """
+    spec = _as_spec(spec)
+    device = spec.device if device is None else check_device(device, "device")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r} is not supported; expected one of {', '.join(map(repr, EXECUTORS))}")
+    if executor == "local":
+        if workers is not None or scheduler is not None:
+            raise ValueError("workers and scheduler apply to executor='dask' only")
+        _check_available(device)
+    if workers is not None and scheduler is not None:
+        raise ValueError("give either workers (a local Dask cluster) or scheduler (an existing one), not both")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        store.clear(out)
+    store.remove_stale_temporaries(out)
+    store.write_spec(out, spec.to_toml(), spec.hash)
+
+    cells = spec.cells()
+    previous = store.statuses(out)
+    todo = [c for c in cells if previous.get(c.cell_id) != "ok"]
+    skipped = len(cells) - len(todo)
+    # cells sharing inputs run back to back, so each worker builds the inputs once
+    first = {}
+    for i, c in enumerate(todo):
+        first.setdefault(c.inputs_id, i)
+    todo.sort(key=lambda c: first[c.inputs_id])
+    options = RunOptions(
+        device=device, max_memory=None if spec.max_memory_gb is None else spec.max_memory_gb * 2**30,
+        spec_name=spec.name, spec_hash=spec.hash,
+    )
+    invalid = [c for c in todo if c.error is not None]
+    runnable = [c for c in todo if c.error is None]
+    done = failed = 0
+    failures = []
+    bar = _progress(progress, len(todo), spec.name)
+    try:
+        def record(cell: Cell, frame: pd.DataFrame) -> None:
+            nonlocal done, failed
+            store.write_cell(out, cell.cell_id, frame)
+            if frame["status"].iloc[0] == "ok":
+                done += 1
+            else:
+                failed += 1
+                failures.append((cell.description, frame["error"].iloc[0]))
+            bar.update(1)
+
+        for cell in invalid:  # invalid parameter combinations: recorded as failed without running
+            record(cell, run_cell(cell, options))
+        if runnable:
+            if executor == "local":
+                results = _run_local(runnable, options, bar)
+            else:
+                results = _run_dask(runnable, options, bar, workers=workers, scheduler=scheduler)
+            for cell, frame in results:
+                record(cell, frame)
+    finally:
+        bar.close()
+        _INPUT_CACHE.clear()
+    return SweepSummary(done, skipped, failed, time.perf_counter() - start, out, tuple(failures))
+
+
+def _check_available(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"device: {device!r} is not available here (torch.cuda.is_available() is False)")
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise SpecError(f"device: {device!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SpecError("device: 'mps' is not available here")
