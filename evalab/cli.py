@@ -98,7 +98,30 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 # --- the parser -------------------------------------------------------------------------------------------
 
-COMMANDS = (add_sweep_command,)
+# --- evalab bench -----------------------------------------------------------------------------------------
+
+
+def add_bench_command(commands) -> None:
+    p = commands.add_parser(
+        "bench",
+        help="measure the Monte-Carlo engine and the estimators' cost side by side",
+        description="Engine vs a per-replicate loop, fraction of matmul FLOP/s, time and peak memory vs seq_len, "
+                    "and RFA vs performer-pytorch. Prints a markdown table; writes bench.json, bench.md, bench.png.",
+    )
+    p.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes on a 2-core CPU)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N)")
+    p.add_argument("--out", default="bench", metavar="DIR", help="output directory (default: bench)")
+    p.set_defaults(run=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from .bench import markdown, run_bench
+
+    print(markdown(run_bench(plan="quick" if args.quick else "full", device=args.device, out=args.out)))
+    return 0
+
+
+COMMANDS = (add_sweep_command, add_bench_command,)
 
 
 def build_parser() -> argparse.ArgumentParser:
