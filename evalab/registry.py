@@ -6,11 +6,12 @@ import dataclasses
 from .control_variates import ControlVariates
 from .eva import EVA
 from .inputs import gaussian
+from .inputs.minilm import minilm_head
 from .rfa import RFA
 from .softmax import Softmax
 
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates}
-INPUTS = {"gaussian": gaussian}
+INPUTS = {"gaussian": gaussian, "minilm": minilm_head}
 
 
 def make_estimator(name: str, **params):

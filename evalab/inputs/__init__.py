@@ -2,6 +2,6 @@
 from .qkv import QKV
 from .synthetic import gaussian
 from .capture import Captured, capture
-from .minilm import minilm
+from .minilm import minilm, minilm_head
 
-__all__ = ["QKV", "gaussian", "Captured", "capture", "minilm"]
+__all__ = ["QKV", "gaussian", "Captured", "capture", "minilm", "minilm_head"]

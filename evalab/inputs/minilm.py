@@ -146,3 +146,23 @@ def minilm(seq_len: int = 256, text: str | None = None, *, cache_dir: str | os.P
     result = QKV(q, k, v, stacked.scale, info)
     _save(path, {"q": q, "k": k, "v": v, "scale": result.scale, "info": info})
     return result
+
+
+def minilm_head(seq_len: int = 256, layer: int | None = None, head: int | None = None, text: str | None = None) -> QKV:
+    """One layer/head of :func:`minilm` (the sweep input kind ``"minilm"``): q, k, v (seq_len, 32).
+
+    ``layer=None`` or ``head=None`` keep that axis as a batch dimension. ``info`` records layer and head.
+    """
+    full = minilm(seq_len, text)
+    layers, heads = full.q.shape[:2]
+    index = []
+    for name, value, size in (("layer", layer, layers), ("head", head, heads)):
+        if value is None:
+            index.append(slice(None))
+            continue
+        _checks.integer(name, value, minimum=0)
+        if value >= size:
+            raise ValueError(f"{name}={value} is out of range; all-MiniLM-L6-v2 has {size} {name}s (0..{size - 1})")
+        index.append(value)
+    q, k, v = (t[tuple(index)] for t in full)
+    return QKV(q, k, v, full.scale, {**full.info, "layer": layer, "head": head})
