@@ -148,22 +148,24 @@ class _Accumulator:
         self.rel: list[torch.Tensor] = []
 
     def add(self, start: int, y: torch.Tensor) -> None:
-        y = y.to(torch.float64)
+        """Accumulate estimates y (b, *batch, N, dv) of replicates start..start+b, in y's dtype with float64 sums."""
         if self.shift is None:
-            self.shift = y[0].clone()
-        d = y - self.shift
+            self.shift = y[0].to(torch.float64)
+            self._shift, self._ref = y[0].clone(), self.ref.to(y.dtype)
+        d = y - self._shift
         sq = (d * d).sum(-1)
         stop = start + y.shape[0]
         first, last = start * self.G // self.R, (stop - 1) * self.G // self.R
         for g in range(first, last + 1):  # groups are contiguous runs of replicates
             lo = max(start, -(-g * self.R // self.G)) - start
             hi = min(stop, -(-(g + 1) * self.R // self.G)) - start
-            self.sum_d[g] += d[lo:hi].sum(0)
-            self.sum_sq[g] += sq[lo:hi].sum(0)
+            self.sum_d[g] += d[lo:hi].sum(0, dtype=torch.float64)
+            self.sum_sq[g] += sq[lo:hi].sum(0, dtype=torch.float64)
             self.count[g] += hi - lo
-        err = ((y - self.ref) ** 2).sum(-1).flatten(1)  # (b, batch * N)
-        self.errors.append(err.mean(-1))
-        self.rel.append(err.sum(-1).sqrt() / self.ref_fro)
+        err = d.add_(self._shift - self._ref)  # y - Y, reusing d's memory
+        err = (err * err).sum(-1).flatten(1).sum(-1, dtype=torch.float64)  # (b,)
+        self.errors.append(err / sq[0].numel())
+        self.rel.append(err.sqrt() / self.ref_fro)
 
     def _per_query(self, sum_d, sum_sq, n):
         mean_d = sum_d / n
