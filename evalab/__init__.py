@@ -14,7 +14,7 @@ from .cost import Cost, estimate_cost
 from .draw import Draw
 from .eva import EVA
 from .intervals import Estimate
-from .monte_carlo import Comparison, MCResult, compare, monte_carlo
+from .monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
 from .rfa import RFA
 from .softmax import Softmax, softmax_attention
 from .sweep import load_results, load_spec, run_sweep
@@ -33,6 +33,7 @@ __all__ = [
     "MCResult",
     "RFA",
     "Softmax",
+    "attention_matrix",
     "compare",
     "estimate_cost",
     "features",

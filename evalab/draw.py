@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-
-from . import _checks
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,15 +51,24 @@ class Draw:
         return self.noise.to(device=device, dtype=dtype)
 
 
+def seeded_generator(seed: int, *purpose: int) -> torch.Generator:
+    """A CPU generator for (seed, *purpose) through numpy's SeedSequence: the same seed used for different
+    purposes (inputs, draws, noise blocks) gives unrelated streams."""
+    state = np.random.SeedSequence([seed, *purpose]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+DRAW_PURPOSE = 0x647261  # "dra"
+
+
 def make_generator(generator: torch.Generator | int | None) -> torch.Generator:
-    """A CPU generator from a generator, an integer seed, or None (fresh entropy, not the global RNG)."""
+    """A CPU generator from a generator, an int seed (hashed with a purpose tag), or None (fresh entropy)."""
     if isinstance(generator, torch.Generator):
         return generator
-    g = torch.Generator()
     if generator is None:
+        g = torch.Generator()
         g.seed()
-    elif isinstance(generator, int) and not isinstance(generator, bool):
-        g.manual_seed(generator)
-    else:
-        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
-    return g
+        return g
+    if isinstance(generator, int) and not isinstance(generator, bool) and generator >= 0:
+        return seeded_generator(generator, DRAW_PURPOSE)
+    raise TypeError(f"generator must be a torch.Generator, a non-negative int seed or None, got {generator!r}")

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from . import _checks
 from .cost import Cost, estimate_cost
-from .draw import Draw
+from .draw import Draw, seeded_generator
 from .intervals import Estimate, jackknife_interval, mean_interval, quantile_interval
 from .registry import estimator_name
-from .softmax import softmax_attention
+from .softmax import Softmax, softmax_attention
 
 NOISE_BLOCK = 64
 GROUPS = 20
@@ -39,7 +38,7 @@ class MCResult:
     """Monte-Carlo metrics of one estimator on one input.
 
     metrics: name -> Estimate (value and 95% interval) for METRICS (+ MATRIX_METRICS when computed).
-    per_query: mse, variance, bias2 as float64 tensors (*batch, N).
+    per_query: mse, variance, bias2 and reference_power |Y_n|^2 as float64 tensors (*batch, N).
     replicate_error: (R,) mean over queries of |Yhat_r - Y|^2; rel_error_samples: (R,) |Yhat_r - Y|_F / |Y|_F.
     """
 
@@ -80,6 +79,18 @@ class MCResult:
         cols.update({k: t.reshape(-1).numpy() for k, t in self.per_query.items()})
         return pd.DataFrame(cols)
 
+    def per_batch_frame(self) -> pd.DataFrame:
+        """One row per batch element (e.g. layer and head): mse, variance, bias2 averaged over queries, and
+        their relative versions (divided by that element's mean |Y_n|^2). No intervals."""
+        shape = self.per_query["mse"].shape[:-1]
+        index = np.indices(shape).reshape(len(shape), -1)
+        cols = {f"batch{i}": index[i] for i in range(len(shape))}
+        power = self.per_query["reference_power"].mean(-1).reshape(-1).numpy()
+        for name in ("mse", "variance", "bias2"):
+            value = self.per_query[name].mean(-1).reshape(-1).numpy()
+            cols[name], cols[f"rel_{name}"] = value, value / power
+        return pd.DataFrame(cols)
+
     def __repr__(self) -> str:
         lines = [f"MCResult({type(self.estimator).__name__}, replicates={self.replicates}, seed={self.seed}, {self.sizes})"]
         lines += [f"  {name:<18} {est!r}" for name, est in self.metrics.items()]
@@ -97,8 +108,7 @@ def estimator_params(estimator) -> dict:
 
 def noise_generator(seed: int, block: int) -> torch.Generator:
     """The CPU generator of noise block ``block`` for ``seed``."""
-    state = np.random.SeedSequence([seed, block]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return seeded_generator(seed, block)
 
 
 def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Iterator[tuple[int, Draw]]:
@@ -190,7 +200,15 @@ class _Accumulator:
         metrics["rel_error_median"] = quantile_interval(rel, 0.5)
         metrics["rel_error_p90"] = quantile_interval(rel, 0.9)
         per_query = {k: t.cpu() for k, t in self._per_query(total_d, total_sq, n).items()}
+        per_query["reference_power"] = (self.ref**2).sum(-1).cpu()
         return metrics, leave_one_out, per_query, torch.cat(self.errors).cpu().numpy(), rel
+
+
+def attention_matrix(estimator, q: torch.Tensor, k: torch.Tensor, draw: Draw) -> torch.Tensor:
+    """The attention matrix an estimator implies: its output for one-hot values V = I_M, (R, *b, N, M)."""
+    M = k.shape[-2]
+    eye = torch.eye(M, dtype=k.dtype, device=k.device).expand(*k.shape[:-2], M, M)
+    return estimator(q, k, eye, draw)
 
 
 def _matrix_errors(a_hat: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -253,13 +271,16 @@ def monte_carlo(
     acc = _Accumulator(reference, replicates)
     skipped, matrix_rows = (None if matrix else "disabled"), []
     if matrix:
-        eye = torch.eye(M, dtype=v.dtype, device=v.device).expand(*k.shape[:-2], M, M)
-        exact_matrix = softmax_attention(q, k, eye, scale=scale, causal=causal)
+        exact_matrix = attention_matrix(Softmax(causal=causal, scale=scale), q, k, Draw(torch.zeros(1, 0)))[0]
     draws = iter_draws(estimator, q, k, replicates, seed, b)
-    for start, draw in tqdm(draws, total=math.ceil(replicates / b), disable=not progress, desc="replicates", unit="batch"):
+    if progress:
+        from tqdm.auto import tqdm
+
+        draws = tqdm(draws, total=math.ceil(replicates / b), desc="replicates", unit="batch")
+    for start, draw in draws:
         acc.add(start, estimator(q, k, v, draw))
         if matrix and skipped is None:
-            a_hat = estimator(q, k, eye, draw)
+            a_hat = attention_matrix(estimator, q, k, draw)
             skipped = _rows_are_distributions(a_hat)
             matrix_rows.append(_matrix_errors(a_hat, exact_matrix))
     metrics, loo, per_query, errors, rel = acc.finish()

@@ -99,3 +99,15 @@ def test_log_features_float32_finite_at_norm_10():
     x = 10 * x / x.norm(dim=-1, keepdim=True)
     omega = sample_omega("iid", 2, 128, 32, torch.Generator().manual_seed(0)).float()
     assert torch.isfinite(log_features(x, omega, "positive")).all()
+
+
+def test_int_seeds_give_purpose_specific_streams():
+    """An int seed is hashed with a purpose tag: inputs(seed=0) and draw(generator=0) never share a stream."""
+    from evalab.draw import make_generator
+    from evalab.inputs.synthetic import INPUTS_PURPOSE
+    from evalab.draw import seeded_generator
+
+    draw_stream = torch.randn(6, generator=make_generator(0))
+    assert not torch.equal(draw_stream, torch.randn(6, generator=seeded_generator(0, INPUTS_PURPOSE)))
+    assert not torch.equal(draw_stream, torch.randn(6, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(draw_stream, torch.randn(6, generator=make_generator(0)))

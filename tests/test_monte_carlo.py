@@ -176,3 +176,21 @@ def test_bad_arguments(small):
         ev.monte_carlo(est, q, k, v, replicates=4, max_memory=100)
     with pytest.raises(ValueError, match="at least two"):
         ev.compare({"a": est}, q, k, v, replicates=4)
+
+
+def test_per_batch_frame_and_attention_matrix():
+    q, k, v = make_qkv(N=8, d=4, dv=3, batch=(2, 3), norm=1.0)
+    est = ev.RFA(num_features=8)
+    res = ev.monte_carlo(est, q, k, v, replicates=32, seed=0)
+    frame = res.per_batch_frame()
+    assert len(frame) == 6 and set(frame.batch0) == {0, 1} and set(frame.batch1) == {0, 1, 2}
+    exact = ev.softmax_attention(q, k, v)
+    for row in frame.itertuples():
+        mse = res.per_query["mse"][row.batch0, row.batch1].mean()
+        assert row.rel_mse == pytest.approx(float(mse / (exact[row.batch0, row.batch1] ** 2).sum(-1).mean()), rel=1e-12)
+    # the frame's mean over equal-sized batch elements is the aggregate
+    assert frame.mse.mean() == pytest.approx(res.mse.value, rel=1e-12)
+    draw = est.draw(q, k, replicates=2, generator=0)
+    a = ev.attention_matrix(est, q, k, draw)
+    assert a.shape == (2, 2, 3, 8, 8)
+    assert torch.allclose(a @ v, est(q, k, v, draw), atol=1e-12)

@@ -29,5 +29,5 @@ class QKV:
         return QKV(move(self.q), move(self.k), move(self.v), self.scale, dict(self.info))
 
     def __repr__(self) -> str:
-        described = ", ".join(f"{key}={value!r}" for key, value in self.info.items())
+        described = ", ".join(f"{key}={value!r}" for key, value in self.info.items() if key != "scale")
         return f"QKV(q={tuple(self.q.shape)}, k={tuple(self.k.shape)}, v={tuple(self.v.shape)}, scale={self.scale:.4g}, {described})"

@@ -11,7 +11,10 @@ import math
 import torch
 
 from .. import _checks
+from ..draw import seeded_generator
 from .qkv import QKV
+
+INPUTS_PURPOSE = 0x696E70  # "inp"
 
 MODES = ("gaussian", "peaked")
 
@@ -53,7 +56,7 @@ def gaussian(
     if not all(isinstance(b, int) and b > 0 for b in batch):
         raise ValueError(f"batch must be a tuple of positive ints, got {batch!r}")
     s = _checks.resolve_scale(_checks.real("scale", scale, allow_none=True, strict=True), d)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(_checks.integer("seed", seed, minimum=0), INPUTS_PURPOSE)
     queries = _sphere((*batch, seq_len), d, g)
     if mode == "gaussian":
         keys = _sphere((*batch, key_len), d, g)
