@@ -7,7 +7,7 @@
     y = est(q, k, v, draw)                              # (100, N, dv)
     res = ev.monte_carlo(est, q, k, v, replicates=1000)  # bias, variance, error with 95% intervals
 """
-from . import features, inputs
+from . import features, inputs, theory
 from .attribution import Attribution, key_variance
 from .control_variates import ControlVariates, ControlVariateTerms
 from .cost import Cost, estimate_cost
@@ -44,5 +44,6 @@ __all__ = [
     "monte_carlo",
     "run_sweep",
     "softmax_attention",
+    "theory",
     "__version__",
 ]
