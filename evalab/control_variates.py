@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from . import _checks
-from .draw import Draw, make_generator
-from .features import SAMPLERS, log_features, sample_omega
+from .draw import Draw
+from .features import SAMPLERS, OmegaDraws, log_features
 from .rfa import Inputs
 
 COEFFICIENTS = ("shared", "optimal", "chunked")
@@ -33,7 +33,7 @@ class ControlVariateTerms:
 
 
 @dataclass(frozen=True)
-class ControlVariates:
+class ControlVariates(OmegaDraws):
     """Control-variate estimate of softmax attention with a ``coefficient`` rule.
 
     Shares draws with RFA of the same ``num_features``, ``feature_map`` and ``sampler``.
@@ -59,20 +59,6 @@ class ControlVariates:
             _checks.integer("chunk_size", self.chunk_size)
         elif self.chunk_size is not None:
             raise ValueError(f"chunk_size applies to coefficient='chunked' only, got chunk_size={self.chunk_size!r}")
-
-    @property
-    def noise_kind(self) -> str:
-        return f"omega:{self.sampler}"
-
-    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
-        """Shape of one replicate's noise: omega (S, d), as for RFA."""
-        return (self.num_features, q.shape[-1])
-
-    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """Sample omega: Draw with noise (R, S, d)."""
-        _checks.integer("replicates", replicates)
-        omega = sample_omega(self.sampler, replicates, *self.noise_layout(q, k), make_generator(generator))
-        return Draw(omega, self.noise_kind)
 
     def _hbar(self, inp: Inputs, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
         """hbar (R, *b, N, M) and E[h] (*b, N, M)."""

@@ -20,6 +20,7 @@ from scipy.special import ndtri
 from scipy.stats import qmc
 
 from . import _checks
+from .draw import Draw, make_generator
 
 FEATURE_MAPS = ("positive", "hyperbolic", "trig")
 SAMPLERS = ("iid", "orthogonal", "qmc")
@@ -59,6 +60,25 @@ def sample_omega(sampler: str, replicates: int, num_features: int, dim: int, gen
             points[r] = qmc.Sobol(d, scramble=True, rng=np.random.default_rng(seed)).random(S)
     tiny = np.finfo(np.float64).eps
     return torch.from_numpy(ndtri(np.clip(points, tiny, 1 - tiny))).to(device)
+
+
+class OmegaDraws:
+    """Draws of omega (R, S, d) for estimators with ``num_features`` and ``sampler`` fields (RFA, ControlVariates):
+    estimators with the same sampler and num_features share draws."""
+
+    @property
+    def noise_kind(self) -> str:
+        return f"omega:{self.sampler}"
+
+    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
+        """Shape of one replicate's noise: omega (S, d)."""
+        return (self.num_features, q.shape[-1])
+
+    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
+        """Sample omega for ``replicates`` estimates: Draw with noise (R, S, d), float64 on the generator's device."""
+        _checks.integer("replicates", replicates)
+        omega = sample_omega(self.sampler, replicates, *self.noise_layout(q, k), make_generator(generator))
+        return Draw(omega, self.noise_kind)
 
 
 def _project(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from functools import reduce
 import torch
 
 from . import _checks
-from .draw import Draw, make_generator
-from .features import FEATURE_MAPS, SAMPLERS, log_features, num_columns, sample_omega, stacked_projection, trig_features
+from .draw import Draw
+from .features import FEATURE_MAPS, SAMPLERS, OmegaDraws, log_features, num_columns, stacked_projection, trig_features
 
 #: Positions per block of the causal prefix sums (memory R x block x block x F per step).
 CAUSAL_BLOCK = 32
@@ -41,7 +41,7 @@ class Inputs:
 
 
 @dataclass(frozen=True)
-class RFA:
+class RFA(OmegaDraws):
     """Random-feature attention with S = ``num_features`` omega draws.
 
     feature_map: positive | hyperbolic | trig; sampler: iid | orthogonal | qmc.
@@ -65,20 +65,6 @@ class RFA:
         _checks.real("scale", self.scale, allow_none=True, strict=True)
         if self.eps > 0 and self.feature_map == "trig":
             raise ValueError("eps > 0 applies to positive-type features only, got feature_map='trig'")
-
-    @property
-    def noise_kind(self) -> str:
-        return f"omega:{self.sampler}"
-
-    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
-        """Shape of one replicate's noise: omega (S, d)."""
-        return (self.num_features, q.shape[-1])
-
-    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """Sample omega for ``replicates`` estimates: Draw with noise (R, S, d), float64 on the generator's device."""
-        _checks.integer("replicates", replicates)
-        omega = sample_omega(self.sampler, replicates, *self.noise_layout(q, k), make_generator(generator))
-        return Draw(omega, self.noise_kind)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Inputs.prepare(q, k, v, self.scale, causal=self.causal)
