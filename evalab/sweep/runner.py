@@ -189,10 +189,17 @@ class _Silent:
         pass
 
 
+def _in_jupyter_kernel() -> bool:
+    """True inside a running Jupyter kernel (not merely when ipykernel has been imported)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 def _progress(enabled: bool, total: int, desc: str):
     if not enabled or total == 0:
         return _Silent()
-    if "ipykernel" in sys.modules:
+    if _in_jupyter_kernel():
         from tqdm.auto import tqdm
         return tqdm(total=total, desc=desc, unit="cell")
     if sys.stderr.isatty():
