@@ -141,15 +141,16 @@ class EVA:
         mu = self._proposal_mean(inp, chunks)  # (*b, C, d)
         w = mu.unsqueeze(-2) + eps.reshape(R, *([1] * (mu.dim() - 2)), C, S, d)  # (R, *b, C, S, d)
         y, vals = chunks.split(inp.y), chunks.split(inp.v)  # (*b, C, L, d), (*b, C, L, dv)
-        log_xi = y @ w.transpose(-1, -2) - 0.5 * (y * y).sum(-1, keepdim=True)  # (R, *b, C, L, S)
-        log_xi = log_xi.masked_fill(~chunks.valid.unsqueeze(-1), -math.inf)
-        averages = torch.softmax(log_xi, dim=-2).transpose(-1, -2) @ vals  # (R, *b, C, S, dv)
+        # padded keys get -inf through their half norm; one batched GEMM per chunk over all replicates and samples
+        half = (0.5 * (y * y).sum(-1)).masked_fill(~chunks.valid, math.inf)  # (*b, C, L)
+        log_xi = torch.einsum("...cld,r...csd->r...cls", y, w) - half.unsqueeze(-1)  # (R, *b, C, L, S)
+        averages = torch.einsum("r...cls,...clv->r...csv", torch.softmax(log_xi, dim=-2), vals)  # (R, *b, C, S, dv)
         if S == 1:  # the importance weights cancel: beta_c does not depend on the query
-            return weights @ averages.squeeze(-2)
+            return torch.einsum("...nc,r...cv->r...nv", weights, averages.squeeze(-2))
         # a_s ∝ exp(w.x_n - w.mu_c + |mu_c|^2/2); beta_{n,c} = softmax_s(log a_s + log K_cs) @ averages
         log_mass = torch.logsumexp(log_xi, dim=-2)  # (R, *b, C, S)
         offset = log_mass - (w * mu.unsqueeze(-2)).sum(-1) + 0.5 * (mu * mu).sum(-1, keepdim=True)
-        logits = (inp.x @ w.flatten(-3, -2).transpose(-1, -2)).unflatten(-1, (C, S)) + offset.unsqueeze(-3)
+        logits = torch.einsum("...nd,r...jd->r...nj", inp.x, w.flatten(-3, -2)).unflatten(-1, (C, S)) + offset.unsqueeze(-3)
         mix = torch.softmax(logits, dim=-1) * weights.unsqueeze(-1)  # (R, *b, N, C, S)
         return mix.flatten(-2) @ averages.flatten(-3, -2)
 

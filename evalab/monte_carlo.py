@@ -26,6 +26,7 @@ from .softmax import Softmax, softmax_attention
 NOISE_BLOCK = 64
 GROUPS = 20
 DEFAULT_MAX_MEMORY = 2 * 2**30
+WORKING_SET = 32 * 2**20  # batches aim at this many bytes: cache-sized tensors run faster than huge ones
 MATRIX_ELEMENTS = 2**22  # matrix metrics run by default when batch x N x M is at most this
 
 SUMMED = ("mse", "variance", "bias2", "rel_mse", "rel_variance", "rel_bias2")
@@ -127,7 +128,8 @@ def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Itera
 
 
 def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replicate: float = 0.0) -> int:
-    """Replicates per batch within ``max_memory`` bytes; a multiple or a divisor of NOISE_BLOCK."""
+    """Replicates per batch: within ``max_memory`` bytes, and near WORKING_SET bytes when that is smaller
+    (at least one replicate); a multiple or a divisor of NOISE_BLOCK."""
     per = cost.replicate_bytes + extra_per_replicate
     room = max_memory - cost.fixed_bytes
     if room < per:
@@ -135,7 +137,7 @@ def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replica
             f"one replicate needs about {(cost.fixed_bytes + per) / 2**30:.3g} GiB, over max_memory="
             f"{max_memory / 2**30:.3g} GiB; raise max_memory or shrink the inputs"
         )
-    b = min(replicates, int(room // per)) if per > 0 else replicates
+    b = min(replicates, int(min(room, max(WORKING_SET, per)) // per)) if per > 0 else replicates
     if b >= NOISE_BLOCK:
         return b - b % NOISE_BLOCK if b < replicates else b
     return 1 << (b.bit_length() - 1)

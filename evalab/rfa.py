@@ -110,8 +110,10 @@ def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor,
     weights = lk.sub_(top).exp_()
     mass = weights.sum(-3, keepdim=True)  # (*b, 1, R, F)
     kv = torch.einsum("...mrf,...mv->...rfv", weights, v) / mass.squeeze(-3).unsqueeze(-1)
-    mix = torch.softmax(lq.add_(top + mass.log()), dim=-1)  # (*b, N, R, F)
-    return torch.einsum("...nrf,...rfv->...nrv", mix, kv).movedim(-2, 0)
+    logits = lq.add_(top + mass.log())  # (*b, N, R, F), in place: the softmax over f without extra copies
+    mix = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+    out = torch.einsum("...nrf,...rfv->...nrv", mix, kv) / mix.sum(-1, keepdim=True)
+    return out.movedim(-2, 0)
 
 
 def _causal_log(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
