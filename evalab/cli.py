@@ -121,7 +121,56 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (add_sweep_command, add_bench_command,)
+# --- evalab reproduce -------------------------------------------------------------------------------------
+
+REPRODUCE_EPILOG = """\
+Each figure is a folder analysis/figures/fNN_name/ (spec.toml, spec_quick.toml, plot.py); its sweeps and cached
+tables go to <out>/../results/<quick|full>/<figure>/ and reruns resume from them. Writes <out>/<figure>.png,
+<out>/<figure>.pdf and <out>/README.md (one caption per figure). A figure that fails does not stop the others;
+the exit status is 1 when some figure failed (skipped figures, e.g. without the optional model packages, do
+not count), 2 for bad arguments or when the figure definitions are not found.
+"""
+
+
+def add_reproduce_command(commands) -> None:
+    p = commands.add_parser(
+        "reproduce",
+        help="compute and render every paper figure (PNG + PDF + captions)",
+        description="Run each figure's sweeps and analysis (resuming), then render it from the stored rows.",
+        epilog=REPRODUCE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on a 2-core CPU")
+    p.add_argument("--out", default="figures", metavar="DIR", help="output folder for the figures (default: figures)")
+    p.add_argument("--device", help="torch device for the Monte-Carlo work (cpu, cuda, cuda:N, mps)")
+    p.add_argument("--analysis", metavar="DIR", help="the figure definitions (default: analysis/figures of the source checkout)")
+    p.add_argument("--work", metavar="DIR", help="where sweeps and tables are stored (default: <out>/../results/<scale>)")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only figures whose name starts with NAME (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress output (the summary is still printed)")
+    p.add_argument("--scale", choices=("tiny", "quick", "full"), help=argparse.SUPPRESS)  # tiny: for tests
+    p.set_defaults(run=run_reproduce_command)
+
+
+def run_reproduce_command(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    prog = "evalab reproduce"
+    try:
+        summary = reproduce(args.out, quick=args.quick, device=args.device, work=args.work, progress=not args.quiet,
+                            analysis=args.analysis, only=args.only, scale=args.scale)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    print(summary)
+    for result in summary.figures:
+        if result.status == "skipped":
+            print(f"skipped {result.name}: {result.message}", file=sys.stderr)
+    for result in summary.failed:
+        print(f"failed {result.name}:\n{result.message}", file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+COMMANDS = (add_sweep_command, add_bench_command, add_reproduce_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

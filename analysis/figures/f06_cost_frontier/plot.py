@@ -1,0 +1,89 @@
+"""F6: the accuracy-cost frontier: FLOPs per replicate against rel_mse for every estimator and hyper-parameter,
+with each variant's Pareto frontier."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+
+from evalab import figures as fg
+
+TITLE = "Accuracy-cost frontier: rel_mse vs FLOPs per replicate, Pareto frontier per estimator"
+NAME = "F6"
+COLUMNS = ["estimator", "norm", "flops", "rel_mse", "rel_mse_low", "rel_mse_high", "seq_len", "d", "replicates"]
+REQUIRED = {"sweep": COLUMNS}  # table -> the columns plot() needs
+
+
+def plot(frames):
+    rows = fg.with_variant(fg.require_frame(frames, "sweep", COLUMNS, NAME))
+    norms = sorted(rows["norm"].unique())
+    fig, axes = plt.subplots(1, len(norms), figsize=(5.6 * len(norms) + 1.6, 4.8), squeeze=False, sharey=True)
+    names = []
+    for ax, norm in zip(axes[0], norms):
+        part = rows[rows["norm"] == norm]
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for name, group in fg.by_variant(part):
+            names.append(name)
+            if name == "softmax":  # exact: rel_mse is 0, drawn as the cost ceiling
+                for flops in group["flops"].unique():
+                    ax.axvline(flops, color=fg.color(name), linestyle="-.", linewidth=1.2)
+                    ax.annotate("softmax (exact)", (flops, 1), xycoords=("data", "axes fraction"), rotation=90,
+                                xytext=(-11, -4), textcoords="offset points", va="top", ha="left", fontsize=8)
+                continue
+            fg.errorbar(ax, group, "flops", "rel_mse", name, line=False, alpha=0.35, markersize=4, capsize=0,
+                        label="_nolegend_")
+            front = fg.pareto_front(group, "flops", "rel_mse")
+            ax.plot(front["flops"], front["rel_mse"], color=fg.color(name), marker=fg.marker(name), linewidth=2,
+                    markersize=6, drawstyle="steps-post")
+        ax.set_title(f"scaled norm |x| = |y| = {norm:g}")
+        ax.set_xlabel("flops per replicate")
+        fg.tidy_log(ax)
+    axes[0][0].set_ylabel("rel_mse")
+    extra = []
+    if "softmax" in names:
+        extra.append(Line2D([], [], color=fg.color("softmax"), linestyle="-.", label="softmax (exact, rel_mse = 0)"))
+    names = [n for n in names if n != "softmax"]
+    extra += [Line2D([], [], color="0.3", marker="o", alpha=0.35, linestyle="none", label="every hyper-parameter"),
+             Line2D([], [], color="0.3", linewidth=2, drawstyle="steps-post", label="Pareto frontier")]
+    fg.legend(fig, names, extra=extra, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def _cheapest_below(group, level):
+    ok = group[group["rel_mse"] <= level]
+    return float(ok["flops"].min()) if len(ok) else np.nan
+
+
+def caption(frames):
+    rows = fg.with_variant(fg.require_frame(frames, "sweep", COLUMNS, NAME))
+    text = [
+        "Accuracy against cost: every estimator and hyper-parameter of the sweep as a faint point (rel_mse with "
+        "its 95% interval against the cost model's FLOPs per replicate, the `flops` column: the deterministic part "
+        "paid once plus one replicate), and each variant's Pareto frontier (the points no cheaper point beats) as a "
+        "step line. RFA runs over num_features; EVA over window {16, 32, 64} x chunk_size {4, 8, 16} x "
+        "samples_per_chunk {1, 4}; local window over window; exact softmax (rel_mse = 0) is the vertical line. "
+        f"Synthetic Gaussian inputs ({fg.sizes(rows)}).",
+    ]
+    findings = []
+    for norm, part in rows.groupby("norm"):
+        soft = part[part["variant"] == "softmax"]["flops"]
+        level = 0.1
+        costs = {name: _cheapest_below(g, level) for name, g in part.groupby("variant") if name != "softmax"}
+        reached = {k: v for k, v in costs.items() if np.isfinite(v)}
+        best = min(reached, key=reached.get) if reached else None
+        line = f"norm {norm:g}: "
+        if best:
+            line += (f"cheapest rel_mse <= {level:g} is {best} at {reached[best]:.3g} FLOPs"
+                     + (f" ({reached[best] / soft.iloc[0]:.2f} x softmax's {soft.iloc[0]:.3g})" if len(soft) else ""))
+            missing = sorted(set(costs) - set(reached))
+            if missing:
+                line += f"; never reached by {', '.join(missing)}"
+        else:
+            line += f"no estimator reaches rel_mse <= {level:g}"
+        lowest = part[part["variant"] != "softmax"].sort_values("rel_mse").iloc[0]
+        line += f"; lowest error {lowest['rel_mse']:.3g} ({lowest['variant']}, {lowest['flops']:.3g} FLOPs)"
+        findings.append(line)
+    text.append("Findings: " + "; ".join(findings) + ".")
+    return "\n\n".join(text)

@@ -1,0 +1,165 @@
+"""The shared figure layer: variant names, one colour per variant in every figure, column checks, saving,
+intervals and Pareto frontiers."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
+
+from evalab import figures as fg  # noqa: E402
+from evalab.reproduce import discover, load_module  # noqa: E402
+
+
+def row(estimator, **params):
+    return {"estimator": estimator, "label": estimator, **params}
+
+
+@pytest.mark.parametrize("params, expected", [
+    (row("rfa", feature_map="positive", sampler="iid"), "RFA iid"),
+    (row("rfa", feature_map="positive", sampler="orthogonal"), "RFA orthogonal"),
+    (row("rfa", feature_map="positive", sampler="qmc"), "RFA qmc"),
+    (row("rfa", feature_map="hyperbolic", sampler="iid"), "RFA hyperbolic"),
+    (row("rfa", feature_map="hyperbolic", sampler="orthogonal"), "RFA hyperbolic orthogonal"),
+    (row("rfa", feature_map="trig", sampler="iid"), "RFA trig"),
+    (row("eva", window=32, chunk_size=8), "EVA"),
+    (row("eva", window=32, chunk_size=0), "local window"),
+    (row("eva", window=0, chunk_size=8), "EVA (no window)"),
+    (row("softmax"), "softmax"),
+    (row("control_variates", coefficient="chunked"), "CV chunked"),
+    ({**row("rfa", feature_map="positive", sampler="iid"), "label": "RFA"}, "RFA iid"),  # a family label splits
+    ({**row("eva", window=32, chunk_size=8), "label": "EVA zero proposal"}, "EVA zero proposal"),  # specific label
+    ({"estimator": "rfa", "feature_map": "positive", "sampler": "qmc", "label": float("nan")}, "RFA qmc"),
+])
+def test_variant_names(params, expected):
+    assert fg.variant(params) == expected
+    assert fg.variant(pd.Series(params)) == expected
+
+
+def test_with_variant_and_order():
+    frame = pd.DataFrame([row("eva", window=32, chunk_size=0), row("rfa", feature_map="positive", sampler="qmc"),
+                          row("rfa", feature_map="positive", sampler="iid"), {"estimator": "mine", "label": "zzz"}])
+    out = fg.with_variant(frame)
+    assert list(out["variant"]) == ["local window", "RFA qmc", "RFA iid", "zzz"]
+    assert "variant" not in frame.columns  # a copy
+    assert [name for name, _ in fg.by_variant(out)] == ["RFA iid", "RFA qmc", "local window", "zzz"]
+
+
+def test_colours_and_markers_are_fixed_and_distinct():
+    colours = [fg.color(n) for n in fg.VARIANTS]
+    assert len(set(colours)) == len(colours)
+    assert fg.color("unknown variant") == fg.color("unknown variant")  # stable for labels outside VARIANTS
+    assert fg.color("unknown variant") not in colours
+    assert fg.palette(["EVA", "RFA iid"]) == {"RFA iid": fg.color("RFA iid"), "EVA": fg.color("EVA")}
+
+
+def _legend_colours(fig) -> dict[str, str]:
+    colours = {}
+    for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]:
+        for handle, text in zip(legend.legend_handles, legend.get_texts()):
+            if hasattr(handle, "get_color"):
+                colours[text.get_text()] = to_hex(handle.get_color())
+    return colours
+
+
+def _synthetic_sweep(norms=(1.0,)):
+    """Rows shaped like sweep rows: RFA iid/orthogonal over num_features, EVA over chunk_size, local window."""
+    rows = []
+    for norm in norms:
+        for sampler in ("iid", "orthogonal"):
+            for s in (8, 16, 32):
+                rows.append(row("rfa", feature_map="positive", sampler=sampler, num_features=s, window=np.nan,
+                                chunk_size=np.nan, flops=1000.0 * s, rel_mse=1.0 / s, norm=norm))
+        for c in (4, 8):
+            rows.append(row("eva", feature_map=None, sampler=None, num_features=np.nan, window=32, chunk_size=c,
+                            flops=20000.0 / c, rel_mse=0.1 * c, norm=norm))
+        rows.append(row("eva", feature_map=None, sampler=None, num_features=np.nan, window=16, chunk_size=0,
+                        flops=500.0, rel_mse=3.0, norm=norm))
+    frame = pd.DataFrame(rows)
+    frame["samples_per_chunk"] = 1
+    for m in ("rel_mse", "rel_variance", "rel_bias2"):
+        frame[m] = frame["rel_mse"] if m == "rel_mse" else frame["rel_mse"] * (0.9 if m == "rel_variance" else 0.05)
+        frame[f"{m}_low"], frame[f"{m}_high"] = frame[m] * 0.8, frame[m] * 1.2
+    return frame.assign(seq_len=64, d=16, replicates=8)
+
+
+def test_same_variant_same_colour_in_two_figures():
+    """F1 and F6 (and F3) draw "RFA iid" and "EVA" in the palette's colours, through their figure legends."""
+    folders = {f.name[:3]: f for f in discover()}
+    sweep = _synthetic_sweep()
+    theory = pd.DataFrame({"estimator": "rfa", "feature_map": "positive", "sampler": "iid", "num_features": [8, 16, 32],
+                           "rel_mse_predicted": [0.12, 0.06, 0.03]})
+    frames = {"f01": {"sweep": sweep, "theory": theory}, "f06": {"sweep": sweep}, "f03": {"sweep": sweep}}
+    seen = []
+    for key, tables in frames.items():
+        module = load_module(folders[key])
+        with fg.style():
+            fig = module.plot(tables)
+        seen.append(_legend_colours(fig))
+        plt.close(fig)
+    for name in ("RFA iid", "RFA orthogonal", "EVA", "local window"):
+        expected = to_hex(fg.color(name))
+        assert [colours.get(name) for colours in seen] == [expected] * len(seen), name
+
+
+def test_require_columns_names_figure_and_missing_columns():
+    frame = pd.DataFrame({"a": [1], "b": [2]})
+    fg.require_columns(frame, ["a", "b"], "F9")
+    with pytest.raises(ValueError, match=r"F9: the frame lacks required columns 'c', 'd' \(it has 2 columns: a, b\)"):
+        fg.require_columns(frame, ["a", "c", "d"], "F9")
+    with pytest.raises(TypeError, match="F9: expected a pandas DataFrame, got dict"):
+        fg.require_columns({"a": [1]}, ["a"], "F9")
+    with pytest.raises(ValueError, match="F9: missing table 'rows' \\(got tables: 'other'\\)"):
+        fg.require_frame({"other": frame}, "rows", ["a"], "F9")
+    with pytest.raises(ValueError, match="F9: table 'rows' has no rows"):
+        fg.require_frame({"rows": frame.iloc[:0]}, "rows", ["a"], "F9")
+
+
+def test_save_writes_png_and_pdf(tmp_path):
+    with fg.style():
+        fig, ax = plt.subplots()
+        frame = pd.DataFrame({"x": [1, 2, 4], "y": [1.0, 0.5, 0.25], "y_low": [0.8, 0.4, 0.2], "y_high": [1.2, 0.6, 0.3]})
+        ax.set_yscale("log")
+        fg.errorbar(ax, frame, "x", "y", "RFA iid")
+        fg.band(ax, frame, "x", "y", "EVA")
+        fg.tidy_log(ax)
+    paths = fg.save(fig, tmp_path / "out", "demo")
+    plt.close(fig)
+    assert [p.name for p in paths] == ["demo.png", "demo.pdf"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+    again = fg.save(fig, tmp_path / "again", "demo")  # no timestamps: same bytes for the same figure
+    assert again[1].read_bytes() == paths[1].read_bytes()
+
+
+def test_errorbar_draws_the_interval_in_the_variant_colour():
+    fig, ax = plt.subplots()
+    frame = pd.DataFrame({"x": [2, 1], "y": [0.5, 1.0], "y_low": [0.4, -0.1], "y_high": [0.7, 1.5]})
+    ax.set_yscale("log")
+    container = fg.errorbar(ax, frame, "x", "y", "RFA qmc")
+    line = container.lines[0]
+    assert list(line.get_xdata()) == [1.0, 2.0]  # sorted by x
+    assert to_hex(line.get_color()) == fg.color("RFA qmc") and line.get_marker() == fg.marker("RFA qmc")
+    low, high = fg.interval(frame.sort_values("x"), "y")
+    assert list(low) == [-0.1, 0.4] and list(high) == [1.5, 0.7]
+    segments = container.lines[2][0].get_segments()
+    # a lower bound <= 0 cannot be drawn on a log axis: the bar goes down to y / 100 instead
+    assert segments[0][0][1] == pytest.approx(0.01) and segments[0][1][1] == pytest.approx(1.5)
+    assert segments[1][0][1] == pytest.approx(0.4) and segments[1][1][1] == pytest.approx(0.7)
+    plt.close(fig)
+
+
+def test_pareto_front():
+    frame = pd.DataFrame({"flops": [1, 2, 3, 4, 5, 6], "rel_mse": [5.0, 6.0, 3.0, 3.0, np.nan, 1.0]})
+    front = fg.pareto_front(frame, "flops", "rel_mse")
+    assert list(front["flops"]) == [1, 3, 6] and list(front["rel_mse"]) == [5.0, 3.0, 1.0]
+
+
+def test_sizes_caption_fragment():
+    frame = pd.DataFrame({"seq_len": [64, 128], "d": [16, 16], "norm": [0.5, 1.0], "replicates": [8, 8],
+                          "batch": [1, 1]})
+    assert fg.sizes(frame) == "seq_len = {64, 128}, d = 16, scaled norm |x| = |y| = {0.5, 1}, 8 replicates per cell"
