@@ -113,15 +113,16 @@ def log_features(x: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torc
 
 
 def trig_features(x: torch.Tensor, omega: torch.Tensor, log_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """[cos(w.x), sin(w.x)] * exp(log_weight) / sqrt(S): (R, *batch, N, 2S).
+    """[cos(w.x), sin(w.x)] * exp(log_weight) / sqrt(S): (R, *batch, N, 2S), a view of a (*batch, N, R, 2S) tensor.
 
     ``log_weight`` (*batch, N, 1) defaults to |x|^2/2, the exact trig map; estimators pass a stabilised one.
     """
-    proj = _project(x, omega)
+    R, S, d = omega.shape
+    proj = (x @ omega.reshape(R * S, d).transpose(0, 1)).unflatten(-1, (R, S))  # (*batch, N, R, S)
     if log_weight is None:
         log_weight = 0.5 * (x * x).sum(-1, keepdim=True)
-    scale = torch.exp(log_weight - 0.5 * math.log(omega.shape[1]))
-    return torch.cat([torch.cos(proj), torch.sin(proj)], dim=-1) * scale
+    scale = torch.exp(log_weight - 0.5 * math.log(S)).unsqueeze(-1)
+    return (torch.cat([torch.cos(proj), torch.sin(proj)], dim=-1) * scale).movedim(-2, 0)
 
 
 def kernel_estimate(x: torch.Tensor, y: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:

@@ -71,7 +71,7 @@ class RFA(OmegaDraws):
         omega = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
         if self.feature_map == "trig" or self.eps > 0:
             qf, kf = self._linear_features(inp, omega)
-            out = _causal_linear(qf, kf, inp.v) if self.causal else _linear(qf, kf, inp.v)
+            out = _causal_linear(qf.movedim(-2, 0), kf.movedim(-2, 0), inp.v) if self.causal else _linear(qf, kf, inp.v)
         elif self.causal:
             out = _causal_log(log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map), inp.v)
         else:
@@ -84,7 +84,8 @@ class RFA(OmegaDraws):
         return num_columns(self.feature_map, self.num_features)
 
     def _linear_features(self, inp: Inputs, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stabilised features in the linear domain; factors that cancel in the ratio are dropped.
+        """Stabilised features in the linear domain, (*b, N, R, F) and (*b, M, R, F); factors that cancel in the
+        ratio are dropped.
 
         Positive-type with eps (Performer's convention): phi = exp(w.x - |x|^2/2 - max w.x) + eps, the max taken
         per query row and, for keys, over all keys and features (per key when causal, so no key sees the future).
@@ -92,12 +93,14 @@ class RFA(OmegaDraws):
         half_x = 0.5 * (inp.x * inp.x).sum(-1, keepdim=True)
         half_y = 0.5 * (inp.y * inp.y).sum(-1, keepdim=True)
         if self.feature_map == "trig":
-            return trig_features(inp.x, omega, torch.zeros_like(half_x)), trig_features(inp.y, omega, half_y - half_y.amax(-2, keepdim=True))
-        lq = log_features(inp.x, omega, self.feature_map)
-        lk = log_features(inp.y, omega, self.feature_map)
-        key_dims = -1 if self.causal else (-2, -1)
-        qf = (lq - (lq + half_x).amax(-1, keepdim=True)).exp() + self.eps
-        kf = (lk - (lk + half_y).amax(key_dims, keepdim=True)).exp() + self.eps
+            qf = trig_features(inp.x, omega, torch.zeros_like(half_x))
+            kf = trig_features(inp.y, omega, half_y - half_y.amax(-2, keepdim=True))
+            return qf.movedim(0, -2), kf.movedim(0, -2)
+        pq = stacked_projection(inp.x, omega, self.feature_map, minus_half_norm=False)  # (*b, N, R, F)
+        pk = stacked_projection(inp.y, omega, self.feature_map, minus_half_norm=False)
+        key_max = pk.amax(-1, keepdim=True) if self.causal else pk.amax((-3, -1), keepdim=True)
+        qf = pq.sub_(pq.amax(-1, keepdim=True) + half_x.unsqueeze(-1)).exp_().add_(self.eps)
+        kf = pk.sub_(key_max + half_y.unsqueeze(-1)).exp_().add_(self.eps)
         return qf, kf
 
 
@@ -148,10 +151,11 @@ def _causal_log(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 
 def _linear(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal linear attention from features qf (R, *b, N, F), kf (R, *b, M, F)."""
-    num = qf @ (kf.transpose(-1, -2) @ v)
-    den = qf @ kf.sum(-2).unsqueeze(-1)
-    return num / den
+    """Non-causal linear attention from features qf (*b, N, R, F), kf (*b, M, R, F) -> (R, *b, N, dv)."""
+    kv = torch.einsum("...mrf,...mv->...rfv", kf, v)
+    num = torch.einsum("...nrf,...rfv->...nrv", qf, kv)
+    den = torch.einsum("...nrf,...rf->...nr", qf, kf.sum(-3))
+    return (num / den.unsqueeze(-1)).movedim(-2, 0)
 
 
 def _causal_linear(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
