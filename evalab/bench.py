@@ -11,7 +11,6 @@ import json
 import math
 import multiprocessing
 import platform
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -98,7 +97,8 @@ def bench_engine(device, plan: Plan) -> list[dict]:
     rows = []
     for N, R, R_naive in plan.engine:
         q, k, v = _inputs(N, device)
-        for label, est in (("rfa S=256", RFA(num_features=256)), ("eva w=32 c=8", EVA(window=32, chunk_size=8))):
+        for label, est in (("rfa S=64", RFA(num_features=64)), ("rfa S=256", RFA(num_features=256)),
+                           ("eva w=32 c=8", EVA(window=32, chunk_size=8))):
             exact = softmax_attention(q, k, v)
             engine = _time(lambda: monte_carlo(est, q, k, v, replicates=R, reference=exact, matrix=False), device, 1)
             naive = _time(lambda: naive_loop(est, q, k, v, R_naive), device, 1) * R / R_naive
@@ -120,15 +120,23 @@ def _forward(name: str, seq_len: int, device):
     return lambda: est(q, k, v, draw)
 
 
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
 def _peak_cpu_worker(name: str, seq_len: int, conn) -> None:
     fn = _forward(name, seq_len, torch.device("cpu"))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as refs:  # reset the peak-RSS counter (VmHWM) to the current RSS
+        refs.write("5")
+    before = _rss_kib("VmRSS")
     fn()
-    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    conn.send((_rss_kib("VmHWM") - before) * 1024)
 
 
 def peak_memory(name: str, seq_len: int, device) -> float:
-    """Extra peak bytes of one forward pass: CUDA allocator statistics, or a fresh process's max RSS on CPU."""
+    """Extra peak bytes of one forward pass: CUDA allocator statistics, or on CPU (Linux) the peak RSS of a fresh
+    process above its RSS before the call."""
     if device.type == "cuda":
         fn = _forward(name, seq_len, device)
         torch.cuda.synchronize(device)

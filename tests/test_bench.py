@@ -13,7 +13,7 @@ from evalab.cost import estimate_cost
 def test_bench_tiny_plan_writes_report(tmp_path):
     report = run_bench(plan="tiny", out=tmp_path)
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert saved["plan"] == "tiny" and len(saved["engine"]) == 2
+    assert saved["plan"] == "tiny" and len(saved["engine"]) == 3
     assert (tmp_path / "bench.png").stat().st_size > 0 and "| rfa S=256 |" in (tmp_path / "bench.md").read_text()
     assert set(report["scaling_fit"]["slopes"]) == {"softmax", "sdpa", "rfa", "eva"}
     if report["performer"] is not None:  # same projection, same stabiliser: agreement to float32 precision
@@ -74,3 +74,12 @@ def test_unknown_estimator_cost_is_nan():
 
     c = estimate_cost(Custom(), N=4, M=4, d=2, dv=2)
     assert math.isnan(c.flops(1)) and c.bytes(1) == 4 * 4 * 2
+
+
+def test_peak_memory_of_a_forward_pass():
+    """A fresh process measures the extra peak RSS of one softmax forward: its logits block (2048 x 2048 float32,
+    16 MiB) must show up, and less than the full-matrix bound of a few blocks."""
+    from evalab.bench import peak_memory
+
+    peak = peak_memory("softmax", 2048, torch.device("cpu"))
+    assert 12 * 2**20 < peak < 200 * 2**20
