@@ -110,8 +110,9 @@ def bench_engine(device, plan: Plan) -> list[dict]:
 
 
 def _forward(name: str, seq_len: int, device):
-    """A zero-argument callable running one forward pass of ``name`` at ``seq_len``."""
-    q, k, v = _inputs(seq_len, device, batch=(1,))
+    """A zero-argument callable running one forward pass of ``name`` at ``seq_len`` (inputs (1, 1, N, 64):
+    SDPA's fused CPU kernel needs the 4-D layout; 3-D inputs fall back to materialising N x N)."""
+    q, k, v = _inputs(seq_len, device, batch=(1, 1))
     if name == "sdpa":
         return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
     est = {"softmax": Softmax(), "rfa": RFA(num_features=256), "eva": EVA(window=64, chunk_size=64)}[name]
