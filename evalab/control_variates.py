@@ -16,7 +16,7 @@ import torch
 from . import _checks
 from .draw import Draw
 from .features import SAMPLERS, OmegaDraws, log_features
-from .rfa import Inputs
+from .scaled import Scaled
 
 COEFFICIENTS = ("shared", "optimal", "chunked")
 
@@ -60,7 +60,7 @@ class ControlVariates(OmegaDraws):
         elif self.chunk_size is not None:
             raise ValueError(f"chunk_size applies to coefficient='chunked' only, got chunk_size={self.chunk_size!r}")
 
-    def _hbar(self, inp: Inputs, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hbar(self, inp: Scaled, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
         """hbar (R, *b, N, M) and E[h] (*b, N, M)."""
         omega = draw.as_tensor((self.num_features, inp.x.shape[-1]), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
         logits = inp.x @ inp.y.transpose(-1, -2)
@@ -74,7 +74,7 @@ class ControlVariates(OmegaDraws):
         return {"shared": M, "optimal": 1, "chunked": self.chunk_size}[self.coefficient]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
-        inp = Inputs.prepare(q, k, v, self.scale)
+        inp = Scaled.of(q, k, v, self.scale)
         hbar, expected_h = self._hbar(inp, draw)
         if self.coefficient == "optimal":  # ghat_m = E[h_m] v_m whatever the draw
             out = (expected_h @ inp.v).expand(hbar.shape[0], *expected_h.shape[:-1], inp.v.shape[-1])
@@ -87,7 +87,7 @@ class ControlVariates(OmegaDraws):
 
     def terms(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> ControlVariateTerms:
         """Per-element terms (hbar, E[h], beta, ghat) of one call; quadratic memory (R x N x M x dv)."""
-        inp = Inputs.prepare(q, k, v, self.scale)
+        inp = Scaled.of(q, k, v, self.scale)
         hbar, expected_h = self._hbar(inp, draw)
         R, M = hbar.shape[0], hbar.shape[-1]
         vals = inp.v.unsqueeze(-3)  # (*b, 1, M, dv)

@@ -15,7 +15,7 @@ import torch
 
 from . import _checks
 from .draw import Draw, make_generator
-from .rfa import Inputs
+from .scaled import Scaled
 from .softmax import BLOCK_ELEMENTS
 
 PROPOSALS = ("zero", "mean", "half-mean")
@@ -87,7 +87,7 @@ class EVA:
             raise ValueError(f"proposal={self.proposal!r} uses the chunk's queries and needs N == M, got N={N}, M={M}")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
-        inp = Inputs.prepare(q, k, v, self.scale, causal=self.causal)
+        inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
         self._check_lengths(q.shape[-2], k.shape[-2])
         eps = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
         R, (N, dv) = eps.shape[0], (q.shape[-2], v.shape[-1])
@@ -121,21 +121,21 @@ class EVA:
             return torch.ones(N, chunks.count, dtype=torch.bool, device=device)
         return (c * chunks.length) // self.window != n // self.window  # chunks outside the window block
 
-    def _chunk_logits(self, inp: Inputs, chunks: "_Chunks") -> torch.Tensor:
+    def _chunk_logits(self, inp: Scaled, chunks: "_Chunks") -> torch.Tensor:
         """(*b, N, C) stand-ins for log sum_{P_c} exp(l_nm)."""
         if self.chunk_logit == "exact":
             return _chunk_log_mass(inp.x, inp.y, chunks)
         logits = inp.x @ chunks.mean(inp.y).transpose(-1, -2)
         return logits + chunks.sizes.log() if self.chunk_logit == "mean" else logits
 
-    def _proposal_mean(self, inp: Inputs, chunks: "_Chunks") -> torch.Tensor:
+    def _proposal_mean(self, inp: Scaled, chunks: "_Chunks") -> torch.Tensor:
         """mu_c (*b, C, d)."""
         if self.proposal == "zero":
             return torch.zeros(*inp.y.shape[:-2], chunks.count, inp.y.shape[-1], dtype=inp.y.dtype, device=inp.y.device)
         mu = chunks.mean(inp.x) + chunks.mean(inp.y)
         return 0.5 * mu if self.proposal == "half-mean" else mu
 
-    def _chunk_output(self, inp: Inputs, chunks: "_Chunks", eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _chunk_output(self, inp: Scaled, chunks: "_Chunks", eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_c weights_nc beta_{n,c}: (R, *b, N, dv)."""
         R, C, S, d = eps.shape
         mu = self._proposal_mean(inp, chunks)  # (*b, C, d)
@@ -158,7 +158,7 @@ class EVA:
 class _Chunks:
     """Contiguous chunks of ``chunk_size`` keys over M positions (the last one may be shorter)."""
 
-    def __init__(self, inp: Inputs, chunk_size: int):
+    def __init__(self, inp: Scaled, chunk_size: int):
         M, device = inp.y.shape[-2], inp.y.device
         self.length = min(chunk_size, M)
         self.count = math.ceil(M / self.length)
@@ -180,7 +180,7 @@ class _Chunks:
 class _Window:
     """Exact block-local attention: position n sees the block of ``window`` positions holding it (causal: m <= n)."""
 
-    def __init__(self, inp: Inputs, window: int, causal: bool):
+    def __init__(self, inp: Scaled, window: int, causal: bool):
         N = inp.x.shape[-2]
         self.N, self.length = N, min(window, N)
         blocks = math.ceil(N / self.length)

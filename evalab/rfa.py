@@ -10,34 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import reduce
 
 import torch
 
 from . import _checks
 from .draw import Draw
 from .features import FEATURE_MAPS, SAMPLERS, OmegaDraws, log_features, num_columns, stacked_projection, trig_features
+from .scaled import Scaled
 
 #: Positions per block of the causal prefix sums (memory R x block x block x F per step).
 CAUSAL_BLOCK = 32
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """Scaled, dtype-converted inputs of one estimator call: x (*b, N, d), y (*b, M, d), v (*b, M, dv)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    v: torch.Tensor
-    out_dtype: torch.dtype
-
-    @classmethod
-    def prepare(cls, q, k, v, scale: float | None, *, causal: bool = False) -> "Inputs":
-        _checks.qkv(q, k, v, causal=causal)
-        ct = _checks.compute_dtype(q, k, v)
-        root = math.sqrt(_checks.resolve_scale(scale, q.shape[-1]))
-        out_dtype = reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype))
-        return cls(q.to(ct) * root, k.to(ct) * root, v.to(ct), out_dtype)
 
 
 @dataclass(frozen=True)
@@ -67,7 +49,7 @@ class RFA(OmegaDraws):
             raise ValueError("eps > 0 applies to positive-type features only, got feature_map='trig'")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
-        inp = Inputs.prepare(q, k, v, self.scale, causal=self.causal)
+        inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
         omega = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
         if self.feature_map == "trig" or self.eps > 0:
             qf, kf = self._linear_features(inp, omega)
@@ -83,7 +65,7 @@ class RFA(OmegaDraws):
         """Number of feature columns F."""
         return num_columns(self.feature_map, self.num_features)
 
-    def _linear_features(self, inp: Inputs, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _linear_features(self, inp: Scaled, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stabilised features in the linear domain, (*b, N, R, F) and (*b, M, R, F); factors that cancel in the
         ratio are dropped.
 
