@@ -51,6 +51,12 @@ class Draw:
         return self.noise.to(device=device, dtype=dtype)
 
 
+def gaussian_noise(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise on the generator's device, sampled in float32 (torch's fast vectorised sampler)
+    and returned as float64, so float32 and float64 estimates of the same draw see identical noise."""
+    return torch.randn(*shape, generator=generator, device=generator.device, dtype=torch.float32).double()
+
+
 def seeded_generator(seed: int, *purpose: int) -> torch.Generator:
     """A CPU generator for (seed, *purpose) through numpy's SeedSequence: the same seed used for different
     purposes (inputs, draws, noise blocks) gives unrelated streams."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _checks
-from .draw import Draw, make_generator
+from .draw import Draw, gaussian_noise, make_generator
 from .scaled import Scaled
 from .softmax import BLOCK_ELEMENTS
 
@@ -75,7 +75,7 @@ class EVA:
         """Sample eps ~ N(0, I): Draw with noise (R, C, S_c, d), float64 on the generator's device."""
         _checks.integer("replicates", replicates)
         g = make_generator(generator)
-        noise = torch.randn(replicates, *self.noise_layout(q, k), generator=g, device=g.device, dtype=torch.float64)
+        noise = gaussian_noise(replicates, *self.noise_layout(q, k), generator=g)
         return Draw(noise, self.noise_kind)
 
     def _check_lengths(self, N: int, M: int) -> None:

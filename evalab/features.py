@@ -20,7 +20,7 @@ from scipy.special import ndtri
 from scipy.stats import qmc
 
 from . import _checks
-from .draw import Draw, make_generator
+from .draw import Draw, gaussian_noise, make_generator
 
 FEATURE_MAPS = ("positive", "hyperbolic", "trig")
 SAMPLERS = ("iid", "orthogonal", "qmc")
@@ -42,10 +42,10 @@ def sample_omega(sampler: str, replicates: int, num_features: int, dim: int, gen
     R, S, d = replicates, num_features, dim
     device = generator.device
     if sampler == "iid":
-        return torch.randn(R, S, d, generator=generator, device=device, dtype=torch.float64)
+        return gaussian_noise(R, S, d, generator=generator)
     if sampler == "orthogonal":
         blocks = -(-S // d)
-        gauss = torch.randn(R * blocks, d, d, generator=generator, device=device, dtype=torch.float64)
+        gauss = gaussian_noise(R * blocks, d, d, generator=generator)
         if device.type == "cpu":  # numpy's batched QR is far faster than torch's on CPU
             q, r = (torch.from_numpy(t) for t in np.linalg.qr(gauss.numpy()))
         else:
@@ -53,7 +53,7 @@ def sample_omega(sampler: str, replicates: int, num_features: int, dim: int, gen
         # Haar correction: QR of a Gaussian matrix fixes the signs of diag(r); undo that convention.
         q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
         rows = q.transpose(-1, -2)  # orthonormal rows
-        norms = torch.randn(R * blocks, d, d, generator=generator, device=device, dtype=torch.float64).norm(dim=-1)
+        norms = gaussian_noise(R * blocks, d, d, generator=generator).norm(dim=-1)
         return (rows * norms.unsqueeze(-1)).reshape(R, blocks * d, d)[:, :S]
     seeds = torch.randint(0, 2**62, (R,), generator=generator, device=device).tolist()
     points = np.empty((R, S, d))
