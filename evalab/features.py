@@ -84,13 +84,6 @@ class OmegaDraws:
         return Draw(omega, self.noise_kind)
 
 
-def _project(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-    """w_s . x for every replicate: x (*batch, N, d), omega (R, S, d) -> (R, *batch, N, S) (a view)."""
-    R, S, d = omega.shape
-    proj = x @ omega.reshape(R * S, d).transpose(0, 1)  # one GEMM against all R x S directions
-    return proj.unflatten(-1, (R, S)).movedim(-2, 0)
-
-
 def stacked_projection(x: torch.Tensor, omega: torch.Tensor, feature_map: str, *, minus_half_norm: bool) -> torch.Tensor:
     """log phi(x) up to the constant -log(F)/2, replicates second to last: (*batch, N, R, F), contiguous.
 

@@ -27,7 +27,6 @@ import re
 import sys
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from types import ModuleType
 import pandas as pd
 
 from . import __version__, registry
+from ._files import atomic_write
 from .sweep import Spec, load_results, load_spec, parse_spec, run_sweep
 from .sweep.spec import short_hash
 
@@ -245,13 +245,7 @@ class FigureContext:
         frame = compute(**params)
         if not isinstance(frame, pd.DataFrame):
             raise TypeError(f"table {name!r}: compute returned {type(frame).__name__}, expected a DataFrame")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            frame.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda handle: frame.to_parquet(handle, index=False))
         self.log(f"table {name!r}: {len(frame)} rows in {time.perf_counter() - start:.1f} s")
         return frame
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .. import _checks
+from .._files import atomic_write
 from .capture import capture
 from .qkv import QKV
 
@@ -81,21 +81,11 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
 
 
 def _save(path: Path, payload: dict) -> None:
-    """torch.save to a temporary file in the same folder, then an atomic rename; a cache that cannot be written is skipped."""
+    """torch.save atomically; a cache that cannot be written is skipped."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
+        atomic_write(path, lambda handle: torch.save(payload, handle))
     except OSError:
         pass
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _load(path: Path) -> QKV | None:

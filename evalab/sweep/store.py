@@ -12,17 +12,17 @@ none. One sweep process writes into a directory at a time.
 from __future__ import annotations
 
 import os
-import uuid
 import warnings
 from pathlib import Path
 
 import pandas as pd
 
+from .._files import TMP_SUFFIX, atomic_write
+
 CELLS = "cells"
 PROVENANCE = ("dtype", "device", "status", "error", "cell_id", "spec_name", "spec_hash", "evalab_version",
               "torch_version", "host", "finished_at", "wall_seconds")
 SUFFIX = ".parquet"
-TMP_SUFFIX = ".tmp"
 
 
 def cells_dir(out: str | Path) -> Path:
@@ -33,24 +33,11 @@ def cell_path(out: str | Path, cell_id: str) -> Path:
     return cells_dir(out) / f"{cell_id}{SUFFIX}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_cell(out: str | Path, cell_id: str, frame: pd.DataFrame) -> Path:
     """Write one cell's rows atomically to DIR/cells/<cell_id>.parquet."""
     path = cell_path(out, cell_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda handle: frame.to_parquet(handle, index=False))
+    atomic_write(path, lambda handle: frame.to_parquet(handle, index=False))
     return path
 
 
@@ -60,7 +47,7 @@ def write_spec(out: str | Path, text: str, spec_hash: str) -> None:
     (out / "specs").mkdir(parents=True, exist_ok=True)
     data = text.encode()
     for path in (out / "spec.toml", out / "specs" / f"{spec_hash}.toml"):
-        _atomic_write(path, lambda handle: handle.write(data))
+        atomic_write(path, lambda handle: handle.write(data))
 
 
 def statuses(out: str | Path) -> dict[str, str]:
