@@ -128,8 +128,9 @@ def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Itera
 
 
 def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replicate: float = 0.0) -> int:
-    """Replicates per batch: within ``max_memory`` bytes, and near WORKING_SET bytes when that is smaller
-    (at least one replicate); a multiple or a divisor of NOISE_BLOCK."""
+    """Replicates per batch: within ``max_memory`` bytes; otherwise near WORKING_SET bytes (cache-sized), but
+    large enough that the per-replicate work outweighs the deterministic work every call repeats (window and
+    chunk logits, EVA's exact-logit oracle); a multiple or a divisor of NOISE_BLOCK."""
     per = cost.replicate_bytes + extra_per_replicate
     room = max_memory - cost.fixed_bytes
     if room < per:
@@ -137,7 +138,9 @@ def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replica
             f"one replicate needs about {(cost.fixed_bytes + per) / 2**30:.3g} GiB, over max_memory="
             f"{max_memory / 2**30:.3g} GiB; raise max_memory or shrink the inputs"
         )
-    b = min(replicates, int(min(room, max(WORKING_SET, per)) // per)) if per > 0 else replicates
+    amortise = cost.fixed_flops / cost.replicate_flops if cost.replicate_flops > 0 else 0.0  # NaN: no model
+    target = max(int(WORKING_SET // per), math.ceil(amortise) if math.isfinite(amortise) else 1) if per > 0 else replicates
+    b = max(1, min(replicates, int(room // per) if per > 0 else replicates, target))
     if b >= NOISE_BLOCK:
         return b - b % NOISE_BLOCK if b < replicates else b
     return 1 << (b.bit_length() - 1)

@@ -194,3 +194,17 @@ def test_per_batch_frame_and_attention_matrix():
     a = ev.attention_matrix(est, q, k, draw)
     assert a.shape == (2, 2, 3, 8, 8)
     assert torch.allclose(a @ v, est(q, k, v, draw), atol=1e-12)
+
+
+def test_batch_size_rules():
+    """Batches are cache-sized, grow to amortise per-call deterministic work, and never exceed max_memory."""
+    from evalab.cost import Cost
+    from evalab.monte_carlo import WORKING_SET, batch_size
+
+    quarter = WORKING_SET / 4
+    assert batch_size(Cost(0.0, 1e6, 0.0, quarter), 1000, 2**40) == 4  # four replicates fill the working set
+    assert batch_size(Cost(100e6, 1e6, 0.0, quarter), 1000, 2**40) == 64  # 100 to amortise, rounded to the block
+    assert batch_size(Cost(100e6, 1e6, 0.0, quarter), 1000, 3 * quarter) == 2  # memory cap wins, power of two
+    assert batch_size(Cost(0.0, 1e6, 0.0, 1.0), 50, 2**40) == 50  # everything in one batch
+    with pytest.raises(MemoryError, match="one replicate needs"):
+        batch_size(Cost(0.0, 1e6, 0.0, quarter), 10, quarter / 2)
