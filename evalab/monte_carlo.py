@@ -141,9 +141,9 @@ def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replica
     amortise = cost.fixed_flops / cost.replicate_flops if cost.replicate_flops > 0 else 0.0  # NaN: no model
     target = max(int(WORKING_SET // per), math.ceil(amortise) if math.isfinite(amortise) else 1) if per > 0 else replicates
     b = max(1, min(replicates, int(room // per) if per > 0 else replicates, target))
-    if b >= NOISE_BLOCK:
-        return b - b % NOISE_BLOCK if b < replicates else b
-    return 1 << (b.bit_length() - 1)
+    if b == replicates:
+        return b
+    return b - b % NOISE_BLOCK if b >= NOISE_BLOCK else 1 << (b.bit_length() - 1)
 
 
 class _Accumulator:
