@@ -55,6 +55,9 @@ def test_metrics_follow_definitions(small, est):
         assert torch.allclose(res.per_query[name], ref, rtol=1e-9, atol=1e-14), name
         assert res.metrics[name].value == pytest.approx(float(ref.mean()), rel=1e-9, abs=1e-14)
         assert res.metrics[f"rel_{name}"].value == pytest.approx(float(ref.mean() / (exact**2).sum(-1).mean()), rel=1e-9, abs=1e-14)
+    frame = res.per_query_frame()  # one row per (batch index, query), same values
+    assert len(frame) == 20 and list(frame.columns[:2]) == ["batch0", "query"]
+    assert frame.mse.to_numpy() == pytest.approx(mse.reshape(-1).numpy(), rel=1e-9, abs=1e-14)
     # mse = variance + bias2 exactly, per query and in aggregate
     assert torch.allclose(res.per_query["mse"], res.per_query["variance"] + res.per_query["bias2"], rtol=1e-12, atol=1e-15)
     rel = ((y - exact) ** 2).sum((-1, -2, -3)).sqrt() / (exact**2).sum().sqrt()
