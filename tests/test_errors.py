@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import evalab as ev
+from evalab import _checks
 from conftest import make_qkv
 
 ESTIMATORS = [ev.RFA(num_features=4), ev.EVA(window=4, chunk_size=2), ev.ControlVariates(num_features=4), ev.Softmax()]
@@ -35,9 +36,6 @@ def test_shape_and_type_errors(est):
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="v contains non-finite values"):
         _call(est, q, k, bad)
-
-
-        _checks.qkv(q.to("meta"), k, v)
 
 
 def test_devices_must_match():
@@ -76,3 +74,18 @@ def test_bad_draws():
         est.draw(q, k, generator="seed")
     with pytest.raises(TypeError, match="noise must be a torch.Tensor"):
         ev.Draw([1, 2])
+
+
+def test_finiteness_is_checked_once_per_monte_carlo_run():
+    """monte_carlo checks q, k, v once and lets its estimator calls skip the pass; outside it, calls check again."""
+    q, k, v = make_qkv(N=8, d=4)
+    bad = v.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="v contains non-finite values"):
+        ev.monte_carlo(ev.RFA(num_features=4), q, k, bad, replicates=4)
+    with _checks.finite_checked():
+        _checks.qkv(q, k, bad)  # skipped inside the block
+        with pytest.raises(ValueError, match="v must have shape"):
+            _checks.qkv(q, k, bad[:3])  # shape checks still run
+    with pytest.raises(ValueError, match="v contains non-finite values"):
+        _checks.qkv(q, k, bad)
