@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from .control_variates import ControlVariates
-from .eva import EVA
+from .eva import EVA, QUERY_BLOCK_ELEMENTS
 from .features import num_columns
 from .rfa import CAUSAL_BLOCK, RFA
 from .softmax import BLOCK_ELEMENTS, Softmax
@@ -79,14 +79,16 @@ def _eva(est: EVA, N, M, d, dv):
         return fixed, 0.0, memory_fixed, 0.0
     C, S = math.ceil(M / est.chunk_size), est.samples_per_chunk
     fixed += (2 * N * M * d + 2 * N * M) if est.chunk_logit == "exact" else 2 * N * C * d + 2 * M * d
-    memory_fixed += 3 * N * C
     rep = 2 * M * S * d + 4 * M * S + 2 * M * S * dv  # log xi per chunk, softmax, chunk averages
     memory = 3 * M * S + C * S * dv + N * dv
+    rows = min(N, est.chunk_size)  # the fewest queries per block; blocks hold about QUERY_BLOCK_ELEMENTS
     if S == 1:
         rep += 2 * N * C * dv
+        memory_fixed += 3 * C * max(rows, min(N, QUERY_BLOCK_ELEMENTS // C)) + N
     else:
         rep += 2 * N * C * S * (d + dv) + 4 * N * C * S  # query-dependent importance weights
-        memory += 3 * N * C * S
+        memory_fixed += 3 * QUERY_BLOCK_ELEMENTS + N
+        memory += 3 * rows * C * S
     return fixed, rep, memory_fixed, memory
 
 

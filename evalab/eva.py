@@ -3,7 +3,8 @@
 For query n the output is one softmax over [l_nm for m in the window E_n ; one logit per visible chunk]
 applied to [v_m ; beta_{n,c}], where beta_{n,c} is the chunk's self-normalised importance-sampling estimate of
 its own softmax average, from S_c draws w_{c,s} = mu_c + eps_{c,s}. Window logits, chunk logits and the
-visibility mask are deterministic and computed once per call; only the chunk values beta depend on the draw.
+visibility mask are deterministic and computed once per call, the chunk logits over blocks of queries so that
+no N x C tensor is ever held; only the chunk values beta depend on the draw.
 Cost O(N (w + C S_c) d) per replicate; chunk_logit="exact" adds the quadratic oracle (once per call).
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .softmax import BLOCK_ELEMENTS
 PROPOSALS = ("zero", "mean", "half-mean")
 CHUNK_LOGITS = ("exact", "mean", "official")
 PARTITIONS = ("disjoint", "official")
+#: Elements of the per-block chunk logits (queries x chunks, times replicates x samples when S_c > 1).
+QUERY_BLOCK_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -97,36 +100,57 @@ class EVA:
             return window.output(window.lse).expand(R, *inp.x.shape[:-1], dv).to(inp.out_dtype)
 
         chunks = _Chunks(inp, self.chunk_size)
-        logits = self._chunk_logits(inp, chunks).masked_fill(~self._visible(N, chunks), -math.inf)  # (*b, N, C)
-        lse = torch.logsumexp(logits, dim=-1)
+        chunk_logits = self._chunk_logits(inp, chunks)
+        values = _ChunkValues(inp, chunks, self._proposal_mean(inp, chunks), eps)
+        out = torch.empty(R, *inp.x.shape[:-1], dv, dtype=inp.x.dtype, device=inp.x.device)
+        lse = torch.empty(inp.x.shape[:-1], dtype=inp.x.dtype, device=inp.x.device)
+        # visibility depends on n // chunk_size only (window is a multiple of it): one mask row per group of queries
+        group = self.chunk_size
+        hidden = ~self._visible(torch.arange(0, N, group, device=inp.x.device), chunks)  # (ceil(N / group), C)
+        hidden = hidden if bool(hidden.any()) else None  # None: every query sees every chunk
+        per_row = math.prod(inp.x.shape[:-2]) * chunks.count * (R * eps.shape[-2] if eps.shape[-2] > 1 else 1)
+        rows = max(1, QUERY_BLOCK_ELEMENTS // per_row // group) * group
+        for start in range(0, N, rows):  # blocks of queries keep the (rows, C) logits in cache
+            stop = min(N, start + rows)
+            logits = chunk_logits(inp.x[..., start:stop, :])  # (*b, rows, C)
+            if hidden is not None:
+                block = hidden[start // group : -(-stop // group)].repeat_interleave(group, dim=0)[: stop - start]
+                logits.masked_fill_(block, -math.inf)
+            block_lse = torch.logsumexp(logits, dim=-1)
+            if window is not None:
+                block_lse = torch.logaddexp(block_lse, window.lse[..., start:stop])
+            weights = logits.sub_(block_lse.unsqueeze(-1)).exp_()  # deterministic
+            out[..., start:stop, :] = values.output(inp.x[..., start:stop, :], weights)
+            lse[..., start:stop] = block_lse
         if window is not None:
-            lse = torch.logaddexp(lse, window.lse)
-        weights = (logits - lse.unsqueeze(-1)).exp()  # (*b, N, C), deterministic
-        out = self._chunk_output(inp, chunks, eps, weights)
-        if window is not None:
-            out = out + window.output(lse)
+            out += window.output(lse)
         return out.to(inp.out_dtype)
 
-    def _visible(self, N: int, chunks: "_Chunks") -> torch.Tensor:
-        """(N, C) bool: which chunk terms query n uses."""
+    def _visible(self, n: torch.Tensor, chunks: "_Chunks") -> torch.Tensor:
+        """(len(n), C) bool: which chunk terms the queries at positions ``n`` use (a function of n // chunk_size)."""
         device = chunks.sizes.device
-        n = torch.arange(N, device=device).unsqueeze(-1)
+        n = n.unsqueeze(-1)
         c = torch.arange(chunks.count, device=device)
         if self.partition == "official":
-            return (c < n // self.chunk_size) if self.causal else torch.ones(N, chunks.count, dtype=torch.bool, device=device)
+            return (c < n // self.chunk_size) if self.causal else torch.ones(n.shape[0], chunks.count, dtype=torch.bool, device=device)
         if self.causal:  # chunks ending before the window block starts (no window: chunks ending at or before n)
             window_start = (n // self.window) * self.window if self.window else n + 1
             return chunks.ends <= window_start
         if not self.window:
-            return torch.ones(N, chunks.count, dtype=torch.bool, device=device)
+            return torch.ones(n.shape[0], chunks.count, dtype=torch.bool, device=device)
         return (c * chunks.length) // self.window != n // self.window  # chunks outside the window block
 
-    def _chunk_logits(self, inp: Scaled, chunks: "_Chunks") -> torch.Tensor:
-        """(*b, N, C) stand-ins for log sum_{P_c} exp(l_nm)."""
+    def _chunk_logits(self, inp: Scaled, chunks: "_Chunks"):
+        """A function of a block of queries x (*b, rows, d) giving the stand-ins for log sum_{P_c} exp(l_nm),
+        (*b, rows, C); the key-side work is done here, once."""
         if self.chunk_logit == "exact":
-            return _chunk_log_mass(inp.x, inp.y, chunks)
-        logits = inp.x @ chunks.mean(inp.y).transpose(-1, -2)
-        return logits + chunks.sizes.log() if self.chunk_logit == "mean" else logits
+            y_c = chunks.split(inp.y)
+            return lambda x: _chunk_log_mass(x, y_c, chunks)
+        means = chunks.mean(inp.y).transpose(-1, -2)  # (*b, d, C)
+        if self.chunk_logit == "mean":
+            log_sizes = chunks.sizes.log()
+            return lambda x: (x @ means).add_(log_sizes)
+        return lambda x: x @ means
 
     def _proposal_mean(self, inp: Scaled, chunks: "_Chunks") -> torch.Tensor:
         """mu_c (*b, C, d)."""
@@ -135,24 +159,33 @@ class EVA:
         mu = chunks.mean(inp.x) + chunks.mean(inp.y)
         return 0.5 * mu if self.proposal == "half-mean" else mu
 
-    def _chunk_output(self, inp: Scaled, chunks: "_Chunks", eps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_c weights_nc beta_{n,c}: (R, *b, N, dv)."""
+
+class _ChunkValues:
+    """The draw-dependent chunk values beta_{n,c}: per-chunk SNIS averages computed once, mixed per query block."""
+
+    def __init__(self, inp: Scaled, chunks: "_Chunks", mu: torch.Tensor, eps: torch.Tensor):
         R, C, S, d = eps.shape
-        mu = self._proposal_mean(inp, chunks)  # (*b, C, d)
         w = mu.unsqueeze(-2) + eps.reshape(R, *([1] * (mu.dim() - 2)), C, S, d)  # (R, *b, C, S, d)
         y, vals = chunks.split(inp.y), chunks.split(inp.v)  # (*b, C, L, d), (*b, C, L, dv)
         # padded keys get -inf through their half norm; one batched GEMM per chunk over all replicates and samples
         half = (0.5 * (y * y).sum(-1)).masked_fill(~chunks.valid, math.inf)  # (*b, C, L)
         log_xi = torch.einsum("...cld,r...csd->r...cls", y, w) - half.unsqueeze(-1)  # (R, *b, C, L, S)
-        averages = torch.einsum("r...cls,...clv->r...csv", torch.softmax(log_xi, dim=-2), vals)  # (R, *b, C, S, dv)
-        if S == 1:  # the importance weights cancel: beta_c does not depend on the query
-            return torch.einsum("...nc,r...cv->r...nv", weights, averages.squeeze(-2))
-        # a_s ∝ exp(w.x_n - w.mu_c + |mu_c|^2/2); beta_{n,c} = softmax_s(log a_s + log K_cs) @ averages
-        log_mass = torch.logsumexp(log_xi, dim=-2)  # (R, *b, C, S)
-        offset = log_mass - (w * mu.unsqueeze(-2)).sum(-1) + 0.5 * (mu * mu).sum(-1, keepdim=True)
-        logits = torch.einsum("...nd,r...jd->r...nj", inp.x, w.flatten(-3, -2)).unflatten(-1, (C, S)) + offset.unsqueeze(-3)
-        mix = torch.softmax(logits, dim=-1) * weights.unsqueeze(-1)  # (R, *b, N, C, S)
-        return mix.flatten(-2) @ averages.flatten(-3, -2)
+        averages = torch.einsum("r...cls,...clv->r...scv", torch.softmax(log_xi, dim=-2), vals)  # (R, *b, S, C, dv)
+        self.samples, self.count = S, C
+        self.averages = averages.flatten(-3, -2)  # (R, *b, S C, dv), sample-major so softmaxes over s run along C
+        if S > 1:  # a_s ∝ exp(w.x_n - w.mu_c + |mu_c|^2/2): log a_s + log K_cs = w.x_n + offset
+            log_mass = torch.logsumexp(log_xi, dim=-2)  # (R, *b, C, S)
+            offset = log_mass - (w * mu.unsqueeze(-2)).sum(-1) + 0.5 * (mu * mu).sum(-1, keepdim=True)
+            self.offset = offset.transpose(-1, -2)  # (R, *b, S, C)
+            self.w = w.transpose(-3, -2).flatten(-3, -2)  # (R, *b, S C, d)
+
+    def output(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_c weights_nc beta_{n,c} for queries x (*b, rows, d) with chunk weights (*b, rows, C): (R, *b, rows, dv)."""
+        if self.samples == 1:  # the importance weights cancel: beta_c does not depend on the query
+            return torch.einsum("...nc,r...cv->r...nv", weights, self.averages)
+        logits = torch.einsum("...nd,r...jd->r...nj", x, self.w).unflatten(-1, (self.samples, self.count))
+        mix = torch.softmax(logits + self.offset.unsqueeze(-3), dim=-2) * weights.unsqueeze(-2)  # (R, *b, rows, S, C)
+        return mix.flatten(-2) @ self.averages
 
 
 class _Chunks:
@@ -203,11 +236,11 @@ class _Window:
         return (weights @ self.v).flatten(-3, -2)[..., : self.N, :]
 
 
-def _chunk_log_mass(x: torch.Tensor, y: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
-    """Exact log sum_{m in P_c} exp(x_n.y_m): (*b, N, C), over blocks of queries (the quadratic oracle)."""
+def _chunk_log_mass(x: torch.Tensor, y_c: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
+    """Exact log sum_{m in P_c} exp(x_n.y_m) for chunked keys y_c (*b, C, L, d): (*b, N, C), over blocks of
+    queries (the quadratic oracle)."""
     N = x.shape[-2]
     block = max(1, min(N, BLOCK_ELEMENTS // max(1, math.prod(x.shape[:-2]) * chunks.count * chunks.length)))
-    y_c = chunks.split(y)  # (*b, C, L, d)
     out = torch.empty(*x.shape[:-1], chunks.count, dtype=x.dtype, device=x.device)
     for start in range(0, N, block):
         logits = torch.einsum("...nd,...cld->...ncl", x[..., start : start + block, :], y_c)
