@@ -14,7 +14,7 @@ from .control_variates import ControlVariates
 from .eva import EVA, QUERY_BLOCK_ELEMENTS
 from .features import num_columns
 from .rfa import CAUSAL_BLOCK, RFA
-from .softmax import BLOCK_ELEMENTS, Softmax
+from .softmax import ATTENTION_BLOCK_ELEMENTS, Softmax
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def estimate_cost(estimator, *, N: int, M: int, d: int, dv: int, batch: int = 1,
 def _softmax(est: Softmax, N, M, d, dv):
     pairs = N * (M + 1) / 2 if est.causal else N * M
     flops = pairs * (2 * d + 2 * dv + 4)  # logits, weights @ v, max/sub/exp/sum
-    block = min(N, max(1, BLOCK_ELEMENTS // M)) * M
+    block = min(N, max(1, ATTENTION_BLOCK_ELEMENTS // M)) * M  # at most; the fused kernel holds far less
     return flops, 0.0, block + N * dv, 0.0
 
 

@@ -5,12 +5,15 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import _checks
 from .draw import Draw
 
-#: Logit elements per query block (float32: 8 MiB, cache-friendly); bounds memory whatever N and M are.
+#: Logit elements per query block where logits are materialised (float32: 8 MiB, cache-friendly).
 BLOCK_ELEMENTS = 2**21
+#: Query rows x keys per fused-attention call: bounds memory even where torch falls back to its unfused path.
+ATTENTION_BLOCK_ELEMENTS = 2**24
 
 
 def softmax_attention(
@@ -20,9 +23,10 @@ def softmax_attention(
     *,
     scale: float | None = None,
     causal: bool = False,
-    block_elements: int = BLOCK_ELEMENTS,
+    block_elements: int = ATTENTION_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
-    """Exact softmax attention, computed over blocks of queries so the N x M matrix never exists at once.
+    """Exact softmax attention: torch's fused scaled_dot_product_attention over blocks of queries, so at most
+    ``block_elements`` logits exist at once whichever kernel torch picks.
 
     q (*batch, N, d), k (*batch, M, d), v (*batch, M, dv) -> (*batch, N, dv) in the inputs' dtype
     (float16/bfloat16 are computed in float32). ``scale`` defaults to d**-0.5; ``causal`` keeps keys m <= n.
@@ -31,21 +35,19 @@ def softmax_attention(
     _checks.integer("block_elements", block_elements)
     ct = _checks.compute_dtype(q, k, v)
     s = _checks.resolve_scale(_checks.real("scale", scale, allow_none=True, strict=True), q.shape[-1])
-    x, y, vals = (q.to(ct) * s), k.to(ct), v.to(ct)
-    batch = math.prod(q.shape[:-2])
-    N, M = q.shape[-2], k.shape[-2]
+    batch, (N, M), dv = math.prod(q.shape[:-2]), (q.shape[-2], k.shape[-2]), v.shape[-1]
+    # (batch, 1, length, features): the fused CPU kernel needs 4-D inputs (3-D ones materialise N x M)
+    x, y, vals = (t.to(ct).reshape(batch, 1, *t.shape[-2:]) for t in (q, k, v))
     block = max(1, min(N, block_elements // max(1, batch * M)))
-    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=ct, device=q.device)
+    out = torch.empty(batch, 1, N, dv, dtype=ct, device=q.device)
     for start in range(0, N, block):
         stop = min(N, start + block)
         keys = stop if causal else M  # causal queries in [start, stop) see keys [0, stop)
-        logits = x[..., start:stop, :] @ y[..., :keys, :].transpose(-1, -2)
-        if causal:
-            ahead = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).triu_(start + 1)
-            logits.masked_fill_(ahead, -math.inf)
-        logits = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-        out[..., start:stop, :] = (logits @ vals[..., :keys, :]).div_(logits.sum(-1, keepdim=True))
-    return out.to(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+        mask = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).tril_(start) if causal else None
+        out[:, :, start:stop] = F.scaled_dot_product_attention(
+            x[:, :, start:stop], y[:, :, :keys], vals[:, :, :keys], attn_mask=mask, scale=s
+        )
+    return out.reshape(*q.shape[:-1], dv).to(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
 
 
 @dataclass(frozen=True)
