@@ -26,7 +26,8 @@ from .softmax import Softmax, softmax_attention
 NOISE_BLOCK = 64
 GROUPS = 20
 DEFAULT_MAX_MEMORY = 2 * 2**30
-WORKING_SET = 32 * 2**20  # batches aim at this many bytes: cache-sized tensors run faster than huge ones
+WORKING_SET = {"cpu": 32 * 2**20}  # batches aim at this many bytes: cache-sized tensors run faster on CPU,
+DEVICE_WORKING_SET = 2**30  # and big batches amortise kernel launches on accelerators
 MATRIX_ELEMENTS = 2**22  # matrix metrics run by default when batch x N x M is at most this
 
 SUMMED = ("mse", "variance", "bias2", "rel_mse", "rel_variance", "rel_bias2")
@@ -127,8 +128,8 @@ def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Itera
         yield start, Draw(torch.cat(pieces) if len(pieces) > 1 else pieces[0], cached[1].kind)
 
 
-def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replicate: float = 0.0) -> int:
-    """Replicates per batch: within ``max_memory`` bytes; otherwise near WORKING_SET bytes (cache-sized), but
+def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replicate: float = 0.0, device: str = "cpu") -> int:
+    """Replicates per batch: within ``max_memory`` bytes; otherwise near the device's working set, but
     large enough that the per-replicate work outweighs the deterministic work every call repeats (window and
     chunk logits, EVA's exact-logit oracle); a multiple or a divisor of NOISE_BLOCK."""
     per = cost.replicate_bytes + extra_per_replicate
@@ -139,7 +140,8 @@ def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replica
             f"{max_memory / 2**30:.3g} GiB; raise max_memory or shrink the inputs"
         )
     amortise = cost.fixed_flops / cost.replicate_flops if cost.replicate_flops > 0 else 0.0  # NaN: no model
-    target = max(int(WORKING_SET // per), math.ceil(amortise) if math.isfinite(amortise) else 1) if per > 0 else replicates
+    working_set = WORKING_SET.get(device, DEVICE_WORKING_SET)
+    target = max(int(working_set // per), math.ceil(amortise) if math.isfinite(amortise) else 1) if per > 0 else replicates
     b = max(1, min(replicates, int(room // per) if per > 0 else replicates, target))
     if b == replicates:
         return b
@@ -271,7 +273,7 @@ def monte_carlo(
     matrix = batch_elems * N * M <= MATRIX_ELEMENTS if matrix is None else matrix
     matrix_extra = 3 * batch_elems * N * M * 8 if matrix else 0.0
     out_bytes = 3 * batch_elems * N * dv * 8
-    b = batch_size(cost, replicates, max_memory, out_bytes + matrix_extra)
+    b = batch_size(cost, replicates, max_memory, out_bytes + matrix_extra, q.device.type)
 
     acc = _Accumulator(reference, replicates)
     skipped, matrix_rows = (None if matrix else "disabled"), []

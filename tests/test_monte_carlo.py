@@ -204,10 +204,11 @@ def test_batch_size_rules():
     from evalab.cost import Cost
     from evalab.monte_carlo import WORKING_SET, batch_size
 
-    quarter = WORKING_SET / 4
+    quarter = WORKING_SET["cpu"] / 4
     assert batch_size(Cost(0.0, 1e6, 0.0, quarter), 1000, 2**40) == 4  # four replicates fill the working set
     assert batch_size(Cost(100e6, 1e6, 0.0, quarter), 1000, 2**40) == 64  # 100 to amortise, rounded to the block
     assert batch_size(Cost(100e6, 1e6, 0.0, quarter), 1000, 3 * quarter) == 2  # memory cap wins, power of two
     assert batch_size(Cost(0.0, 1e6, 0.0, 1.0), 50, 2**40) == 50  # everything in one batch
+    assert batch_size(Cost(0.0, 1e6, 0.0, quarter), 1000, 2**40, device="cuda") == 128  # 1 GiB on accelerators
     with pytest.raises(MemoryError, match="one replicate needs"):
         batch_size(Cost(0.0, 1e6, 0.0, quarter), 10, quarter / 2)
