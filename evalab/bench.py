@@ -29,6 +29,16 @@ from .rfa import RFA
 from .softmax import Softmax, softmax_attention
 
 D = 64
+#: Columns of the roofline matmul (N, d) @ (d, FEATURE_COLUMNS): about the feature columns of one engine batch.
+FEATURE_COLUMNS = 2048
+#: Methods of section (c) besides SDPA, by seq_len. EVA's cost is N (w + N / c) d with a fixed chunk size
+#: (quadratic, with a small constant), linear with a fixed number of chunks.
+SCALING = {
+    "softmax": lambda N: Softmax(),
+    "rfa": lambda N: RFA(num_features=256),
+    "eva": lambda N: EVA(window=64, chunk_size=64),
+    "eva_64_chunks": lambda N: EVA(window=0, chunk_size=max(1, N // 64)),
+}
 
 
 @dataclass(frozen=True)
@@ -85,18 +95,20 @@ def naive_loop(estimator, q, k, v, replicates: int, seed: int = 0) -> float:
     return total / replicates
 
 
-def matmul_flops(device, n: int) -> float:
-    """FLOP/s of a float32 n x n matmul on ``device``."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n**3 / _time(lambda: a @ b, device)
+def matmul_flops(device, m: int, k: int, n: int) -> float:
+    """FLOP/s of a float32 (m, k) @ (k, n) matmul on ``device``."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    return 2 * m * k * n / _time(lambda: a @ b, device)
 
 
 def bench_engine(device, plan: Plan) -> list[dict]:
-    """(a) and (b): engine vs naive loop (timed on R_naive replicates, scaled to R), fraction of matmul FLOP/s."""
-    peak = matmul_flops(device, plan.matmul_n)
+    """(a) and (b): engine vs naive loop (timed on R_naive replicates, scaled to R); FLOP/s against a matmul of
+    the engine's shape, (N, d) @ (d, FEATURE_COLUMNS) (the roofline), and against a square matmul (the peak)."""
+    peak = matmul_flops(device, plan.matmul_n, plan.matmul_n, plan.matmul_n)
     rows = []
     for N, R, R_naive in plan.engine:
         q, k, v = _inputs(N, device)
+        similar = matmul_flops(device, N, D, FEATURE_COLUMNS)
         for label, est in (("rfa S=64", RFA(num_features=64)), ("rfa S=256", RFA(num_features=256)),
                            ("eva w=32 c=8", EVA(window=32, chunk_size=8))):
             exact = softmax_attention(q, k, v)
@@ -104,8 +116,9 @@ def bench_engine(device, plan: Plan) -> list[dict]:
             naive = _time(lambda: naive_loop(est, q, k, v, R_naive), device, 1) * R / R_naive
             flops = estimate_cost(est, N=N, M=N, d=D, dv=D).flops(R)
             rows.append({"case": label, "seq_len": N, "replicates": R, "engine_s": engine, "naive_s": naive,
-                         "speedup": naive / engine, "gflops": flops / engine / 1e9, "matmul_gflops": peak / 1e9,
-                         "roofline_fraction": flops / engine / peak})
+                         "speedup": naive / engine, "gflops": flops / engine / 1e9, "matmul_gflops": similar / 1e9,
+                         "roofline_fraction": flops / engine / similar, "peak_gflops": peak / 1e9,
+                         "peak_fraction": flops / engine / peak})
     return rows
 
 
@@ -115,7 +128,7 @@ def _forward(name: str, seq_len: int, device):
     q, k, v = _inputs(seq_len, device, batch=(1, 1))
     if name == "sdpa":
         return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    est = {"softmax": Softmax(), "rfa": RFA(num_features=256), "eva": EVA(window=64, chunk_size=64)}[name]
+    est = SCALING[name](seq_len)
     draw = est.draw(q, k, replicates=1, generator=0)
     draw = Draw(draw.noise.to(device), draw.kind)
     return lambda: est(q, k, v, draw)
@@ -159,18 +172,19 @@ def bench_scaling(device, plan: Plan) -> tuple[list[dict], dict]:
     """(c): forward time and peak memory vs seq_len; log-log slopes from ``plan.slope_from`` on."""
     lengths, lo = plan.lengths, plan.slope_from
     rows = []
-    for name in ("softmax", "sdpa", "rfa", "eva"):
+    methods = ("softmax", "sdpa", *[name for name in SCALING if name != "softmax"])
+    for name in methods:
         for N in lengths:
             seconds = _time(_forward(name, N, device), device, 1 if N >= 16384 else 3)
             peak = peak_memory(name, N, device) if plan.memory else None
             rows.append({"method": name, "seq_len": N, "seconds": seconds, "peak_bytes": peak})
     slopes = {}
-    for name in ("softmax", "sdpa", "rfa", "eva"):
+    for name in methods:
         pts = [(r["seq_len"], r["seconds"]) for r in rows if r["method"] == name and r["seq_len"] >= lo]
         slopes[name] = float(np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0])
     sdpa = {r["seq_len"]: r["seconds"] for r in rows if r["method"] == "sdpa"}
     crossover = {}
-    for name in ("rfa", "eva"):
+    for name in methods[2:]:
         faster = [r["seq_len"] for r in rows if r["method"] == name and r["seconds"] < sdpa[r["seq_len"]]]
         crossover[name] = min(faster) if faster else None
     return rows, {"slopes": slopes, "slope_range": [lo, lengths[-1]], "crossover_vs_sdpa": crossover}
@@ -197,11 +211,13 @@ def bench_performer(device, plan: Plan) -> dict | None:
 def markdown(report: dict) -> str:
     """The report as markdown tables."""
     lines = [f"# evalab bench ({report['device']}, torch {report['torch']}, plan {report['plan']})", "",
-             "| case | N | R | engine s | naive loop s | speed-up | GFLOP/s | matmul GFLOP/s | roofline |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| case | N | R | engine s | naive loop s | speed-up | GFLOP/s | (N,{D})@({D},{FEATURE_COLUMNS}) GFLOP/s | roofline "
+             "| square GFLOP/s | of square |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["engine"]:
         lines.append(f"| {r['case']} | {r['seq_len']} | {r['replicates']} | {r['engine_s']:.3g} | {r['naive_s']:.3g} | "
-                     f"{r['speedup']:.1f}x | {r['gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['roofline_fraction']:.0%} |")
+                     f"{r['speedup']:.1f}x | {r['gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['roofline_fraction']:.0%} | "
+                     f"{r['peak_gflops']:.1f} | {r['peak_fraction']:.0%} |")
     lines += ["", "| method | " + " | ".join(str(n) for n in sorted({r['seq_len'] for r in report['scaling']})) + " | slope |",
               "|---|" + "---|" * (len({r['seq_len'] for r in report['scaling']}) + 1)]
     for name, slope in report["scaling_fit"]["slopes"].items():

@@ -15,7 +15,10 @@ def test_bench_tiny_plan_writes_report(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["plan"] == "tiny" and len(saved["engine"]) == 3
     assert (tmp_path / "bench.png").stat().st_size > 0 and "| rfa S=256 |" in (tmp_path / "bench.md").read_text()
-    assert set(report["scaling_fit"]["slopes"]) == {"softmax", "sdpa", "rfa", "eva"}
+    assert set(report["scaling_fit"]["slopes"]) == {"softmax", "sdpa", "rfa", "eva", "eva_64_chunks"}
+    for row in report["engine"]:  # the engine's FLOP/s over a matmul of its shape and over a square one
+        assert row["roofline_fraction"] * row["matmul_gflops"] == pytest.approx(row["gflops"])
+        assert row["peak_fraction"] * row["peak_gflops"] == pytest.approx(row["gflops"])
     if report["performer"] is not None:  # same projection, same stabiliser: agreement to float32 precision
         assert report["performer"]["max_abs_diff"] < 1e-5
 
@@ -77,9 +80,9 @@ def test_unknown_estimator_cost_is_nan():
 
 
 def test_peak_memory_of_a_forward_pass():
-    """A fresh process measures the extra peak RSS of one softmax forward: its logits block (BLOCK_ELEMENTS float32,
-    8 MiB) must show up, and stay far below the full 2048 x 2048 matrices SDPA's fallback would hold."""
+    """A fresh process measures the extra peak RSS of one forward pass: RFA's (N, F) log-features (2 x 8 MiB at
+    N = 8192, S = 256) must show up, and softmax must stay far below its 256 MiB logits matrix."""
     from evalab.bench import peak_memory
 
-    peak = peak_memory("softmax", 2048, torch.device("cpu"))
-    assert 6 * 2**20 < peak < 200 * 2**20
+    assert 16 * 2**20 < peak_memory("rfa", 8192, torch.device("cpu")) < 200 * 2**20
+    assert peak_memory("softmax", 8192, torch.device("cpu")) < 64 * 2**20
