@@ -26,7 +26,8 @@ def softmax_attention(
     block_elements: int = ATTENTION_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """Exact softmax attention: torch's fused scaled_dot_product_attention over blocks of queries, so at most
-    ``block_elements`` logits exist at once whichever kernel torch picks.
+    ``block_elements`` logits exist at once whichever kernel torch picks (on a GPU, float32 and below run in one
+    call: those kernels hold no logits).
 
     q (*batch, N, d), k (*batch, M, d), v (*batch, M, dv) -> (*batch, N, dv) in the inputs' dtype
     (float16/bfloat16 are computed in float32). ``scale`` defaults to d**-0.5; ``causal`` keeps keys m <= n.
@@ -38,14 +39,16 @@ def softmax_attention(
     batch, (N, M), dv = math.prod(q.shape[:-2]), (q.shape[-2], k.shape[-2]), v.shape[-1]
     # (batch, 1, length, features): the fused CPU kernel needs 4-D inputs (3-D ones materialise N x M)
     x, y, vals = (t.to(ct).reshape(batch, 1, *t.shape[-2:]) for t in (q, k, v))
-    block = max(1, min(N, block_elements // max(1, batch * M)))
+    # torch's GPU kernels for float32 and below never hold the logits and need every query for occupancy
+    fused_on_device = q.device.type != "cpu" and ct != torch.float64
+    block = N if fused_on_device else max(1, min(N, block_elements // max(1, batch * M)))
     out = torch.empty(batch, 1, N, dv, dtype=ct, device=q.device)
     for start in range(0, N, block):
         stop = min(N, start + block)
         keys = stop if causal else M  # causal queries in [start, stop) see keys [0, stop)
-        mask = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).tril_(start) if causal else None
+        mask = torch.ones(stop - start, keys, dtype=torch.bool, device=q.device).tril_(start) if causal and start else None
         out[:, :, start:stop] = F.scaled_dot_product_attention(
-            x[:, :, start:stop], y[:, :, :keys], vals[:, :, :keys], attn_mask=mask, scale=s
+            x[:, :, start:stop], y[:, :, :keys], vals[:, :, :keys], attn_mask=mask, is_causal=causal and not start, scale=s
         )
     return out.reshape(*q.shape[:-1], dv).to(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
 
