@@ -26,7 +26,7 @@ from .softmax import Softmax, softmax_attention
 NOISE_BLOCK = 64
 GROUPS = 20
 DEFAULT_MAX_MEMORY = 2 * 2**30
-WORKING_SET = {"cpu": 32 * 2**20}  # batches aim at this many bytes: cache-sized tensors run faster on CPU,
+CPU_WORKING_SET = 32 * 2**20  # batches aim at this many bytes: cache-sized tensors run faster on CPU,
 DEVICE_WORKING_SET = 2**30  # and big batches amortise kernel launches on accelerators
 MATRIX_ELEMENTS = 2**22  # matrix metrics run by default when batch x N x M is at most this
 
@@ -140,7 +140,7 @@ def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replica
             f"{max_memory / 2**30:.3g} GiB; raise max_memory or shrink the inputs"
         )
     amortise = cost.fixed_flops / cost.replicate_flops if cost.replicate_flops > 0 else 0.0  # NaN: no model
-    working_set = WORKING_SET.get(device, DEVICE_WORKING_SET)
+    working_set = CPU_WORKING_SET if device == "cpu" else DEVICE_WORKING_SET
     target = max(int(working_set // per), math.ceil(amortise) if math.isfinite(amortise) else 1) if per > 0 else replicates
     b = max(1, min(replicates, int(room // per) if per > 0 else replicates, target))
     if b == replicates:

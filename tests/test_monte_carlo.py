@@ -202,9 +202,9 @@ def test_per_batch_frame_and_attention_matrix():
 def test_batch_size_rules():
     """Batches are cache-sized, grow to amortise per-call deterministic work, and never exceed max_memory."""
     from evalab.cost import Cost
-    from evalab.monte_carlo import WORKING_SET, batch_size
+    from evalab.monte_carlo import CPU_WORKING_SET, batch_size
 
-    quarter = WORKING_SET["cpu"] / 4
+    quarter = CPU_WORKING_SET / 4
     assert batch_size(Cost(0.0, 1e6, 0.0, quarter), 1000, 2**40) == 4  # four replicates fill the working set
     assert batch_size(Cost(100e6, 1e6, 0.0, quarter), 1000, 2**40) == 64  # 100 to amortise, rounded to the block
     assert batch_size(Cost(100e6, 1e6, 0.0, quarter), 1000, 3 * quarter) == 2  # memory cap wins, power of two
