@@ -89,3 +89,18 @@ def test_finiteness_is_checked_once_per_monte_carlo_run():
             _checks.qkv(q, k, bad[:3])  # shape checks still run
     with pytest.raises(ValueError, match="v contains non-finite values"):
         _checks.qkv(q, k, bad)
+
+
+def test_large_finite_inputs_are_not_rejected():
+    """Finiteness is checked through a sum first; a sum that overflows must not reject finite inputs."""
+    q, k, v = make_qkv(N=8, d=4, dtype=torch.float32)
+    big = torch.full_like(v, 3e38)  # finite, but its sum overflows float32
+    assert torch.isinf(big.sum())
+    _checks.qkv(q, k, big)
+    half = torch.full((8, 3), 60000.0, dtype=torch.float16)  # its float16 sum would overflow too
+    _checks.finite("v", half)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        worse = big.clone()
+        worse[3, 1] = bad
+        with pytest.raises(ValueError, match="v contains non-finite values"):
+            _checks.qkv(q, k, worse)
