@@ -1,27 +1,12 @@
 """Argument checks shared by the estimators: each error names the argument, the value and what was expected."""
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-_FINITE_CHECKED = contextvars.ContextVar("finite_checked", default=False)
-
-
-@contextlib.contextmanager
-def finite_checked() -> Iterator[None]:
-    """Inside this block ``qkv`` skips its finiteness pass: for loops that checked their inputs once and then
-    call estimators on them many times (the Monte-Carlo engine)."""
-    token = _FINITE_CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _FINITE_CHECKED.reset(token)
 
 
 def choice(name: str, value: object, valid: Sequence[str]) -> str:
@@ -88,8 +73,6 @@ def qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, *, caus
             raise ValueError(f"v must have shape (*batch, M, dv) matching k {tuple(k.shape)}, got v {tuple(v.shape)}")
         if v.device != k.device:
             raise ValueError(f"v must be on the same device as k, got v on {v.device} and k on {k.device}")
-    if _FINITE_CHECKED.get():
-        return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t is not None:
             finite(name, t)

@@ -76,21 +76,6 @@ def test_bad_draws():
         ev.Draw([1, 2])
 
 
-def test_finiteness_is_checked_once_per_monte_carlo_run():
-    """monte_carlo checks q, k, v once and lets its estimator calls skip the pass; outside it, calls check again."""
-    q, k, v = make_qkv(N=8, d=4)
-    bad = v.clone()
-    bad[1, 0] = float("nan")
-    with pytest.raises(ValueError, match="v contains non-finite values"):
-        ev.monte_carlo(ev.RFA(num_features=4), q, k, bad, replicates=4)
-    with _checks.finite_checked():
-        _checks.qkv(q, k, bad)  # skipped inside the block
-        with pytest.raises(ValueError, match="v must have shape"):
-            _checks.qkv(q, k, bad[:3])  # shape checks still run
-    with pytest.raises(ValueError, match="v contains non-finite values"):
-        _checks.qkv(q, k, bad)
-
-
 def test_large_finite_inputs_are_not_rejected():
     """Finiteness is checked through a sum first; a sum that overflows must not reject finite inputs."""
     q, k, v = make_qkv(N=8, d=4, dtype=torch.float32)
@@ -104,3 +89,10 @@ def test_large_finite_inputs_are_not_rejected():
         worse[3, 1] = bad
         with pytest.raises(ValueError, match="v contains non-finite values"):
             _checks.qkv(q, k, worse)
+
+
+def test_monte_carlo_rejects_non_finite_inputs():
+    q, k, v = make_qkv(N=8, d=4)
+    v[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="v contains non-finite values"):
+        ev.monte_carlo(ev.RFA(num_features=4), q, k, v, replicates=4)
