@@ -20,6 +20,8 @@ from .scaled import Scaled
 
 #: Positions per block of the causal prefix sums (memory R x block x block x F per step).
 CAUSAL_BLOCK = 32
+#: Log-features per block of positions in non-causal RFA on CPU (float32: 4 MiB, cache-sized).
+LOG_BLOCK_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -88,17 +90,38 @@ class RFA(OmegaDraws):
 
 def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:
     """Non-causal RFA in log space: out_n = softmax_f(log phi_f(x_n) + log sum_m phi_f(y_m)) @ kv_f, where kv_f is
-    the phi_f(y)-weighted average of v. Works in the (*b, N, R, F) layout so every pass is contiguous."""
-    lq = stacked_projection(x, omega, feature_map, minus_half_norm=False)  # per-query constants cancel
-    lk = stacked_projection(y, omega, feature_map, minus_half_norm=True)  # (*b, M, R, F)
-    top = lk.amax(-3, keepdim=True)
-    weights = lk.sub_(top).exp_()
-    mass = weights.sum(-3, keepdim=True)  # (*b, 1, R, F)
-    kv = torch.einsum("...mrf,...mv->...rfv", weights, v) / mass.squeeze(-3).unsqueeze(-1)
-    logits = lq.add_(top + mass.log())  # (*b, N, R, F), in place: the softmax over f without extra copies
-    mix = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-    out = torch.einsum("...nrf,...rfv->...nrv", mix, kv) / mix.sum(-1, keepdim=True)
-    return out.movedim(-2, 0)
+    the phi_f(y)-weighted average of v. Works in the (*b, N, R, F) layout so every pass is contiguous; on CPU over
+    blocks of at most LOG_BLOCK_ELEMENTS features (keys with a running per-column maximum), so long sequences
+    stay in cache."""
+    R, F = omega.shape[0], num_columns(feature_map, omega.shape[1])
+    per_row = math.prod(x.shape[:-2]) * R * F
+    rows = max(1, LOG_BLOCK_ELEMENTS // per_row) if x.device.type == "cpu" else max(x.shape[-2], y.shape[-2])
+    top = mass = kv = None  # per column (*b, 1, R, F): running max of log phi(y), sum of exp(. - top); kv unnormalised
+    for start in range(0, y.shape[-2], rows):
+        lk = stacked_projection(y[..., start : start + rows, :], omega, feature_map, minus_half_norm=True)
+        block_top = lk.amax(-3, keepdim=True)
+        if top is None:
+            top = block_top
+        else:  # a higher maximum rescales what was summed so far
+            new_top = torch.maximum(top, block_top)
+            rescale = (top - new_top).exp_()
+            mass.mul_(rescale)
+            kv.mul_(rescale.squeeze(-3).unsqueeze(-1))
+            top = new_top
+        weights = lk.sub_(top).exp_()
+        block_mass = weights.sum(-3, keepdim=True)
+        block_kv = torch.einsum("...mrf,...mv->...rfv", weights, v[..., start : start + rows, :])
+        mass, kv = (block_mass, block_kv) if mass is None else (mass.add_(block_mass), kv.add_(block_kv))
+    kv = kv / mass.squeeze(-3).unsqueeze(-1)
+    shift = top + mass.log()
+    out = torch.empty(R, *x.shape[:-1], v.shape[-1], dtype=v.dtype, device=v.device)
+    for start in range(0, x.shape[-2], rows):
+        lq = stacked_projection(x[..., start : start + rows, :], omega, feature_map, minus_half_norm=False)
+        logits = lq.add_(shift)  # (*b, rows, R, F), in place: the softmax over f without extra copies
+        mix = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        block = torch.einsum("...nrf,...rfv->...nrv", mix, kv) / mix.sum(-1, keepdim=True)
+        out[..., start : start + rows, :] = block.movedim(-2, 0)
+    return out
 
 
 def _causal_log(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

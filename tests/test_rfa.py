@@ -21,7 +21,10 @@ def rfa_reference(q, k, v, omega, feature_map, causal=False):
 
 @pytest.mark.parametrize("feature_map", MAPS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_matches_reference(feature_map, causal):
+@pytest.mark.parametrize("log_block", [None, 200], ids=["one-block", "position-blocks"])
+def test_matches_reference(feature_map, causal, log_block, monkeypatch):
+    if log_block is not None:  # non-causal log space over blocks of 1-2 positions
+        monkeypatch.setattr(ev.rfa, "LOG_BLOCK_ELEMENTS", log_block)
     N = 2 * CAUSAL_BLOCK + 5  # several causal blocks and a partial one
     q, k, v = make_qkv(N=N, d=6, dv=3, batch=(2,), norm=0.8)
     est = ev.RFA(num_features=12, feature_map=feature_map, causal=causal)
