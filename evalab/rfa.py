@@ -91,7 +91,7 @@ class RFA(OmegaDraws):
 def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:
     """Non-causal RFA in log space: out_n = softmax_f(log phi_f(x_n) + log sum_m phi_f(y_m)) @ kv_f, where kv_f is
     the phi_f(y)-weighted average of v. Works in the (*b, N, R, F) layout so every pass is contiguous; on CPU over
-    blocks of at most LOG_BLOCK_ELEMENTS features (keys with a running per-column maximum), so long sequences
+    blocks of at most LOG_BLOCK_ELEMENTS log-features (keys with a running per-column maximum), so long sequences
     stay in cache."""
     R, F = omega.shape[0], num_columns(feature_map, omega.shape[1])
     per_row = math.prod(x.shape[:-2]) * R * F
