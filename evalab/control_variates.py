@@ -60,27 +60,30 @@ class ControlVariates(OmegaDraws):
         elif self.chunk_size is not None:
             raise ValueError(f"chunk_size applies to coefficient='chunked' only, got chunk_size={self.chunk_size!r}")
 
-    def _hbar(self, inp: Scaled, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
-        """hbar (R, *b, N, M) and E[h] (*b, N, M)."""
-        omega = draw.as_tensor((self.num_features, inp.x.shape[-1]), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
-        logits = inp.x @ inp.y.transpose(-1, -2)
-        log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+    def _omega(self, q: torch.Tensor, k: torch.Tensor, inp: Scaled, draw: Draw) -> torch.Tensor:
+        """The draw's omega (R, S, d), checked, on the inputs' device and dtype."""
+        return draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+
+    def _hbar(self, inp: Scaled, omega: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+        """hbar (R, *b, N, M) for log Z_n (*b, N, 1)."""
         lx, ly = log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map)
         a, b = lx.amax(-1, keepdim=True), ly.amax((-2, -1), keepdim=True)
-        hbar = ((lx - a).exp() @ (ly - b).exp().transpose(-1, -2)) * (a + b - log_z).exp()
-        return hbar, (logits - log_z).exp()
+        return ((lx - a).exp() @ (ly - b).exp().transpose(-1, -2)) * (a + b - log_z).exp()
 
     def _chunk(self, M: int) -> int:
-        return {"shared": M, "optimal": 1, "chunked": self.chunk_size}[self.coefficient]
+        """Keys per coefficient: M (shared), 1 (optimal) or chunk_size (at most M)."""
+        return min({"shared": M, "optimal": 1, "chunked": self.chunk_size}[self.coefficient], M)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale)
-        hbar, expected_h = self._hbar(inp, draw)
-        if self.coefficient == "optimal":  # ghat_m = E[h_m] v_m whatever the draw
-            out = (expected_h @ inp.v).expand(hbar.shape[0], *expected_h.shape[:-1], inp.v.shape[-1])
+        omega = self._omega(q, k, inp, draw)
+        expected_h, log_z = _expected_h(inp)
+        if self.coefficient == "optimal":  # ghat_m = E[h_m] v_m whatever the draw: no features needed
+            out = (expected_h @ inp.v).expand(omega.shape[0], *expected_h.shape[:-1], inp.v.shape[-1])
             return out.to(inp.out_dtype)
         # sum_m ghat_m = sum_c beta_c sum_{m in P_c} E[h_m], beta_c = sum_{P_c} hbar_m v_m / sum_{P_c} hbar_m
-        size = min(self._chunk(hbar.shape[-1]), hbar.shape[-1])
+        hbar = self._hbar(inp, omega, log_z)
+        size = self._chunk(hbar.shape[-1])
         beta_c = _chunk_coefficients(hbar, inp.v, size)
         out = (beta_c * _chunked(expected_h, size).sum(-1, keepdim=True)).sum(-2)
         return out.to(inp.out_dtype)
@@ -88,16 +91,24 @@ class ControlVariates(OmegaDraws):
     def terms(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> ControlVariateTerms:
         """Per-element terms (hbar, E[h], beta, ghat) of one call; quadratic memory (R x N x M x dv)."""
         inp = Scaled.of(q, k, v, self.scale)
-        hbar, expected_h = self._hbar(inp, draw)
+        expected_h, log_z = _expected_h(inp)
+        hbar = self._hbar(inp, self._omega(q, k, inp, draw), log_z)
         R, M = hbar.shape[0], hbar.shape[-1]
         vals = inp.v.unsqueeze(-3)  # (*b, 1, M, dv)
         if self.coefficient == "optimal":
             beta = vals.expand(R, *expected_h.shape, inp.v.shape[-1])
         else:
-            size = min(self._chunk(M), M)
+            size = self._chunk(M)
             beta = _chunk_coefficients(hbar, inp.v, size).repeat_interleave(size, dim=-2)[..., :M, :]
         ghat = hbar.unsqueeze(-1) * vals - beta * (hbar - expected_h).unsqueeze(-1)
         return ControlVariateTerms(hbar, expected_h.to(hbar.dtype), beta, ghat)
+
+
+def _expected_h(inp: Scaled) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[h_m] = exp(l_nm) / Z_n, the softmax weights (*b, N, M), and log Z_n (*b, N, 1)."""
+    logits = inp.x @ inp.y.transpose(-1, -2)
+    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+    return (logits - log_z).exp(), log_z
 
 
 def _chunk_coefficients(hbar: torch.Tensor, v: torch.Tensor, size: int) -> torch.Tensor:
