@@ -84,5 +84,5 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def resolve_scale(scale: float | None, d: int) -> float:
-    """The logit scale s: ``scale`` if given, d**-0.5 otherwise."""
-    return d ** -0.5 if scale is None else scale
+    """The logit scale s: ``scale`` (checked: a finite float > 0) if given, d**-0.5 otherwise."""
+    return d ** -0.5 if real("scale", scale, allow_none=True, strict=True) is None else scale

@@ -35,7 +35,7 @@ def softmax_attention(
     _checks.qkv(q, k, v, causal=causal)
     _checks.integer("block_elements", block_elements)
     ct = _checks.compute_dtype(q, k, v)
-    s = _checks.resolve_scale(_checks.real("scale", scale, allow_none=True, strict=True), q.shape[-1])
+    s = _checks.resolve_scale(scale, q.shape[-1])
     batch, (N, M), dv = math.prod(q.shape[:-2]), (q.shape[-2], k.shape[-2]), v.shape[-1]
     # (batch, 1, length, features): the fused CPU kernel needs 4-D inputs (3-D ones materialise N x M)
     x, y, vals = (t.to(ct).reshape(batch, 1, *t.shape[-2:]) for t in (q, k, v))

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from . import _checks
+from .scaled import Scaled
 
 __all__ = ["kernel_mse", "rfa_bias_variance", "RFATheory", "measured_vs_predicted"]
 
@@ -139,19 +140,16 @@ def rfa_bias_variance(
     relative error grows like 1e-16 / r^2 (hyperbolic: 1e-16 / r^4): measured 2e-11 (6e-8) at r = 0.01 and
     1e-9 (4e-4) at r = 0.001. The variance is clipped at 0.
     """
-    _checks.qkv(q, k, v)
     num_features = _checks.integer("num_features", num_features)
     feature_map = _checks.choice("feature_map", feature_map, RFA_FEATURE_MAPS)
     if block_size is not None:
         block_size = _checks.integer("block_size", block_size)
-    scale = _checks.resolve_scale(_checks.real("scale", scale, allow_none=True, strict=True), q.shape[-1])
+    _checks.qkv(q, k, v)  # before the float64 cast, so a wrong argument is named as given
+    inp = Scaled.of(q.to(torch.float64), k.to(torch.float64), v.to(torch.float64), scale)
 
     *batch, n, d = q.shape
     m, dv = v.shape[-2], v.shape[-1]
-    root = math.sqrt(scale)
-    x = (q.to(torch.float64) * root).reshape(-1, n, d)
-    y = (k.to(torch.float64) * root).reshape(-1, m, d)
-    vals = v.to(torch.float64).reshape(-1, m, dv)
+    x, y, vals = inp.x.reshape(-1, n, d), inp.y.reshape(-1, m, d), inp.v.reshape(-1, m, dv)
     if block_size is None:
         block_size = max(1, MEMORY_BUDGET_BYTES // (8 * m * (8 * dv + 8)))  # ~8 (B, M, dv) temporaries
 

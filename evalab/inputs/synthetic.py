@@ -55,7 +55,7 @@ def gaussian(
     _checks.choice("mode", mode, MODES)
     if not all(isinstance(b, int) and b > 0 for b in batch):
         raise ValueError(f"batch must be a tuple of positive ints, got {batch!r}")
-    s = _checks.resolve_scale(_checks.real("scale", scale, allow_none=True, strict=True), d)
+    s = _checks.resolve_scale(scale, d)
     g = seeded_generator(_checks.integer("seed", seed, minimum=0), INPUTS_PURPOSE)
     queries = _sphere((*batch, seq_len), d, g)
     if mode == "gaussian":
