@@ -21,7 +21,7 @@ from .cost import Cost, estimate_cost
 from .draw import Draw, seeded_generator
 from .intervals import Estimate, jackknife_interval, mean_interval, quantile_interval
 from .registry import estimator_name
-from .softmax import Softmax, softmax_attention
+from .softmax import softmax_attention
 
 NOISE_BLOCK = 64
 GROUPS = 20
@@ -108,11 +108,6 @@ def estimator_params(estimator) -> dict:
     return {f.name: getattr(estimator, f.name) for f in dataclasses.fields(estimator)}
 
 
-def noise_generator(seed: int, block: int) -> torch.Generator:
-    """The CPU generator of noise block ``block`` for ``seed``."""
-    return seeded_generator(seed, block)
-
-
 def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Iterator[tuple[int, Draw]]:
     """Yield (first replicate index, Draw) for consecutive batches; noise is fixed per NOISE_BLOCK block."""
     cached: tuple[int, Draw] | None = None
@@ -121,7 +116,7 @@ def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Itera
         pieces = []
         for block in range(start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK + 1):
             if cached is None or cached[0] != block:
-                cached = (block, estimator.draw(q, k, replicates=NOISE_BLOCK, generator=noise_generator(seed, block)))
+                cached = (block, estimator.draw(q, k, replicates=NOISE_BLOCK, generator=seeded_generator(seed, block)))
             lo = max(start - block * NOISE_BLOCK, 0)
             hi = min(stop - block * NOISE_BLOCK, NOISE_BLOCK)
             pieces.append(cached[1][lo:hi].noise)
@@ -211,11 +206,15 @@ class _Accumulator:
         return metrics, leave_one_out, per_query, torch.cat(self.errors).cpu().numpy(), rel
 
 
+def _one_hot_values(k: torch.Tensor) -> torch.Tensor:
+    """V = I_M for keys k (*b, M, d): (*b, M, M), an expanded view."""
+    M = k.shape[-2]
+    return torch.eye(M, dtype=k.dtype, device=k.device).expand(*k.shape[:-2], M, M)
+
+
 def attention_matrix(estimator, q: torch.Tensor, k: torch.Tensor, draw: Draw) -> torch.Tensor:
     """The attention matrix an estimator implies: its output for one-hot values V = I_M, (R, *b, N, M)."""
-    M = k.shape[-2]
-    eye = torch.eye(M, dtype=k.dtype, device=k.device).expand(*k.shape[:-2], M, M)
-    return estimator(q, k, eye, draw)
+    return estimator(q, k, _one_hot_values(k), draw)
 
 
 def _matrix_errors(a_hat: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -278,7 +277,8 @@ def monte_carlo(
     acc = _Accumulator(reference, replicates)
     skipped, matrix_rows = (None if matrix else "disabled"), []
     if matrix:
-        exact_matrix = attention_matrix(Softmax(causal=causal, scale=scale), q, k, Draw(torch.zeros(1, 0)))[0]
+        eye = _one_hot_values(k)
+        exact_matrix = softmax_attention(q, k, eye, scale=scale, causal=causal)
     draws = iter_draws(estimator, q, k, replicates, seed, b)
     if progress:
         from tqdm.auto import tqdm
@@ -287,7 +287,7 @@ def monte_carlo(
     for start, draw in draws:
         acc.add(start, estimator(q, k, v, draw))
         if matrix and skipped is None:
-            a_hat = attention_matrix(estimator, q, k, draw)
+            a_hat = estimator(q, k, eye, draw)
             skipped = _rows_are_distributions(a_hat)
             matrix_rows.append(_matrix_errors(a_hat, exact_matrix))
     metrics, loo, per_query, errors, rel = acc.finish()
