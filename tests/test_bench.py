@@ -19,6 +19,10 @@ def test_bench_tiny_plan_writes_report(tmp_path):
     for row in report["engine"]:  # the engine's FLOP/s over a matmul of its shape and over a square one
         assert row["roofline_fraction"] * row["matmul_gflops"] == pytest.approx(row["gflops"])
         assert row["peak_fraction"] * row["peak_gflops"] == pytest.approx(row["gflops"])
+        est = {"rfa S=64": ev.RFA(num_features=64), "rfa S=256": ev.RFA(num_features=256),
+               "eva w=32 c=8": ev.EVA(window=32, chunk_size=8)}[row["case"]]
+        flops = estimate_cost(est, N=row["seq_len"], M=row["seq_len"], d=64, dv=64).flops(row["replicates"])
+        assert row["gflops"] * 1e9 * row["engine_s"] == pytest.approx(flops)  # FLOP/s by the cost model
     if report["performer"] is not None:  # same projection, same stabiliser: agreement to float32 precision
         assert report["performer"]["max_abs_diff"] < 1e-5
 

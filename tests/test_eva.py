@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import evalab as ev
-from conftest import make_qkv
+from conftest import make_qkv, scaled
 from eva_reference import eva_reference
 
 TOL = 1e-10
@@ -90,14 +90,25 @@ def test_one_sample_per_chunk_is_query_independent():
     q_same[:] = 0.0  # all logits zero: every query weighs the four chunks equally
     out = est(q_same, k, v, draw)
     assert (out - out[:, :1]).abs().max() < TOL
+    # with real queries: out_n = softmax_c(x_n . mean_c(y)) @ beta, beta_c = softmax_m(w_c . y_m - |y_m|^2 / 2) @ v
+    zero = ev.EVA(window=0, chunk_size=4, chunk_logit="official", proposal="zero")
+    x, y = scaled(q), scaled(k)
+    w = draw.noise[0, :, 0]  # (C, d)
+    log_xi = (y.view(4, 4, -1) * w.unsqueeze(1)).sum(-1) - 0.5 * (y.view(4, 4, -1) ** 2).sum(-1)  # (C, L)
+    beta = torch.einsum("cl,clv->cv", torch.softmax(log_xi, -1), v.view(4, 4, -1))
+    ref = torch.softmax(x @ y.view(4, 4, -1).mean(1).T, -1) @ beta
+    assert (zero(q, k, v, draw)[0] - ref).abs().max() < TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_float32_finite_at_norm_10(dtype):
     q, k, v = make_qkv(N=64, d=16, dv=4, norm=10.0, dtype=dtype)
     for est in (ev.EVA(window=16, chunk_size=4), ev.EVA(window=16, chunk_size=4, samples_per_chunk=4, proposal="zero")):
-        out = est(q, k, v, est.draw(q, k, replicates=2, generator=0))
+        draw = est.draw(q, k, replicates=2, generator=0)
+        out = est(q, k, v, draw)
         assert out.dtype == dtype and torch.isfinite(out).all()
+        exact = est(q.double(), k.double(), v.double(), draw)  # the same rounded inputs in float64
+        assert (out.double() - exact).abs().max() < (1e-4 if dtype == torch.float32 else 1e-2)
 
 
 def test_noise_layout():

@@ -228,6 +228,9 @@ def test_rfa_theory_large_norms_finite_and_block_invariant(feature_map):
     ]
     ref = results[0]
     assert torch.isfinite(ref.variance).all() and torch.isfinite(ref.bias).all() and (ref.variance > 0).all()
+    bias, variance = _naive_rfa_theory(q, k, v, 16, feature_map)  # the literal sum; at norm 5 its terms reach e^50
+    torch.testing.assert_close(ref.variance, variance, rtol=1e-11, atol=0)
+    torch.testing.assert_close(ref.bias, bias, rtol=1e-11, atol=1e-11 * bias.abs().max().item())
     for other in results[1:]:
         torch.testing.assert_close(other.variance, ref.variance, rtol=1e-12, atol=0)
         torch.testing.assert_close(other.bias, ref.bias, rtol=1e-12, atol=1e-12 * ref.bias.abs().max().item())
