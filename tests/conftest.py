@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 
 
@@ -21,10 +20,3 @@ def scaled(t, scale=None):
     s = t.shape[-1] ** -0.5 if scale is None else scale
     return t * math.sqrt(s)
 
-
-@pytest.fixture
-def qkv():
-    return make_qkv()
-
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

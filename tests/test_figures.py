@@ -49,10 +49,13 @@ def test_with_variant_and_order():
     assert [name for name, _ in fg.by_variant(out)] == ["RFA iid", "RFA qmc", "local window", "zzz"]
 
 
-def test_colours_and_markers_are_fixed_and_distinct():
+def test_colours_are_distinct_and_fixed_across_runs():
+    """Known variants have distinct colours; unknown labels get a colour and marker from a hash that does not
+    change between processes (pinned here, unlike Python's salted hash())."""
     colours = [fg.color(n) for n in fg.VARIANTS]
     assert len(set(colours)) == len(colours)
     assert fg.color("unknown variant") == fg.color("unknown variant")  # stable for labels outside VARIANTS
+    assert (fg.color("unknown variant"), fg.marker("unknown variant")) == ("#843c39", ">")
     assert fg.color("unknown variant") not in colours
     assert fg.palette(["EVA", "RFA iid"]) == {"RFA iid": fg.color("RFA iid"), "EVA": fg.color("EVA")}
 

@@ -245,7 +245,15 @@ def test_rfa_theory_matches_mpmath_where_float64_overflows(feature_map, norm):
     q, k, v = _inputs(2, 3, 3, 2, norm=norm, seed=4)
     q = q + 0.3 * k[:2]  # align queries with keys so the attention is peaked and the terms huge
     got = theory.rfa_bias_variance(q, k, v, num_features=3, feature_map=feature_map)
-    mpmath.mp.dps = 50
+    with mpmath.workdps(50):
+        _check_against_mpmath(got, q, k, v, feature_map)
+    if norm == 12.0:
+        _, naive_var = _naive_rfa_theory(q, k, v, 3, feature_map)
+        assert not torch.isfinite(naive_var).all()
+
+
+def _check_against_mpmath(got, q, k, v, feature_map):
+    """The literal sums of theory.md section 7 at the current mpmath precision (S = 3, d = 3, M = 3, dv = 2)."""
     s = mpmath.mpf(3) ** mpmath.mpf(-0.5)
     x = [[mpmath.mpf(float(a)) * mpmath.sqrt(s) for a in row] for row in q.tolist()]
     y = [[mpmath.mpf(float(a)) * mpmath.sqrt(s) for a in row] for row in k.tolist()]
@@ -267,9 +275,6 @@ def test_rfa_theory_matches_mpmath_where_float64_overflows(feature_map, norm):
         assert float(got.variance[n]) == pytest.approx(float(var / z**2 / 3), rel=1e-10)
         for j in range(2):
             assert float(got.bias[n, j]) == pytest.approx(float(bias[j] / z**2 / 3), rel=1e-9)
-    if norm == 12.0:
-        naive_bias, naive_var = _naive_rfa_theory(q, k, v, 3, feature_map)
-        assert not torch.isfinite(naive_var).all()
 
 
 def test_rfa_theory_variance_is_exactly_one_over_S():
