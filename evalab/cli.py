@@ -72,17 +72,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         print(f"{spec.name}: {len(cells)} cells, {invalid} invalid, "
               f"{sum(stored.get(c.cell_id) == 'ok' for c in cells)} already done in {args.out}")
         return 0
-    executor = args.executor or ("dask" if args.scheduler or args.workers else "local")
-    if executor == "local" and (args.scheduler or args.workers):
-        print(f"{prog}: error: --scheduler and --workers need --executor dask", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        bad = [c for c in spec.cells() if c.error is not None]
-        if bad:
-            print(f"{len(bad)} cells have invalid parameters and are recorded as failed:", file=sys.stderr)
-            for c in bad[:10]:
-                print(f"  {c.description}: {c.error}", file=sys.stderr)
-    try:
+    dask_options = args.scheduler is not None or args.workers is not None
+    executor = args.executor or ("dask" if dask_options else "local")
+    try:  # invalid cells are listed with the failures after the run
         summary = run_sweep(spec, args.out, device=args.device, executor=executor, workers=args.workers,
                             scheduler=args.scheduler, fresh=args.fresh, progress=not args.quiet)
     except (SpecError, ValueError, ImportError) as err:
@@ -95,8 +87,6 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     print(f"{spec.name}: {summary}")
     return 0 if summary.ok else 1
 
-
-# --- the parser -------------------------------------------------------------------------------------------
 
 # --- evalab bench -----------------------------------------------------------------------------------------
 
@@ -170,6 +160,8 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+# --- the parser -------------------------------------------------------------------------------------------
+
 COMMANDS = (add_sweep_command, add_bench_command, add_reproduce_command)
 
 
@@ -193,6 +185,3 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     return args.run(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,9 +34,10 @@ from types import ModuleType
 
 import pandas as pd
 
-from . import __version__, registry
+from . import __version__
 from ._files import atomic_write
 from .sweep import Spec, load_results, load_spec, parse_spec, run_sweep
+from .sweep.runner import build_inputs
 from .sweep.spec import short_hash
 
 __all__ = [
@@ -263,10 +264,7 @@ class FigureContext:
             if cell.inputs_id in seen:
                 continue
             seen.add(cell.inputs_id)
-            params = dict(cell.inputs)
-            if cell.input_seed is not None:
-                params["seed"] = cell.input_seed
-            qkv = registry.make_inputs(cell.kind, **params).to(device=self.torch_device, dtype=dtype or torch.float64)
+            qkv = build_inputs(cell, self.torch_device, dtype or torch.float64)
             out.append(({**cell.inputs, "input_seed": cell.input_seed}, qkv))
         return out
 
@@ -485,7 +483,8 @@ def reproduce(
 
         device = check_device(device, "device")
     analysis_dir = find_analysis(analysis)
-    folders = select(discover(analysis_dir), only)
+    every = discover(analysis_dir)
+    folders = select(every, only)
     out = Path(out).expanduser().resolve()
     work = (out.parent / "results" / scale) if work is None else Path(work).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -499,15 +498,6 @@ def reproduce(
         ctx.log(f"{result.status} in {result.seconds:.1f} s{note}")
         results.append(result)
         _record(result, work)
-    write_readme(out, work, scale, analysis_dir, discover(analysis_dir))
+    write_readme(out, work, scale, analysis_dir, every)
     return ReproduceSummary(tuple(results), out, work, scale, time.perf_counter() - start)
 
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin wrapper, the CLI is in evalab.cli
-    from .cli import main as cli_main
-
-    return cli_main(["reproduce", *(argv or [])])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(sys.argv[1:]))

@@ -24,7 +24,7 @@ import torch
 from .. import registry
 from ..monte_carlo import monte_carlo
 from . import store
-from .spec import Cell, Spec, SpecError, check_device, input_parameters, load_spec, parse_spec
+from .spec import Cell, Spec, SpecError, check_device, load_spec, parse_spec
 
 EXECUTORS = ("local", "dask")
 SIZE_COLUMNS = ("seq_len", "key_len", "d", "dv", "batch")
@@ -72,20 +72,19 @@ class RunOptions:
 _INPUT_CACHE: dict = {}  # the last input workload built in this process: (key, QKV)
 
 
-def _make_inputs(cell: Cell, device: str):
-    dtype = getattr(torch, cell.dtype)
-    key = (cell.inputs_id, cell.dtype, device)
-    if key in _INPUT_CACHE:
-        return _INPUT_CACHE[key]
-    accepted = input_parameters(cell.kind)
+def build_inputs(cell: Cell, device, dtype: torch.dtype):
+    """The cell's input workload (QKV) as every sweep builds it: its parameters and input seed, then cast."""
     params = dict(cell.inputs)
     if cell.input_seed is not None:
         params["seed"] = cell.input_seed
-    if "dtype" in accepted:
-        params["dtype"] = dtype
-    if "device" in accepted:
-        params["device"] = device
-    qkv = registry.make_inputs(cell.kind, **params).to(device=device, dtype=dtype)
+    return registry.make_inputs(cell.kind, **params).to(device=device, dtype=dtype)
+
+
+def _make_inputs(cell: Cell, device: str):
+    key = (cell.inputs_id, cell.dtype, device)
+    if key in _INPUT_CACHE:
+        return _INPUT_CACHE[key]
+    qkv = build_inputs(cell, device, getattr(torch, cell.dtype))
     _INPUT_CACHE.clear()
     _INPUT_CACHE[key] = qkv
     return qkv

@@ -84,7 +84,6 @@ class Cell:
     replicates: int
     dtype: str
     matrix: bool | None
-    block: int
     description: str
     error: str | None = None
 
@@ -350,7 +349,7 @@ def _expand(spec: Spec) -> list[Cell]:
     in_axes = [n for n in in_names if isinstance(spec.inputs[n], list)]
     cells: list[Cell] = []
     seen: set[str] = set()
-    for index, block in enumerate(spec.estimators):
+    for block in spec.estimators:
         name = block["name"]
         fields = {f.name: f for f in dataclasses.fields(registry.ESTIMATORS[name])}
         est_names, est_values = _axes(block, ("name", "label"))
@@ -393,7 +392,7 @@ def _expand(spec: Spec) -> list[Cell]:
                 cells.append(Cell(
                     cell_id=cell_id, key=key, estimator=name, label=block["label"], params=params, kind=kind,
                     inputs=inputs, input_seed=input_seed, mc_seed=mc_seed, replicates=spec.replicates,
-                    dtype=spec.dtype, matrix=spec.matrix, block=index,
+                    dtype=spec.dtype, matrix=spec.matrix,
                     description=" ".join([block["label"], *shown]), error=_construct_error(name, given),
                 ))
     return cells

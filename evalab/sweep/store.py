@@ -36,7 +36,6 @@ def cell_path(out: str | Path, cell_id: str) -> Path:
 def write_cell(out: str | Path, cell_id: str, frame: pd.DataFrame) -> Path:
     """Write one cell's rows atomically to DIR/cells/<cell_id>.parquet."""
     path = cell_path(out, cell_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: frame.to_parquet(handle, index=False))
     return path
 
@@ -44,7 +43,6 @@ def write_cell(out: str | Path, cell_id: str, frame: pd.DataFrame) -> Path:
 def write_spec(out: str | Path, text: str, spec_hash: str) -> None:
     """Save the spec's text as DIR/spec.toml (latest) and DIR/specs/<hash>.toml."""
     out = Path(out)
-    (out / "specs").mkdir(parents=True, exist_ok=True)
     data = text.encode()
     for path in (out / "spec.toml", out / "specs" / f"{spec_hash}.toml"):
         atomic_write(path, lambda handle: handle.write(data))
