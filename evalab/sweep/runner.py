@@ -38,10 +38,13 @@ class SweepSummary:
 
     done: int
     skipped: int
-    failed: int
     wall_seconds: float
     out: Path
     failures: tuple = ()  # (description, error) of each failed cell
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
 
     @property
     def total(self) -> int:
@@ -328,17 +331,16 @@ def run_sweep(
     )
     invalid = [c for c in todo if c.error is not None]
     runnable = [c for c in todo if c.error is None]
-    done = failed = 0
+    done = 0
     failures = []
     bar = _progress(progress, len(todo), spec.name)
     try:
         def record(cell: Cell, frame: pd.DataFrame) -> None:
-            nonlocal done, failed
+            nonlocal done
             store.write_cell(out, cell.cell_id, frame)
             if frame["status"].iloc[0] == "ok":
                 done += 1
             else:
-                failed += 1
                 failures.append((cell.description, frame["error"].iloc[0]))
             bar.update(1)
 
@@ -354,7 +356,7 @@ def run_sweep(
     finally:
         bar.close()
         _INPUT_CACHE.clear()
-    return SweepSummary(done, skipped, failed, time.perf_counter() - start, out, tuple(failures))
+    return SweepSummary(done, skipped, time.perf_counter() - start, out, tuple(failures))
 
 
 def _check_available(device: str) -> None:
