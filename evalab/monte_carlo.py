@@ -152,12 +152,18 @@ class _Accumulator:
         shape = self.ref.shape
         self.sum_d = torch.zeros(self.G, *shape, dtype=torch.float64, device=self.ref.device)
         self.sum_sq = torch.zeros(self.G, *shape[:-1], dtype=torch.float64, device=self.ref.device)
-        self.count = torch.zeros(self.G, dtype=torch.float64, device=self.ref.device)
         self.shift: torch.Tensor | None = None
-        self.ref_sq = float((self.ref**2).sum(-1).mean())
-        self.ref_fro = math.sqrt(float((self.ref**2).sum()))
+        self.power = (self.ref**2).sum(-1)  # |Y_n|^2
+        self.ref_sq, self.ref_fro = float(self.power.mean()), math.sqrt(float(self.power.sum()))
         self.errors: list[torch.Tensor] = []
         self.rel: list[torch.Tensor] = []
+
+    def _bound(self, g: int) -> int:
+        """First replicate of group g (groups are contiguous runs of replicates)."""
+        return -(-g * self.R // self.G)
+
+    def _group_size(self, g: int) -> int:
+        return self._bound(g + 1) - self._bound(g)
 
     def add(self, start: int, y: torch.Tensor) -> None:
         """Accumulate estimates y (b, *batch, N, dv) of replicates start..start+b, in y's dtype with float64 sums."""
@@ -169,11 +175,10 @@ class _Accumulator:
         stop = start + y.shape[0]
         first, last = start * self.G // self.R, (stop - 1) * self.G // self.R
         for g in range(first, last + 1):  # groups are contiguous runs of replicates
-            lo = max(start, -(-g * self.R // self.G)) - start
-            hi = min(stop, -(-(g + 1) * self.R // self.G)) - start
+            lo = max(start, self._bound(g)) - start
+            hi = min(stop, self._bound(g + 1)) - start
             self.sum_d[g] += d[lo:hi].sum(0, dtype=torch.float64)
             self.sum_sq[g] += sq[lo:hi].sum(0, dtype=torch.float64)
-            self.count[g] += hi - lo
         err = d.add_(self._shift - self._ref)  # y - Y, reusing d's memory
         err = (err * err).sum(-1).flatten(1).sum(-1, dtype=torch.float64)  # (b,)
         self.errors.append(err / sq[0].numel())
@@ -185,24 +190,25 @@ class _Accumulator:
         bias2 = ((self.shift + mean_d - self.ref) ** 2).sum(-1) - variance / n
         return {"mse": variance + bias2, "variance": variance, "bias2": bias2}
 
-    def _aggregates(self, sum_d, sum_sq, n) -> dict[str, float]:
-        pq = self._per_query(sum_d, sum_sq, n)
+    def _aggregates(self, pq: dict) -> dict[str, float]:
         out = {name: float(t.mean()) for name, t in pq.items()}
         out.update({f"rel_{name}": value / self.ref_sq for name, value in list(out.items())})
         return out
 
     def finish(self) -> tuple[dict, dict, dict, np.ndarray, np.ndarray]:
-        total_d, total_sq, n = self.sum_d.sum(0), self.sum_sq.sum(0), float(self.count.sum())
-        full = self._aggregates(total_d, total_sq, n)
-        loo = [self._aggregates(total_d - self.sum_d[g], total_sq - self.sum_sq[g], n - float(self.count[g])) for g in range(self.G)]
+        total_d, total_sq, n = self.sum_d.sum(0), self.sum_sq.sum(0), float(self.R)
+        full_pq = self._per_query(total_d, total_sq, n)
+        full = self._aggregates(full_pq)
+        loo = [self._aggregates(self._per_query(total_d - self.sum_d[g], total_sq - self.sum_sq[g], n - self._group_size(g)))
+               for g in range(self.G)]
         leave_one_out = {name: np.array([row[name] for row in loo]) for name in SUMMED}
         metrics = {name: jackknife_interval(full[name], leave_one_out[name]) for name in SUMMED}
         rel = torch.cat(self.rel).cpu().numpy()
         metrics["rel_error"] = mean_interval(rel)
         metrics["rel_error_median"] = quantile_interval(rel, 0.5)
         metrics["rel_error_p90"] = quantile_interval(rel, 0.9)
-        per_query = {k: t.cpu() for k, t in self._per_query(total_d, total_sq, n).items()}
-        per_query["reference_power"] = (self.ref**2).sum(-1).cpu()
+        per_query = {k: t.cpu() for k, t in full_pq.items()}
+        per_query["reference_power"] = self.power.cpu()
         return metrics, leave_one_out, per_query, torch.cat(self.errors).cpu().numpy(), rel
 
 
