@@ -140,14 +140,10 @@ def _causal_log(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Te
         pair = torch.logsumexp(lq_b.unsqueeze(-2) + lk_b.unsqueeze(-3), dim=-1)  # (R, *b, T, T)
         ahead = torch.ones(stop - start, stop - start, dtype=torch.bool, device=v.device).triu_(1)
         pair = pair.masked_fill(ahead, -math.inf)
-        if start == 0:
-            out[..., start:stop, :] = torch.softmax(pair, -1) @ v_b
-        else:
-            past = lq_b + log_mass  # (R, *b, T, F)
-            logits = torch.cat([past, pair], dim=-1)
-            weights = torch.softmax(logits, dim=-1)
-            F = lq.shape[-1]
-            out[..., start:stop, :] = weights[..., :F] @ kv + weights[..., F:] @ v_b
+        past = lq_b + log_mass  # (R, *b, T, F); -inf in the first block, which has no past
+        weights = torch.softmax(torch.cat([past, pair], dim=-1), dim=-1)
+        F = lq.shape[-1]
+        out[..., start:stop, :] = weights[..., :F] @ kv + weights[..., F:] @ v_b
         block_mass = torch.logsumexp(lk_b, dim=-2, keepdim=True)
         new_mass = torch.logaddexp(log_mass, block_mass)
         kv = torch.exp(log_mass - new_mass).transpose(-1, -2) * kv + torch.exp(lk_b - new_mass).transpose(-1, -2) @ v_b
