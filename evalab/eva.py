@@ -214,25 +214,20 @@ class _Window:
     """Exact block-local attention: position n sees the block of ``window`` positions holding it (causal: m <= n)."""
 
     def __init__(self, inp: Scaled, window: int, causal: bool):
-        N = inp.x.shape[-2]
-        self.N, self.length = N, min(window, N)
-        blocks = math.ceil(N / self.length)
-        pad = blocks * self.length - N
-        split = lambda t: torch.nn.functional.pad(t, (0, 0, 0, pad)).unflatten(-2, (blocks, self.length))
-        self.v = split(inp.v)  # (*b, B, L, dv)
-        logits = split(inp.x) @ split(inp.y).transpose(-1, -2)  # (*b, B, L, L)
-        position = torch.arange(blocks * self.length, device=inp.x.device).view(blocks, 1, self.length)
-        hidden = (position >= N).expand(blocks, self.length, self.length)
+        self.N, self.blocks = inp.x.shape[-2], _Chunks(inp, window)  # blocks of positions, laid out as chunks (N == M)
+        L = self.blocks.length
+        self.v = self.blocks.split(inp.v)  # (*b, B, L, dv)
+        logits = self.blocks.split(inp.x) @ self.blocks.split(inp.y).transpose(-1, -2)  # (*b, B, L, L)
+        hidden = ~self.blocks.valid.unsqueeze(-2)  # padding keys (B, 1, L)
         if causal:
-            hidden = hidden | torch.ones(self.length, self.length, dtype=torch.bool, device=inp.x.device).triu(1)
+            hidden = hidden | torch.ones(L, L, dtype=torch.bool, device=inp.x.device).triu(1)
         self.logits = logits.masked_fill(hidden, -math.inf)
-        self.lse = torch.logsumexp(self.logits, dim=-1).flatten(-2)[..., :N]  # (*b, N)
+        self.lse = torch.logsumexp(self.logits, dim=-1).flatten(-2)[..., : self.N]  # (*b, N)
 
     def output(self, lse: torch.Tensor) -> torch.Tensor:
         """sum_{m in E_n} exp(l_nm - lse_n) v_m for a total log-normaliser lse (*b, N): (*b, N, dv)."""
-        pad = self.logits.shape[-3] * self.length - self.N
-        lse = torch.nn.functional.pad(lse, (0, pad)).unflatten(-1, self.logits.shape[-3:-1])
-        weights = (self.logits - lse.unsqueeze(-1)).exp()
+        lse = self.blocks.split(lse.unsqueeze(-1))  # (*b, B, L, 1)
+        weights = (self.logits - lse).exp()
         return (weights @ self.v).flatten(-3, -2)[..., : self.N, :]
 
 
