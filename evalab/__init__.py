@@ -7,16 +7,13 @@
     y = est(q, k, v, draw)                              # (100, N, dv)
     res = ev.monte_carlo(est, q, k, v, replicates=1000)  # bias, variance, error with 95% intervals
 """
-from . import features, inputs, theory
+from . import inputs, theory
 from .attribution import Attribution, key_variance
-from .control_variates import ControlVariates, ControlVariateTerms
-from .cost import Cost, estimate_cost
-from .draw import Draw
-from .eva import EVA
+from .cost import estimate_cost
+from .estimators import (EVA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax, features,
+                         softmax_attention)
 from .intervals import Estimate
 from .monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
-from .rfa import RFA
-from .softmax import Softmax, softmax_attention
 from .sweep import load_results, load_spec, run_sweep
 
 __version__ = "0.1.0"
@@ -30,6 +27,7 @@ __all__ = [
     "Draw",
     "EVA",
     "Estimate",
+    "Estimator",
     "MCResult",
     "RFA",
     "Softmax",

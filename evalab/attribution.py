@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from . import _checks
-from .control_variates import ControlVariates
+from .estimators.control_variates import ControlVariates
 from .monte_carlo import iter_draws
 
 

@@ -21,12 +21,12 @@ import torch
 
 from . import __version__
 from .cost import estimate_cost
-from .draw import Draw
-from .eva import EVA
+from .estimators.draw import Draw
+from .estimators.eva import EVA
 from .inputs import gaussian
 from .monte_carlo import monte_carlo
-from .rfa import RFA
-from .softmax import Softmax, softmax_attention
+from .estimators.rfa import RFA
+from .estimators.softmax import Softmax, softmax_attention
 
 D = 64
 #: Columns of the roofline matmul (N, d) @ (d, FEATURE_COLUMNS): about the feature columns of one engine batch.

@@ -17,11 +17,12 @@ import pandas as pd
 import torch
 
 from . import _checks
-from .cost import Cost, estimate_cost
-from .draw import Draw, seeded_generator
+from .cost import estimate_cost
+from .estimators.base import Cost
+from .estimators.draw import Draw, seeded_generator
 from .intervals import Estimate, jackknife_interval, mean_interval, quantile_interval
 from .registry import estimator_name
-from .softmax import softmax_attention
+from .estimators.softmax import softmax_attention
 
 NOISE_BLOCK = 64
 GROUPS = 20

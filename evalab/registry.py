@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from .control_variates import ControlVariates
-from .eva import EVA
+from .estimators.control_variates import ControlVariates
+from .estimators.eva import EVA
 from .inputs import gaussian
 from .inputs.minilm import minilm_head
-from .rfa import RFA
-from .softmax import Softmax
+from .estimators.rfa import RFA
+from .estimators.softmax import Softmax
 
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates}
 INPUTS = {"gaussian": gaussian, "minilm": minilm_head}

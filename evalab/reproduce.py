@@ -280,7 +280,7 @@ def rfa_prediction(qkv, *, feature_map: str = "positive") -> dict[str, float]:
     """
     import torch
 
-    from .softmax import softmax_attention
+    from .estimators.softmax import softmax_attention
     from .theory import rfa_bias_variance
 
     q, k, v = (t.to(torch.float64) for t in qkv)

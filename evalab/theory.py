@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from . import _checks
-from .scaled import Scaled
+from .estimators.scaled import Scaled
 
 __all__ = ["kernel_mse", "rfa_bias_variance", "RFATheory", "measured_vs_predicted"]
 

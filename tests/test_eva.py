@@ -22,7 +22,7 @@ CONFIGS = [
 @pytest.mark.parametrize("query_block", [None, 1], ids=["one-block", "block-per-group"])
 def test_matches_literal_reference(window, chunk_size, samples, causal, partition, query_block, monkeypatch):
     if query_block is not None:  # force many query blocks, the last one partial (N = 22)
-        monkeypatch.setattr(ev.eva, "QUERY_BLOCK_ELEMENTS", query_block)
+        monkeypatch.setattr(ev.estimators.eva, "QUERY_BLOCK_ELEMENTS", query_block)
     q, k, v = make_qkv(N=22, d=4, dv=3, norm=0.9, seed=11)
     for proposal, chunk_logit in [("mean", "mean"), ("half-mean", "exact"), ("zero", "official")]:
         try:

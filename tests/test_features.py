@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from evalab.features import kernel_estimate, log_features, num_columns, sample_omega, trig_features
+from evalab.estimators.features import kernel_estimate, log_features, num_columns, sample_omega, trig_features
 
 Z_MAX = 4.5
 
@@ -99,9 +99,9 @@ def test_log_features_float32_finite_at_norm_10():
 
 def test_int_seeds_give_purpose_specific_streams():
     """An int seed is hashed with a purpose tag: inputs(seed=0) and draw(generator=0) never share a stream."""
-    from evalab.draw import make_generator
+    from evalab.estimators.draw import make_generator
     from evalab.inputs.synthetic import INPUTS_PURPOSE
-    from evalab.draw import seeded_generator
+    from evalab.estimators.draw import seeded_generator
 
     draw_stream = torch.randn(6, generator=make_generator(0))
     assert not torch.equal(draw_stream, torch.randn(6, generator=seeded_generator(0, INPUTS_PURPOSE)))

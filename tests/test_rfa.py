@@ -4,8 +4,8 @@ import torch
 
 import evalab as ev
 from conftest import make_qkv, scaled
-from evalab.features import kernel_estimate
-from evalab.rfa import CAUSAL_BLOCK
+from evalab.estimators.features import kernel_estimate
+from evalab.estimators.rfa import CAUSAL_BLOCK
 
 MAPS = ["positive", "hyperbolic", "trig"]
 
@@ -23,7 +23,7 @@ def rfa_reference(q, k, v, omega, feature_map, causal=False):
 @pytest.mark.parametrize("log_block", [None, 200], ids=["one-block", "position-blocks"])
 def test_matches_reference(feature_map, causal, log_block, monkeypatch):
     if log_block is not None:  # non-causal log space over blocks of 1-2 positions
-        monkeypatch.setattr(ev.rfa, "LOG_BLOCK_ELEMENTS", log_block)
+        monkeypatch.setattr(ev.estimators.rfa, "LOG_BLOCK_ELEMENTS", log_block)
     N = 2 * CAUSAL_BLOCK + 5  # several causal blocks and a partial one
     q, k, v = make_qkv(N=N, d=6, dv=3, batch=(2,), norm=0.8)
     est = ev.RFA(num_features=12, feature_map=feature_map, causal=causal)

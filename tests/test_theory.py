@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evalab import theory
-from evalab.features import kernel_estimate, log_features, sample_omega
-from evalab.rfa import RFA
-from evalab.softmax import softmax_attention
+from evalab.estimators.features import kernel_estimate, log_features, sample_omega
+from evalab.estimators.rfa import RFA
+from evalab.estimators.softmax import softmax_attention
 
 F64 = torch.float64
 MAPS = ("positive", "hyperbolic", "trig")
@@ -85,7 +85,7 @@ def _inputs(n, m, d, dv, norm, seed):
 @pytest.mark.parametrize("d, num_features", [(2, 1), (1, 2)])
 def test_kernel_mse_matches_gauss_hermite_quadrature(feature_map, d, num_features):
     """Exact check, independent of the closed form: E[(phi(x).phi(y) - e^{x.y})^2] by tensor-product
-    Gauss-Hermite quadrature over all d * S omega coordinates, with phi from evalab.features."""
+    Gauss-Hermite quadrature over all d * S omega coordinates, with phi from evalab.estimators.features."""
     nodes, weights = np.polynomial.hermite_e.hermegauss(60)
     weights = weights / math.sqrt(2 * math.pi)
     dims = d * num_features
@@ -296,7 +296,7 @@ def _replicates(num_features: int) -> int:
 
 
 def _snis_parts(x, y, v, omega, feature_map):
-    """SNIS numerator A and denominator B (A / B = RFA) from the positive-type features of evalab.features."""
+    """SNIS numerator A and denominator B (A / B = RFA) from the positive-type features of evalab.estimators.features."""
     phi_x, phi_y = log_features(x, omega, feature_map).exp(), log_features(y, omega, feature_map).exp()
     return phi_x @ (phi_y.transpose(-1, -2) @ v), phi_x @ phi_y.sum(-2)[..., None]
 
@@ -319,7 +319,7 @@ def _denominator(x, y, omega, feature_map):
 def _rfa_monte_carlo(feature_map: str, num_features: int):
     """RFA replicates at small norms (d = 4, N = M = 6, dv = 3, scaled norms 0.5) with the SNIS numerator A
     and denominator B of the same draws. B is rebuilt from the features; A = RFA * B, checked on 200
-    replicates against a direct reference built from evalab.features."""
+    replicates against a direct reference built from evalab.estimators.features."""
     q, k, v = _inputs(6, 6, 4, 3, norm=0.5, seed=11)
     est = RFA(num_features=num_features, feature_map=feature_map, sampler="iid")
     gen = torch.Generator().manual_seed(num_features)
@@ -358,7 +358,7 @@ def test_rfa_first_order_terms_match_monte_carlo(feature_map, num_features):
 @pytest.mark.parametrize("feature_map", ["positive", "hyperbolic"])
 @pytest.mark.parametrize("num_features", [64, 256])
 def test_rfa_bias_variance_matches_monte_carlo(feature_map, num_features):
-    """Measured RFA (evalab.rfa) against the prediction.
+    """Measured RFA (evalab.estimators.rfa) against the prediction.
 
     Variance: sum over queries of the sample variance, tolerance 5 standard errors (normal approximation,
     false-positive rate 6e-7) plus 4/S for the O(1/S^2) terms the delta method drops (observed ~2/S here).

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .. import _checks
-from ..draw import seeded_generator
+from ..estimators.draw import seeded_generator
 from .qkv import QKV
 
 INPUTS_PURPOSE = 0x696E70  # "inp"

@@ -19,7 +19,7 @@ import torch
 from scipy.special import ndtri
 from scipy.stats import qmc
 
-from . import _checks
+from .. import _checks
 from .draw import Draw, gaussian_noise, make_generator
 
 FEATURE_MAPS = ("positive", "hyperbolic", "trig")

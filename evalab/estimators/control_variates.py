@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from .. import _checks
+from .base import Cost
 from .draw import Draw
-from .features import SAMPLERS, OmegaDraws, log_features
+from .features import SAMPLERS, OmegaDraws, log_features, num_columns
 from .scaled import Scaled
 
 COEFFICIENTS = ("shared", "optimal", "chunked")
@@ -87,6 +88,15 @@ class ControlVariates(OmegaDraws):
         beta_c = _chunk_coefficients(hbar, inp.v, size)
         out = (beta_c * _chunked(expected_h, size).sum(-1, keepdim=True)).sum(-2)
         return out.to(inp.out_dtype)
+
+    def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
+        """Quadratic: exact softmax weights once per call (2 N M d + 4 N M); per replicate the features, the
+        N x M kernel estimate over F columns and the chunk coefficients."""
+        S, F = self.num_features, num_columns(self.feature_map, self.num_features)
+        fixed = 2 * N * M * d + 4 * N * M
+        rep = 2 * (N + M) * S * d + 2 * (N + M) * F + 2 * N * M * F + 2 * N * M * dv + 3 * N * M
+        memory = 3 * (N + M) * F + 2 * N * M + N * dv * math.ceil(M / (self.chunk_size or M))
+        return Cost.per_element(fixed, rep, 2 * N * M, memory, batch=batch, itemsize=itemsize)
 
     def terms(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> ControlVariateTerms:
         """Per-element terms (hbar, E[h], beta, ghat) of one call; quadratic memory (R x N x M x dv)."""

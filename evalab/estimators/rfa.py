@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from .. import _checks
+from .base import Cost
 from .draw import Draw
 from .features import FEATURE_MAPS, SAMPLERS, OmegaDraws, log_features, num_columns, stacked_projection, trig_features
 from .scaled import Scaled
@@ -66,6 +67,19 @@ class RFA(OmegaDraws):
     def columns(self) -> int:
         """Number of feature columns F."""
         return num_columns(self.feature_map, self.num_features)
+
+    def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
+        """All per replicate: projections w.x (2 (N+M) S d), key averages and query mixture (2 (N+M) F dv),
+        feature/softmax elementwise work (4 (N+M) F); causal adds the within-block pairs and state updates."""
+        S, F = self.num_features, self.columns
+        flops = 2 * (N + M) * S * d + 2 * (N + M) * F * dv + 4 * (N + M) * F
+        if self.causal:
+            T = min(CAUSAL_BLOCK, N)
+            flops += N * T * (3 * F + 2 * dv) + 2 * N * F * dv
+            memory = 3 * (N + M) * F + T * T * F + 2 * F * dv + N * dv
+        else:
+            memory = 3 * (N + M) * F + F * dv + N * dv
+        return Cost.per_element(0.0, flops, 0.0, memory, batch=batch, itemsize=itemsize)
 
     def _linear_features(self, inp: Scaled, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stabilised features in the linear domain, (*b, N, R, F) and (*b, M, R, F); factors that cancel in the

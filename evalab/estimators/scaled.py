@@ -7,7 +7,7 @@ from functools import reduce
 
 import torch
 
-from . import _checks
+from .. import _checks
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from .. import _checks
+from .base import Cost
 from .draw import Draw, gaussian_noise, make_generator
 from .scaled import Scaled
 from .softmax import BLOCK_ELEMENTS
@@ -125,6 +126,31 @@ class EVA:
         if window is not None:
             out += window.output(lse)
         return out.to(inp.out_dtype)
+
+    def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
+        """Deterministic per call: the window (N w (2d + 2dv + 4)) and the chunk logits (2 N C d, or the
+        quadratic oracle for chunk_logit="exact"); per replicate: log xi per chunk, its softmax and chunk
+        averages, and the mix over chunks (with S_c > 1 the query-dependent importance weights)."""
+        w = min(self.window, N)
+        fixed = memory_fixed = 0.0
+        if w:
+            fixed += N * w * (2 * d + 2 * dv + 4)
+            memory_fixed += 2 * N * w + N * dv
+        if not self.chunk_size:
+            return Cost.per_element(fixed, 0.0, memory_fixed, 0.0, batch=batch, itemsize=itemsize)
+        C, S = math.ceil(M / self.chunk_size), self.samples_per_chunk
+        fixed += (2 * N * M * d + 2 * N * M) if self.chunk_logit == "exact" else 2 * N * C * d + 2 * M * d
+        rep = 2 * M * S * d + 4 * M * S + 2 * M * S * dv
+        memory = 3 * M * S + C * S * dv + N * dv
+        rows = min(N, self.chunk_size)  # the fewest queries per block; blocks hold about QUERY_BLOCK_ELEMENTS
+        if S == 1:
+            rep += 2 * N * C * dv
+            memory_fixed += 3 * C * max(rows, min(N, QUERY_BLOCK_ELEMENTS // C)) + N
+        else:
+            rep += 2 * N * C * S * (d + dv) + 4 * N * C * S
+            memory_fixed += 3 * QUERY_BLOCK_ELEMENTS + N
+            memory += 3 * rows * C * S
+        return Cost.per_element(fixed, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
 
     def _visible(self, n: torch.Tensor, chunks: "_Chunks") -> torch.Tensor:
         """(len(n), C) bool: which chunk terms the queries at positions ``n`` use (a function of n // chunk_size)."""

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from .. import _checks
+from .base import Cost
 from .draw import Draw
 
 #: Logit elements per query block where logits are materialised (float32: 8 MiB, cache-friendly).
@@ -73,3 +74,11 @@ class Softmax:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         out = softmax_attention(q, k, v, scale=self.scale, causal=self.causal)
         return out.expand(draw.replicates, *out.shape)
+
+    def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
+        """Logits, weights @ v and max/sub/exp/sum over the N x M pairs (half of them when causal), all
+        deterministic; memory: one block of logits at most (the fused kernel holds far less) and the output."""
+        pairs = N * (M + 1) / 2 if self.causal else N * M
+        flops = pairs * (2 * d + 2 * dv + 4)
+        block = min(N, max(1, ATTENTION_BLOCK_ELEMENTS // M)) * M
+        return Cost.per_element(flops, 0.0, block + N * dv, 0.0, batch=batch, itemsize=itemsize)

@@ -1,0 +1,12 @@
+"""The estimators: exact softmax, random-feature attention, the control-variate view and EVA, under one
+protocol (:mod:`evalab.estimators.base`); their randomness lives in a :class:`Draw`."""
+from . import features
+from .base import Cost, Estimator
+from .control_variates import ControlVariates, ControlVariateTerms
+from .draw import Draw
+from .eva import EVA
+from .rfa import RFA
+from .softmax import Softmax, softmax_attention
+
+__all__ = ["ControlVariateTerms", "ControlVariates", "Cost", "Draw", "EVA", "Estimator", "RFA", "Softmax",
+           "features", "softmax_attention"]
