@@ -1,10 +1,11 @@
-"""Closed-form theory for random-feature attention (theory.md sections 2 and 7), in float64 and log space.
+"""Closed-form theory for random-feature attention (docs/theory.md sections 2, 7, 8 and 9), in float64 and log space.
 
 ``kernel_mse`` gives the exact mean squared error of the random-feature estimate of the softmax kernel
-exp(x.y) for the positive, hyperbolic and trig feature maps (Performer Lemma 2). ``rfa_bias_variance`` gives the
+exp(x.y) for the positive, hyperbolic and trig feature maps (Performer Lemma 2) and the generalised exponential
+maps OPRF, SDERF and SADERF at a given A, with iid or orthogonal draws. ``rfa_bias_variance`` gives the
 first-order (delta-method, O(1/S)) bias vector and variance trace of RFA, the self-normalised importance
-sampling estimate of softmax attention, for iid positive and hyperbolic (antithetic) features; it returns an
-:class:`RFATheory`. ``measured_vs_predicted`` sets Monte-Carlo measurements against that prediction. Inputs
+sampling estimate of softmax attention, for iid positive, hyperbolic (antithetic) and OPRF/SDERF/SADERF
+features; it returns an :class:`RFATheory`. ``measured_vs_predicted`` sets Monte-Carlo measurements against that prediction. Inputs
 are in scaled coordinates for ``kernel_mse`` and raw (q, k, v) for ``rfa_bias_variance``; every exponential is
 formed after its maximum has been factored out, so results overflow only when the true value exceeds float64.
 """
@@ -17,13 +18,18 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scipy.special import gammaln
+
 from . import _checks
+from .estimators.gerf import GERF_MAPS, GerfParams
 from .estimators.scaled import Scaled
 
-__all__ = ["kernel_mse", "rfa_bias_variance", "RFATheory", "measured_vs_predicted"]
+__all__ = ["kernel_mse", "orthogonal_covariance", "rfa_bias_variance", "RFATheory", "measured_vs_predicted"]
 
-KERNEL_FEATURE_MAPS = ("positive", "hyperbolic", "trig")
-RFA_FEATURE_MAPS = ("positive", "hyperbolic")
+KERNEL_FEATURE_MAPS = ("positive", "hyperbolic", "trig", *GERF_MAPS)
+RFA_FEATURE_MAPS = ("positive", "hyperbolic", *GERF_MAPS)
+KERNEL_SAMPLERS = ("iid", "orthogonal")
+SERIES_ELEMENTS = 2**22  # elements x terms per chunk of the orthogonal-covariance series
 MEMORY_BUDGET_BYTES = 256 * 2**20  # working memory of one query block in rfa_bias_variance
 
 
@@ -32,14 +38,35 @@ def _log1mexp_neg(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t > math.log(2.0), torch.log1p(-torch.exp(-t)), torch.log(-torch.expm1(-t)))
 
 
-def kernel_mse(x: torch.Tensor, y: torch.Tensor, *, num_features: int, feature_map: str = "positive") -> torch.Tensor:
-    """Exact MSE of the S-draw random-feature estimate of exp(x.y) (theory.md section 2).
+def kernel_mse(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_features: int,
+    feature_map: str = "positive",
+    a: float | torch.Tensor | None = None,
+    psi: torch.Tensor | None = None,
+    sampler: str = "iid",
+) -> torch.Tensor:
+    """Exact MSE of the S-draw random-feature estimate of exp(x.y) (docs/theory.md sections 2, 8, 9).
 
     x (..., d) and y (..., d) are scaled coordinates (x = sqrt(scale) q) whose leading dimensions broadcast;
     returns float64 of the broadcast shape (...). ``num_features`` is S, the number of omega draws (S antithetic
-    pairs for ``hyperbolic``). With z = x + y, D = x - y, K = exp(x.y):
-    positive (1/S) e^{|z|^2} K^2 (1 - e^{-|z|^2}); hyperbolic (1/(2S)) e^{|z|^2} K^2 (1 - e^{-|z|^2})^2;
-    trig (1/(2S)) e^{|z|^2} K^{-2} (1 - e^{-|D|^2})^2.
+    pairs for ``hyperbolic``). With z = x + y, D = x - y, K = exp(x.y), the one-draw variances V_1 are
+    positive e^{|z|^2} K^2 (1 - e^{-|z|^2}); hyperbolic (1/2) e^{|z|^2} K^2 (1 - e^{-|z|^2})^2;
+    trig (1/2) e^{|z|^2} K^{-2} (1 - e^{-|D|^2})^2;
+    oprf K^2 [((1-4A)^2/(1-8A))^(d/2) e^{|z|^2/(1-8A)} - 1] with A = ``a`` (a float or a tensor broadcasting to
+    (...), < 1/8; e.g. ``features.oprf_a(x, y)`` for the optimum);
+    sderf K^2 [det((I-4A)^2 (I-8A)^-1)^(1/2) e^{z^T (I-8A)^-1 z} - 1] with ``a`` the symmetric matrix A
+    (..., d, d) (a float: A = a I, which is OPRF);
+    saderf OPRF's on the pair (Psi x, Psi^-1 y) with ``psi`` (..., d) the diagonal of Psi (default: ones).
+
+    sampler "iid": MSE = V_1 / S. "orthogonal" (blocks of d orthogonal directions, chi(d) norms, sizes s_b):
+    MSE = V_1 / S + (sum_b s_b (s_b - 1) / S^2) C_orth, where two draws of one block have the covariance
+    C_orth = e^{-|x|^2-|y|^2} [1F1(d; d/2; |z|^2/2) - e^{|z|^2}] (Kummer's function), whatever A is, for the
+    positive, hyperbolic (each antithetic pair), OPRF and SADERF maps (SADERF on its rescaled pair). It is summed
+    as the series sum_{k>=2} (|z|^2/2)^k / k! [(d)_k / (d/2)_k - 2^k], whose terms are all <= 0, in log space,
+    so it neither cancels nor overflows. No closed form for trig or SDERF with orthogonal draws (ValueError).
     """
     for name, t in (("x", x), ("y", y)):
         if isinstance(t, torch.Tensor) and t.dim() < 1:
@@ -47,6 +74,7 @@ def kernel_mse(x: torch.Tensor, y: torch.Tensor, *, num_features: int, feature_m
         _checks.tensor(name, t, min_dim=1)
     num_features = _checks.integer("num_features", num_features)
     feature_map = _checks.choice("feature_map", feature_map, KERNEL_FEATURE_MAPS)
+    sampler = _checks.choice("sampler", sampler, KERNEL_SAMPLERS)
     if x.shape[-1] != y.shape[-1]:
         raise ValueError(f"x and y must have the same last dimension d, got x {tuple(x.shape)} and y {tuple(y.shape)}")
     try:
@@ -56,19 +84,92 @@ def kernel_mse(x: torch.Tensor, y: torch.Tensor, *, num_features: int, feature_m
         raise ValueError(f"{shapes} must broadcast in their leading dimensions") from err
     if x.device != y.device:
         raise ValueError(f"x and y must be on the same device, got x on {x.device} and y on {y.device}")
+    if (a is None) != (feature_map not in GERF_MAPS):
+        need = "needs a (the A of the map, e.g. features.oprf_a(x, y))" if a is None else "takes no a"
+        raise ValueError(f"feature_map={feature_map!r} {need}, got a={a!r}")
+    if psi is not None and feature_map != "saderf":
+        raise ValueError(f"psi applies to feature_map='saderf' only, got feature_map={feature_map!r}")
+    if sampler == "orthogonal" and feature_map in ("trig", "sderf"):
+        raise ValueError(f"sampler='orthogonal' has no closed form for feature_map={feature_map!r}; use 'iid'")
     x, y = x.to(torch.float64), y.to(torch.float64)
+    if psi is not None:
+        psi = torch.as_tensor(psi, dtype=torch.float64, device=x.device)
+        x, y = x * psi, y / psi
     xy = (x * y).sum(-1)
     log_s = math.log(num_features)
     if feature_map == "trig":
         d_sq = ((x - y) ** 2).sum(-1)
-        log_mse = (x * x).sum(-1) + (y * y).sum(-1) + 2.0 * _log1mexp_neg(d_sq) - math.log(2.0) - log_s
+        log_var = (x * x).sum(-1) + (y * y).sum(-1) + 2.0 * _log1mexp_neg(d_sq) - math.log(2.0)
+        return torch.exp(log_var - log_s)
+    z = x + y
+    z_sq = (z * z).sum(-1)
+    if feature_map == "positive":
+        log_var = z_sq + 2.0 * xy + _log1mexp_neg(z_sq)
+    elif feature_map == "hyperbolic":
+        log_var = z_sq + 2.0 * xy + 2.0 * _log1mexp_neg(z_sq) - math.log(2.0)
     else:
-        z_sq = ((x + y) ** 2).sum(-1)
-        if feature_map == "positive":
-            log_mse = z_sq + 2.0 * xy + _log1mexp_neg(z_sq) - log_s
-        else:
-            log_mse = z_sq + 2.0 * xy + 2.0 * _log1mexp_neg(z_sq) - math.log(2.0) - log_s
+        exponent = _gerf_exponent(feature_map, a, z, z_sq)
+        log_var = 2.0 * xy + exponent + _log1mexp_neg(exponent)
+    if sampler == "iid":
+        return torch.exp(log_var - log_s)
+    d = x.shape[-1]
+    pairs = (num_features // d) * d * (d - 1) + (num_features % d) * (num_features % d - 1)
+    if pairs == 0:
+        return torch.exp(log_var - log_s)
+    log_cov = _log_neg_orthogonal_covariance(z_sq, d) - (x * x).sum(-1) - (y * y).sum(-1)  # log(-C_orth)
+    delta = log_cov + math.log(pairs / num_features) - log_var  # log of |pairs C_orth / S| / V_1 (<= 0)
+    log_mse = log_var - log_s + torch.log(-torch.expm1(delta.clamp_max(0.0)))
     return torch.exp(log_mse)
+
+
+def _gerf_exponent(feature_map: str, a, z: torch.Tensor, z_sq: torch.Tensor) -> torch.Tensor:
+    """E = log(E[f(x)^2 f(y)^2] / K^2) >= 0 of a generalised exponential map: OPRF/SADERF
+    (d/2) log1p(16 a^2 / (1 - 8a)) + |z|^2 / (1 - 8a); SDERF with A = Q diag(alpha) Q^T the sum over directions."""
+    d = z.shape[-1]
+    a = torch.as_tensor(a, dtype=torch.float64, device=z.device)
+    if feature_map == "sderf" and a.dim() >= 2:
+        if a.shape[-2:] != (d, d):
+            raise ValueError(f"a for feature_map='sderf' must be a float or a (..., {d}, {d}) matrix, got {tuple(a.shape)}")
+        alpha, basis = torch.linalg.eigh(a)
+        _check_a(alpha)
+        proj = (z.unsqueeze(-2) @ basis).squeeze(-2)  # Q^T z
+        return (0.5 * torch.log1p(16.0 * alpha**2 / (1.0 - 8.0 * alpha)) + proj**2 / (1.0 - 8.0 * alpha)).sum(-1)
+    _check_a(a)
+    return 0.5 * d * torch.log1p(16.0 * a**2 / (1.0 - 8.0 * a)) + z_sq / (1.0 - 8.0 * a)
+
+
+def _check_a(a: torch.Tensor) -> None:
+    if not bool(torch.isfinite(a).all()) or bool((a >= 0.125).any()):
+        raise ValueError(f"a must be finite and < 1/8 (a finite variance), got values up to {float(a.max()):.6g}")
+
+
+def orthogonal_covariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """C_orth (..., ) float64: the covariance of the kernel estimates of two orthogonal draws of one block,
+    e^{-|x|^2-|y|^2} [1F1(d; d/2; |z|^2/2) - e^{|z|^2}] (<= 0), for x (..., d), y (..., d) scaled; the same for
+    every A of the OPRF family (docs/theory.md section 8)."""
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    z_sq = ((x + y) ** 2).sum(-1)
+    log_neg = _log_neg_orthogonal_covariance(z_sq, x.shape[-1]) - (x * x).sum(-1) - (y * y).sum(-1)
+    return -torch.exp(log_neg)
+
+
+def _log_neg_orthogonal_covariance(z_sq: torch.Tensor, d: int) -> torch.Tensor:
+    """log(e^{|z|^2} - 1F1(d; d/2; |z|^2/2)) = logsumexp_{k>=2} [k log t - log k! + log(2^k - (d)_k/(d/2)_k)],
+    t = |z|^2/2 (-inf at z = 0), over as many terms as the largest t needs (the terms peak near k = 2t)."""
+    t = (0.5 * z_sq).reshape(-1)
+    t_max = float(t.max()) if t.numel() else 0.0
+    terms = int(2 * t_max + 12 * math.sqrt(2 * t_max + 1) + 40)
+    k = np.arange(2, terms, dtype=np.float64)
+    log_ratio = gammaln(d + k) - gammaln(d) - gammaln(d / 2 + k) + gammaln(d / 2)  # log (d)_k / (d/2)_k
+    gap = torch.from_numpy(k * math.log(2.0) - log_ratio).to(z_sq.device)  # > 0 for k >= 2
+    k_t = torch.from_numpy(k).to(z_sq.device)
+    coef = _log1mexp_neg(gap) + k_t * math.log(2.0) - torch.from_numpy(gammaln(k + 1)).to(z_sq.device)
+    out = torch.empty_like(t)
+    rows = max(1, SERIES_ELEMENTS // len(k))
+    for start in range(0, t.numel(), rows):
+        log_t = torch.log(t[start:start + rows]).unsqueeze(-1)
+        out[start:start + rows] = torch.logsumexp(k_t * log_t + coef, dim=-1)
+    return out.reshape(z_sq.shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,13 +226,18 @@ def rfa_bias_variance(
     feature_map: str = "positive",
     scale: float | None = None,
     block_size: int | None = None,
+    a: float | None = None,
 ) -> RFATheory:
-    """Delta-method bias and variance of RFA with S = ``num_features`` iid draws (theory.md section 7).
+    """Delta-method bias and variance of RFA with S = ``num_features`` iid draws (docs/theory.md sections 7-9).
 
     q (*batch, N, d), k (*batch, M, d), v (*batch, M, dv). With x = sqrt(scale) q, y = sqrt(scale) k,
     u_m = v_m - Y_n and K_{mm'} = exp(|x_n|^2 + 2 x_n.y_m + 2 x_n.y_m' + y_m.y_m'):
     variance_n = (1/S) sum K_{mm'} u_m.u_m' / Z_n^2,   bias_n = -(1/S) sum K_{mm'} u_m / Z_n^2.
     ``hyperbolic`` (S antithetic pairs) uses (K_{mm'} + exp(-|x_n|^2 - y_m.y_m')) / 2 in place of K.
+    The generalised exponential maps (``oprf``, ``sderf``, ``saderf``; A from each head's pooled statistics as
+    the estimator takes it, or A = ``a`` I) use E[f(x_n)^2 f(y_m) f(y_m')] =
+    det(I-4A) det(I-8A)^(-1/2) exp(s^T C s / 2 - |x_n|^2 - (|y_m|^2 + |y_m'|^2)/2), s = 2 x_n + y_m + y_m',
+    C = (I-4A)(I-8A)^-1, in place of K (SADERF: on the rescaled pair (Psi x, Psi^-1 y)); A = 0 gives K.
     Queries are processed ``block_size`` at a time (default: as many as fit in ~256 MB); cost O(N M^2 dv).
 
     Precision: all exponentials are factored by their maxima, so large norms are accurate (1e-10 against
@@ -142,6 +248,11 @@ def rfa_bias_variance(
     """
     num_features = _checks.integer("num_features", num_features)
     feature_map = _checks.choice("feature_map", feature_map, RFA_FEATURE_MAPS)
+    if a is not None:
+        if feature_map not in GERF_MAPS:
+            raise ValueError(f"a applies to the maps {', '.join(GERF_MAPS)}, got feature_map={feature_map!r}")
+        if _checks.real("a", a, minimum=-math.inf) >= 0.125:
+            raise ValueError(f"a must be < 1/8 (a finite variance), got {a}")
     if block_size is not None:
         block_size = _checks.integer("block_size", block_size)
     _checks.qkv(q, k, v)  # before the float64 cast, so a wrong argument is named as given
@@ -155,8 +266,18 @@ def rfa_bias_variance(
 
     bias = torch.empty(x.shape[0], n, dv, dtype=torch.float64, device=q.device)
     variance = torch.empty(x.shape[0], n, dtype=torch.float64, device=q.device)
+    params = GerfParams.of(feature_map, x, y, a) if feature_map in GERF_MAPS else None
     for b in range(x.shape[0]):
-        _single_head(x[b], y[b], vals[b], feature_map, block_size, bias[b], variance[b])
+        xb, yb, metric, log_prefactor = x[b], y[b], None, 0.0
+        if params is not None:  # C^(1/2) = Q diag(sqrt((1-4a)/(1-8a))) Q^T and log det(I-4A) det(I-8A)^(-1/2)
+            alpha = params.a[b]
+            if params.psi is not None:
+                xb, yb = xb * params.psi[b], yb / params.psi[b]
+            root = torch.sqrt((1.0 - 4.0 * alpha) / (1.0 - 8.0 * alpha))
+            basis = params.basis[b] if params.basis is not None else torch.eye(d, dtype=torch.float64, device=q.device)
+            metric = (basis * root) @ basis.T
+            log_prefactor = float((torch.log1p(-4.0 * alpha) - 0.5 * torch.log1p(-8.0 * alpha)).sum())
+        _single_head(xb, yb, vals[b], feature_map, block_size, bias[b], variance[b], metric, log_prefactor)
     bias = bias / num_features
     variance = variance.clamp_min(0.0) / num_features  # a PSD form; only rounding can make it negative
     return RFATheory(bias.reshape(*batch, n, dv), variance.reshape(*batch, n), num_features, feature_map)
@@ -169,9 +290,13 @@ def _times_exp(t: torch.Tensor, log_factor: torch.Tensor) -> torch.Tensor:
 
 def _single_head(
     x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, feature_map: str, block_size: int,
-    bias_out: torch.Tensor, var_out: torch.Tensor,
+    bias_out: torch.Tensor, var_out: torch.Tensor, metric: torch.Tensor | None = None, log_prefactor: float = 0.0,
 ) -> None:
     """S * bias and S * variance for one head: x (N, d), y (M, d), v (M, dv); writes into the outputs.
+
+    A generalised exponential map passes ``metric`` L = C^(1/2) (d, d) and the log of det(I-4A) det(I-8A)^(-1/2);
+    with x~ = x L, y~ = y L the terms below become g_m = |x~|^2 - |x|^2/2 + 2 x~.y~_m + |y~_m|^2 - |y_m|^2/2 - log Z
+    and G_{mm'} = exp(-|y~_m - y~_m'|^2 / 2) (L = I: the positive map's).
 
     Stabilisation. Since y.y' = (|y|^2 + |y'|^2)/2 - |y - y'|^2/2,
       K_{mm'} / Z^2 = exp(g_m + g_m') G_{mm'},  g_m = |x|^2/2 + 2 x.y_m + |y_m|^2/2 - log Z,
@@ -189,10 +314,13 @@ def _single_head(
     """
     sq_y = (y * y).sum(-1)
     gram = y @ y.T
-    dist = (sq_y[:, None] + sq_y[None, :] - 2.0 * gram).clamp_min(0.0)
+    yt = y if metric is None else y @ metric
+    sq_yt = sq_y if metric is None else (yt * yt).sum(-1)
+    gram_t = gram if metric is None else yt @ yt.T
+    dist = (sq_yt[:, None] + sq_yt[None, :] - 2.0 * gram_t).clamp_min(0.0)
     dist.fill_diagonal_(0.0)
     g_mat = torch.exp(-0.5 * dist)  # (M, M)
-    del dist
+    del dist, gram_t
     hyperbolic = feature_map == "hyperbolic"
     if hyperbolic:
         neg_gram = -gram
@@ -220,7 +348,12 @@ def _single_head(
         u = rel - shift  # (B, M, dv)
         y_exact = v_top + shift[:, 0]  # (B, dv), exact softmax output Y_n
         sq_x = (xb * xb).sum(-1)  # (B,)
-        g = 0.5 * sq_x[:, None] + 2.0 * logits + 0.5 * sq_y[None, :] - log_z[:, None]
+        if metric is None:
+            g = 0.5 * sq_x[:, None] + 2.0 * logits + 0.5 * sq_y[None, :] - log_z[:, None]
+        else:
+            xt = xb @ metric
+            g = ((xt * xt).sum(-1) - 0.5 * sq_x)[:, None] + 2.0 * (xt @ yt.T) + (sq_yt - 0.5 * sq_y)[None, :]
+            g = g - log_z[:, None]
         g_max = g.max(dim=-1).values  # (B,)
         w = torch.exp(g - g_max[:, None])  # (B, M), in (0, 1]
         wu = w[:, :, None] * u  # (B, M, dv)
@@ -230,7 +363,7 @@ def _single_head(
         quad = (wu * g_wu).sum(dim=(-1, -2))  # (B,)
         s = w * (w @ g_mat)  # (B, M): w_m sum_m' G_{mm'} w_m'   (G symmetric)
         lin = (s[:, :, None] * u).sum(-2)  # (B, dv)
-        log_k = 2.0 * g_max  # (B,)
+        log_k = 2.0 * g_max + log_prefactor  # (B,)
         var_b = _times_exp(quad, log_k)
         bias_b = -_times_exp(lin, log_k[:, None])
         if hyperbolic:
