@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from evalab import theory
-from evalab.estimators.features import sample_omega
+from evalab.estimators.features import gerf_log_features, kernel_estimate, sample_omega
 from evalab.estimators.gerf import (GERF_MAPS, GerfMap, GerfParams, oprf_a, optimal_a, pair_moment, pooled_rho,
                                     saderf_psi, sderf_params)
 
@@ -111,7 +111,7 @@ def test_saderf_psi_minimises_the_rescaled_objective():
 # ----------------------------------------------------------------------------------------------------------
 # features: identities
 def _kernel(m: GerfMap, omega):
-    lx, ly = m.log_features(omega)
+    lx, ly = gerf_log_features(m, omega)
     return torch.logsumexp(lx.unsqueeze(-2) + ly.unsqueeze(-3), dim=-1).exp()
 
 
@@ -120,7 +120,7 @@ def test_importance_sampling_identity():
     x, y = _xy(batch=(1,))
     eps = sample_omega("iid", 3, 16, 4, torch.Generator().manual_seed(1))
     a = -0.2
-    lx, ly = GerfMap.of("oprf", x, y, a=a).log_features(eps)
+    lx, ly = gerf_log_features(GerfMap.of("oprf", x, y, a=a), eps)
     u = math.sqrt(1 - 4 * a) * eps
     half_log_r = (4 / 4) * math.log(1 - 4 * a) + a * (eps * eps).sum(-1)  # log sqrt(r) = (d/4) log(1-4A) + A|eps|^2
     pos = lambda t: t @ u.transpose(-1, -2).unsqueeze(1) - 0.5 * (t * t).sum(-1, keepdim=True) - 0.5 * math.log(16)
@@ -132,17 +132,17 @@ def test_sderf_isotropic_and_saderf_identity_equal_oprf():
     x, y = _xy()
     omega = sample_omega("iid", 2, 8, 4, torch.Generator().manual_seed(2))
     a = -0.17
-    ref = GerfMap.of("oprf", x, y, a=a).log_features(omega)
+    ref = gerf_log_features(GerfMap.of("oprf", x, y, a=a), omega)
     q, _ = torch.linalg.qr(torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=F64))
-    iso = GerfMap.build(x, y, GerfParams(torch.full((2, 4), a, dtype=F64), basis=q)).log_features(omega)
+    iso = gerf_log_features(GerfMap.build(x, y, GerfParams(torch.full((2, 4), a, dtype=F64), basis=q)), omega)
     unit = GerfMap.build(x, y, GerfParams(torch.full((2, 4), a, dtype=F64), psi=torch.ones(2, 4, dtype=F64)))
-    for got in (iso, unit.log_features(omega)):
+    for got in (iso, gerf_log_features(unit, omega)):
         for g_, r_ in zip(got, ref):
             torch.testing.assert_close(g_, r_, rtol=1e-12, atol=1e-12)
     # with its own optimum, saderf is oprf on (Psi x, Psi^-1 y)
     psi = saderf_psi(x, y).unsqueeze(-2)
-    want = GerfMap.of("oprf", x * psi, y / psi).log_features(omega)
-    for g_, r_ in zip(GerfMap.of("saderf", x, y).log_features(omega), want):
+    want = gerf_log_features(GerfMap.of("oprf", x * psi, y / psi), omega)
+    for g_, r_ in zip(gerf_log_features(GerfMap.of("saderf", x, y), omega), want):
         torch.testing.assert_close(g_, r_, rtol=1e-12, atol=1e-12)
 
 
@@ -151,7 +151,7 @@ def test_features_finite_in_float32_at_norm_10(feature_map):
     x, y = _xy(n=16, m=16, d=8, batch=(1,), seed=4, dtype=torch.float32)
     x, y = x / x.norm(dim=-1, keepdim=True) * 10, y / y.norm(dim=-1, keepdim=True) * 10
     omega = sample_omega("iid", 4, 64, 8, torch.Generator().manual_seed(0)).float()
-    lx, ly = GerfMap.of(feature_map, x, y).log_features(omega)
+    lx, ly = gerf_log_features(GerfMap.of(feature_map, x, y), omega)
     assert lx.dtype == torch.float32 and torch.isfinite(lx).all() and torch.isfinite(ly).all()
     est = _kernel(GerfMap.of(feature_map, x.double(), y.double()), omega.double())
     assert torch.isfinite(torch.log(est)).all()
@@ -205,7 +205,6 @@ def test_kernel_mse_matches_monte_carlo(feature_map, a, sampler):
 @pytest.mark.parametrize("feature_map", ["positive", "hyperbolic"])
 def test_orthogonal_kernel_mse_of_the_performer_maps_matches_monte_carlo(feature_map):
     """Same check for positive and hyperbolic features (antithetic pairs) with orthogonal blocks; |z| < 5."""
-    from evalab.estimators.features import kernel_estimate
     x, y = _xy(n=1, m=1, batch=(), scale=0.3, seed=10)
     omega = sample_omega("orthogonal", 40000, 8, 4, torch.Generator().manual_seed(11))
     est = kernel_estimate(x, y, omega, feature_map).reshape(-1)
@@ -298,3 +297,102 @@ def test_rfa_theory_of_gerf_maps_matches_naive_sum(feature_map):
     zero = theory.rfa_bias_variance(q, k, v, num_features=7, feature_map="oprf", a=0.0)
     torch.testing.assert_close(zero.variance, pos.variance, rtol=1e-13, atol=0)
     torch.testing.assert_close(zero.bias, pos.bias, rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# estimators with the generalised exponential maps
+def _rfa_reference(q, k, v, omega, feature_map, causal=False, a=None):
+    """Literal SNIS ratio from the kernel estimate (float64, quadratic)."""
+    from conftest import scaled
+    kern = kernel_estimate(scaled(q), scaled(k), omega, feature_map, a=a)
+    if causal:
+        kern = kern.tril()
+    return (kern @ v) / kern.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("feature_map", GERF_MAPS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_rfa_matches_float64_reference(feature_map, causal, monkeypatch):
+    import evalab as ev
+    from conftest import make_qkv
+    from evalab.estimators.rfa import CAUSAL_BLOCK
+    monkeypatch.setattr(ev.estimators.rfa, "LOG_BLOCK_ELEMENTS", 200)  # several key blocks in log space
+    N = CAUSAL_BLOCK + 7
+    q, k, v = make_qkv(N=N, d=6, dv=3, batch=(2,), norm=1.2)
+    for gerf_a in (None, -0.3):
+        est = ev.RFA(num_features=12, feature_map=feature_map, causal=causal, gerf_a=gerf_a)
+        draw = est.draw(q, k, replicates=3, generator=0)
+        ref = _rfa_reference(q, k, v, draw.noise, feature_map, causal, a=gerf_a)
+        assert (est(q, k, v, draw) - ref).abs().max() < 1e-10
+        cv = ev.ControlVariates(num_features=12, feature_map=feature_map, gerf_a=gerf_a)
+        if not causal:  # the shared coefficient is RFA
+            assert (cv(q, k, v, draw) - ref).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_zero_is_the_positive_map_bit_for_bit(causal):
+    import evalab as ev
+    from conftest import make_qkv
+    q, k, v = make_qkv(N=40, d=8, dv=4, batch=(3,), norm=1.5, dtype=torch.float32)
+    pos = ev.RFA(num_features=16, causal=causal)
+    draw = pos.draw(q, k, replicates=2, generator=1)
+    for fm in GERF_MAPS[:2]:  # saderf still rescales by Psi
+        assert torch.equal(ev.RFA(num_features=16, feature_map=fm, causal=causal, gerf_a=0.0)(q, k, v, draw),
+                           pos(q, k, v, draw))
+    cv = ev.ControlVariates(num_features=16, coefficient="chunked", chunk_size=8)
+    cv_zero = ev.ControlVariates(num_features=16, coefficient="chunked", chunk_size=8, feature_map="oprf", gerf_a=0.0)
+    assert torch.equal(cv_zero(q, k, v, draw), cv(q, k, v, draw))
+
+
+@pytest.mark.parametrize("feature_map", GERF_MAPS)
+def test_rfa_finite_in_float32_at_norm_10_and_close_to_float64(feature_map):
+    import evalab as ev
+    from conftest import make_qkv
+    q, k, v = make_qkv(N=48, d=8, dv=4, batch=(2,), norm=10.0)
+    for causal in (False, True):
+        est = ev.RFA(num_features=32, feature_map=feature_map, causal=causal)
+        draw = est.draw(q, k, replicates=2, generator=2)
+        out32 = est(q.float(), k.float(), v.float(), draw)
+        assert torch.isfinite(out32).all()
+        assert (out32.double() - est(q, k, v, draw)).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("feature_map", GERF_MAPS)
+def test_independent_noise_per_batch_element(feature_map):
+    import evalab as ev
+    from conftest import assert_independent_noise_per_element, make_qkv
+    q, k, v = make_qkv(N=9, d=4, dv=3, batch=(2, 2), norm=1.0)
+    for causal in (False, True):
+        est = ev.RFA(num_features=8, feature_map=feature_map, causal=causal, shared_noise=False)
+        assert_independent_noise_per_element(est, q, k, v)
+    cv = ev.ControlVariates(num_features=8, feature_map=feature_map, shared_noise=False)
+    assert_independent_noise_per_element(cv, q, k, v)
+
+
+def test_causal_with_fixed_a_never_looks_ahead():
+    """With a fixed A (gerf_a) OPRF's features depend on each position alone, so causal outputs ignore the future;
+    with the optimum they see it through A only (documented)."""
+    import evalab as ev
+    from conftest import make_qkv
+    q, k, v = make_qkv(N=50, d=4, dv=2, norm=0.8)
+    k2, v2 = k.clone(), v.clone()
+    k2[31:], v2[31:] = 5 * torch.randn_like(k2[31:]), torch.randn_like(v2[31:])
+    fixed = ev.RFA(num_features=8, feature_map="oprf", causal=True, gerf_a=-0.2)
+    draw = fixed.draw(q, k, replicates=2, generator=1)
+    assert (fixed(q, k, v, draw)[:, :31] - fixed(q, k2, v2, draw)[:, :31]).abs().max() < 1e-12
+    optimum = ev.RFA(num_features=8, feature_map="oprf", causal=True)
+    assert (optimum(q, k, v, draw)[:, :31] - optimum(q, k2, v2, draw)[:, :31]).abs().max() > 1e-6
+
+
+def test_bad_arguments_are_named():
+    import evalab as ev
+    with pytest.raises(ValueError, match="gerf_a applies"):
+        ev.RFA(gerf_a=-0.1)
+    with pytest.raises(ValueError, match="gerf_a must be < 1/8"):
+        ev.RFA(feature_map="oprf", gerf_a=0.2)
+    with pytest.raises(ValueError, match="eps > 0"):
+        ev.RFA(feature_map="oprf", eps=1e-3)
+    with pytest.raises(ValueError, match="gerf_a applies"):
+        ev.ControlVariates(feature_map="hyperbolic", gerf_a=-0.1)
+    with pytest.raises(ValueError, match="rule"):
+        saderf_psi(torch.ones(1, 2, 3), torch.ones(1, 2, 3), rule="code")

@@ -16,7 +16,8 @@ import torch
 from .. import _checks
 from .base import Cost
 from .draw import Draw
-from .features import SAMPLERS, OmegaDraws, log_features, num_columns
+from .features import SAMPLERS, OmegaDraws, gerf_log_features, log_features, num_columns
+from .gerf import GERF_MAPS, GerfMap, check_a, parameter_flops
 from .scaled import Scaled
 
 COEFFICIENTS = ("shared", "optimal", "chunked")
@@ -38,6 +39,8 @@ class ControlVariates(OmegaDraws):
     """Control-variate estimate of softmax attention with a ``coefficient`` rule.
 
     Shares draws with RFA of the same ``num_features``, ``feature_map``, ``sampler`` and ``shared_noise``.
+    feature_map: positive | hyperbolic | oprf | sderf | saderf; ``gerf_a`` fixes A = gerf_a I for the last three,
+    as in RFA (None: the optimum from the call's pooled statistics).
     Call: est(q, k, v, draw) -> (R, *b, N, dv), the sum over keys of ghat_m. ``terms`` returns the elements.
     """
 
@@ -48,12 +51,17 @@ class ControlVariates(OmegaDraws):
     sampler: str = "iid"
     scale: float | None = None
     shared_noise: bool = True
+    gerf_a: float | None = None
 
     def __post_init__(self) -> None:
         _checks.integer("num_features", self.num_features)
         _checks.boolean("shared_noise", self.shared_noise)
         _checks.choice("coefficient", self.coefficient, COEFFICIENTS)
-        _checks.choice("feature_map", self.feature_map, ("positive", "hyperbolic"))
+        _checks.choice("feature_map", self.feature_map, ("positive", "hyperbolic", *GERF_MAPS))
+        if self.gerf_a is not None:
+            if self.feature_map not in GERF_MAPS:
+                raise ValueError(f"gerf_a applies to the maps {', '.join(GERF_MAPS)}, got feature_map={self.feature_map!r}")
+            check_a(self.gerf_a)
         _checks.choice("sampler", self.sampler, SAMPLERS)
         _checks.real("scale", self.scale, allow_none=True, strict=True)
         if self.coefficient == "chunked":
@@ -69,7 +77,10 @@ class ControlVariates(OmegaDraws):
 
     def _hbar(self, inp: Scaled, omega: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
         """hbar (R, *b, N, M) for log Z_n (*b, N, 1)."""
-        lx, ly = log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map)
+        if self.feature_map in GERF_MAPS:
+            lx, ly = gerf_log_features(GerfMap.of(self.feature_map, inp.x, inp.y, self.gerf_a), omega)
+        else:
+            lx, ly = log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map)
         a, b = lx.amax(-1, keepdim=True), ly.amax((-2, -1), keepdim=True)
         return ((lx - a).exp() @ (ly - b).exp().transpose(-1, -2)) * (a + b - log_z).exp()
 
@@ -95,13 +106,17 @@ class ControlVariates(OmegaDraws):
         """Quadratic. Once per call: exact softmax weights (2 N M d matrix product + 4 N M elementwise); the
         optimal coefficient stops there (its output E[h] @ v, 2 N M dv, needs no draw). Per replicate otherwise:
         features (2 (N+M) S d + 2 (N+M) F), the N x M kernel estimate over F columns (2 N M F), the chunk
-        coefficients (2 N M dv) and elementwise normalisation (3 N M)."""
+        coefficients (2 N M dv) and elementwise normalisation (3 N M); oprf/sderf/saderf add their parameters
+        (gerf.parameter_flops)."""
         if self.coefficient == "optimal":
             return Cost.per_element(2 * N * M * (d + dv) + 4 * N * M, 0.0, 2 * N * M + N * dv, 0.0, batch=batch,
                                     itemsize=itemsize)
         S, F = self.num_features, num_columns(self.feature_map, self.num_features)
         fixed = 2 * N * M * d + 4 * N * M
         rep = 2 * (N + M) * S * d + 2 * (N + M) * F + 2 * N * M * F + 2 * N * M * dv + 3 * N * M
+        if self.feature_map in GERF_MAPS:  # parameters and column terms (gerf.parameter_flops)
+            gerf_fixed, per_draw = parameter_flops(self.feature_map, N=N, M=M, d=d)
+            fixed, rep = fixed + gerf_fixed, rep + per_draw * S
         memory = 3 * (N + M) * F + 2 * N * M + N * dv * math.ceil(M / (self.chunk_size or M))
         return Cost.per_element(fixed, rep, 2 * N * M, memory, batch=batch, itemsize=itemsize)
 

@@ -7,7 +7,11 @@ Feature maps (F feature columns, phi(x).phi(y) estimates exp(x.y) without bias):
 - ``positive``   F = S:  phi_s(x) = exp(w_s.x - |x|^2/2) / sqrt(S)
 - ``hyperbolic`` F = 2S: the positive features of w_s and -w_s, divided by sqrt(2S)
 - ``trig``       F = 2S: exp(|x|^2/2) [cos(w_s.x), sin(w_s.x)] / sqrt(S)
+- ``oprf``, ``sderf``, ``saderf``  F = S: the generalised exponential maps of :mod:`evalab.estimators.gerf`
+  (OPRF / FAVOR++ and FAVOR#), whose A is set per batch element from the pooled statistics of the call's x and y
+  (docs/theory.md sections 8 and 9): det(I-4A)^(1/4) exp(w^T A w + w.(I-4A)^(1/2) x - |x|^2/2) / sqrt(S).
 The positive-type maps are returned as log-features, so that float32 stays finite at large norms.
+Parameter helpers: ``oprf_a(x, y)``, ``sderf_params(x, y)``, ``saderf_psi(x, y)`` (see gerf.py for the formulas).
 """
 from __future__ import annotations
 
@@ -21,14 +25,15 @@ from scipy.stats import qmc
 
 from .. import _checks
 from .draw import Draw, gaussian_noise, make_generator, noise_batch
+from .gerf import GERF_MAPS, GerfMap, oprf_a, saderf_psi, sderf_params  # noqa: F401  (public helpers)
 
-FEATURE_MAPS = ("positive", "hyperbolic", "trig")
+FEATURE_MAPS = ("positive", "hyperbolic", "trig", *GERF_MAPS)
 SAMPLERS = ("iid", "orthogonal", "qmc")
 
 
 def num_columns(feature_map: str, num_features: int) -> int:
     """Number of feature columns F for S = ``num_features`` omega draws."""
-    return num_features if feature_map == "positive" else 2 * num_features
+    return 2 * num_features if feature_map in ("hyperbolic", "trig") else num_features
 
 
 def sample_omega(sampler: str, replicates: int, num_features: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -94,6 +99,11 @@ def project(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     return (x @ directions.transpose(-1, -2)).unflatten(-1, (R, S))
 
 
+def folded_projection(x: torch.Tensor, row: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """w_s.x + row, the per-row term ``row`` (*b, N, 1) folded into the GEMM as an extra coordinate: (*b, N, R, S)."""
+    return project(torch.cat([x, row], dim=-1), torch.cat([omega, torch.ones_like(omega[..., :1])], dim=-1))
+
+
 def stacked_projection(x: torch.Tensor, omega: torch.Tensor, feature_map: str, *, minus_half_norm: bool) -> torch.Tensor:
     """log phi(x) up to the constant -log(F)/2, replicates second to last: (*batch, N, R, F), contiguous.
 
@@ -102,10 +112,7 @@ def stacked_projection(x: torch.Tensor, omega: torch.Tensor, feature_map: str, *
     """
     _checks.choice("feature_map", feature_map, ("positive", "hyperbolic"))
     if feature_map == "positive":
-        if not minus_half_norm:
-            return project(x, omega)
-        ones = torch.ones_like(omega[..., :1])
-        return project(torch.cat([x, -0.5 * (x * x).sum(-1, keepdim=True)], dim=-1), torch.cat([omega, ones], dim=-1))
+        return folded_projection(x, -0.5 * (x * x).sum(-1, keepdim=True), omega) if minus_half_norm else project(x, omega)
     proj = project(x, omega)
     stacked = torch.cat([proj, proj.neg()], dim=-1)
     return stacked.sub_(0.5 * (x * x).sum(-1)[..., None, None]) if minus_half_norm else stacked
@@ -115,6 +122,15 @@ def log_features(x: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torc
     """log phi(x) of a positive-type map: x (*batch, N, d), omega (R, S, d) -> (R, *batch, N, F) (a view)."""
     stacked = stacked_projection(x, omega, feature_map, minus_half_norm=True)
     return stacked.movedim(-2, 0) - 0.5 * math.log(stacked.shape[-1])
+
+
+def gerf_log_features(gmap: GerfMap, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log phi of a generalised exponential map (queries (R, *b, N, S), keys (R, *b, M, S)), each side one GEMM
+    on the transformed inputs with its row term folded in, plus the per-column term (see gerf.GerfMap)."""
+    col = gmap.column(omega).unsqueeze(-2)  # (R, *b, 1, S)
+    half_log_s = 0.5 * math.log(omega.shape[-2])
+    return tuple(folded_projection(t, row, omega).movedim(-2, 0) + col - half_log_s
+                 for t, row in ((gmap.x, gmap.row_x), (gmap.y, gmap.row_y)))
 
 
 def trig_features(x: torch.Tensor, omega: torch.Tensor, log_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,10 +146,19 @@ def trig_features(x: torch.Tensor, omega: torch.Tensor, log_weight: torch.Tensor
     return (torch.cat([torch.cos(proj), torch.sin(proj)], dim=-1) * scale).movedim(-2, 0)
 
 
-def kernel_estimate(x: torch.Tensor, y: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:
-    """phi(x_n).phi(y_m), the random-feature estimate of exp(x_n.y_m): (R, *batch, N, M). Quadratic; for analysis."""
+def kernel_estimate(x: torch.Tensor, y: torch.Tensor, omega: torch.Tensor, feature_map: str,
+                    a: float | None = None) -> torch.Tensor:
+    """phi(x_n).phi(y_m), the random-feature estimate of exp(x_n.y_m): (R, *batch, N, M). Quadratic; for analysis.
+
+    The generalised exponential maps take their parameters from this (x, y) per batch element; ``a`` fixes A = a I
+    (as RFA's ``gerf_a``)."""
     _checks.choice("feature_map", feature_map, FEATURE_MAPS)
+    if a is not None and feature_map not in GERF_MAPS:
+        raise ValueError(f"a applies to the maps {', '.join(GERF_MAPS)}, got feature_map={feature_map!r}")
     if feature_map == "trig":
         return trig_features(x, omega) @ trig_features(y, omega).transpose(-1, -2)
-    lx, ly = log_features(x, omega, feature_map), log_features(y, omega, feature_map)
+    if feature_map in GERF_MAPS:
+        lx, ly = gerf_log_features(GerfMap.of(feature_map, x, y, a), omega)
+    else:
+        lx, ly = log_features(x, omega, feature_map), log_features(y, omega, feature_map)
     return torch.logsumexp(lx.unsqueeze(-2) + ly.unsqueeze(-3), dim=-1).exp()

@@ -21,7 +21,7 @@ minimises the mean over pairs of the log second moment of f(w, x) f(w, y). The p
 per head (OPRF, SADERF) plus O((N + M) d^2 + d^3) (SDERF: P and its eigendecomposition).
 
 Every map is evaluated as the positive map's projection on transformed inputs plus a per-row and a per-column
-log term (:class:`GerfMap`):
+log term (:class:`GerfMap`; ``features.gerf_log_features`` assembles them):
 
     log phi_s(x) = -log(S)/2 + col_s + w_s.x' + row(x),
     col_s = sum_l a_l (Q^T w_s)_l^2 + (1/4) sum_l log(1 - 4 a_l),
@@ -107,6 +107,27 @@ def saderf_psi(x: torch.Tensor, y: torch.Tensor, *, rule: str = "optimal") -> to
     return psi if rule == "optimal" else 1.0 / psi
 
 
+def parameter_flops(feature_map: str, *, N: int, M: int, d: int) -> tuple[float, float]:
+    """FLOPs of a map's parameters and transforms beyond the positive map's, per batch element: (per call, per
+    replicate). Per call: pooled statistics, row norms and the input transform (6 (N+M) d elementwise); SDERF adds
+    the products P = Gamma_x + Gamma_y (2 (N+M) d^2), B = Q diag Q^T (2 d^3), x' = B x (2 (N+M) d^2), and the
+    eigendecomposition of P (counted as 9 d^3, the order of LAPACK's; not a matrix product). Per replicate: the
+    column term sum_l a_l (Q^T w)_l^2 (2 S d; SDERF also Q^T w, 2 S d^2) - S is not an argument, so the per-draw
+    part is returned per draw."""
+    fixed = 6.0 * (N + M) * d
+    if feature_map == "sderf":
+        return fixed + 4.0 * (N + M) * d * d + 11.0 * d**3, 2.0 * d + 2.0 * d * d
+    return fixed, 2.0 * d
+
+
+def check_a(a: object, name: str = "gerf_a") -> float:
+    """A fixed A = a I: a finite float < 1/8 (the variance is infinite from 1/8 on)."""
+    a = _checks.real(name, a, minimum=-math.inf)
+    if a >= 0.125:
+        raise ValueError(f"{name} must be < 1/8 (a finite variance), got {a}")
+    return a
+
+
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
     _checks.tensor("x", x)
     _checks.tensor("y", y)
@@ -138,6 +159,7 @@ class GerfParams:
         batch, d = x.shape[:-2], x.shape[-1]
         psi = saderf_psi(x, y, rule=psi_rule) if feature_map == "saderf" else None
         if a is not None:
+            check_a(a)
             return cls(torch.full((*batch, d), float(a), dtype=torch.float64, device=x.device), psi=psi)
         if feature_map == "sderf":
             return cls(*sderf_params(x, y))
@@ -196,12 +218,3 @@ class GerfMap:
         quad = torch.einsum("r...sd,...d->r...s", omega * omega, a.to(omega.dtype))
         log_det = 0.25 * torch.log1p(-4.0 * a).sum(-1)  # (*b,)
         return quad + log_det.to(omega.dtype).unsqueeze(-1)
-
-    def log_features(self, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log phi of queries (R, *b, N, S) and keys (R, *b, M, S) for omega (R, S, d) or (R, *b, S, d).
-        The direct formula (one projection per side); estimators fold the terms into their own passes."""
-        col = self.column(omega).unsqueeze(-2) - 0.5 * math.log(omega.shape[-2])
-        w_t = omega.transpose(-1, -2)
-        if omega.dim() == 3:
-            w_t = w_t.reshape(omega.shape[0], *(1,) * (self.x.dim() - 2), *w_t.shape[1:])
-        return (self.x @ w_t + self.row_x + col, self.y @ w_t + self.row_y + col)

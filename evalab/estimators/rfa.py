@@ -2,8 +2,9 @@
 
   RFA_n = sum_f phi_f(x_n) sum_m phi_f(y_m) v_m / sum_f phi_f(x_n) sum_m phi_f(y_m)      (theory.md section 3)
 
-Positive-type maps are evaluated in log space as a softmax over feature columns of the per-column key
-averages, so float32 stays finite at large norms; ``trig`` features and ``eps > 0`` use stabilised features in
+Positive-type maps (positive, hyperbolic and the generalised exponential maps oprf, sderf, saderf) are
+evaluated in log space as a softmax over feature columns of the per-column key averages, so float32 stays finite
+at large norms; ``trig`` features and ``eps > 0`` use stabilised features in
 the linear domain. Causal prefix sums run over blocks of positions with a carried state of size F x dv.
 """
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 from .. import _checks
 from .base import Cost
 from .draw import Draw
-from .features import FEATURE_MAPS, SAMPLERS, OmegaDraws, log_features, num_columns, stacked_projection, trig_features
+from .features import (FEATURE_MAPS, SAMPLERS, OmegaDraws, folded_projection, gerf_log_features, log_features,
+                       num_columns, stacked_projection, trig_features)
+from .gerf import GERF_MAPS, GerfMap, check_a, parameter_flops
 from .scaled import Scaled
 
 #: Positions per block of the causal prefix sums (memory R x block x block x F per step).
@@ -29,11 +32,17 @@ LOG_BLOCK_ELEMENTS = 2**20
 class RFA(OmegaDraws):
     """Random-feature attention with S = ``num_features`` omega draws.
 
-    feature_map: positive | hyperbolic | trig; sampler: iid | orthogonal | qmc.
+    feature_map: positive | hyperbolic | trig | oprf | sderf | saderf; sampler: iid | orthogonal | qmc.
     eps: constant added to the stabilised features, as Performer does (see ``_linear_features``); 0 gives the
     exact estimator.
     shared_noise: one set of draws for every batch element and head (Performer's one projection matrix), noise
     (R, S, d); False gives each batch element its own, noise (R, *b, S, d), as independent heads would have.
+    gerf_a: oprf/sderf/saderf only: fixes A = gerf_a I (< 1/8) instead of the optimum (None), e.g. to trace the
+    variance against A; for sderf an isotropic A makes it oprf, for saderf the rescaling Psi stays optimal.
+    The generalised exponential maps (docs/theory.md sections 8, 9) set A per batch element from the pooled
+    statistics of the call's scaled queries and keys. Causal attention takes them from the whole sequence, as the
+    reference code does: a query's features then depend on statistics of later positions (through A only; each
+    output still mixes only its past keys and values).
     Call: est(q, k, v, draw) with q (*b, N, d), k (*b, M, d), v (*b, M, dv) -> (R, *b, N, dv).
     """
 
@@ -44,6 +53,7 @@ class RFA(OmegaDraws):
     eps: float = 0.0
     scale: float | None = None
     shared_noise: bool = True
+    gerf_a: float | None = None
 
     def __post_init__(self) -> None:
         _checks.integer("num_features", self.num_features)
@@ -52,13 +62,24 @@ class RFA(OmegaDraws):
         _checks.choice("sampler", self.sampler, SAMPLERS)
         _checks.real("eps", self.eps)
         _checks.real("scale", self.scale, allow_none=True, strict=True)
-        if self.eps > 0 and self.feature_map == "trig":
-            raise ValueError("eps > 0 applies to positive-type features only, got feature_map='trig'")
+        if self.eps > 0 and self.feature_map not in ("positive", "hyperbolic"):
+            raise ValueError(f"eps > 0 applies to positive-type features without parameters (positive, hyperbolic) only, "
+                             f"got feature_map={self.feature_map!r}")
+        if self.gerf_a is not None:
+            if self.feature_map not in GERF_MAPS:
+                raise ValueError(f"gerf_a applies to the maps {', '.join(GERF_MAPS)}, got feature_map={self.feature_map!r}")
+            check_a(self.gerf_a)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
         omega = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
-        if self.feature_map == "trig" or self.eps > 0:
+        if self.feature_map in GERF_MAPS:
+            gmap = GerfMap.of(self.feature_map, inp.x, inp.y, self.gerf_a)
+            if self.causal:
+                out = _causal_log(*gerf_log_features(gmap, omega), inp.v)
+            else:
+                out = _log(gmap.x, gmap.y, inp.v, omega, "positive", gerf=gmap)
+        elif self.feature_map == "trig" or self.eps > 0:
             qf, kf = self._linear_features(inp, omega)
             out = _causal_linear(qf.movedim(-2, 0), kf.movedim(-2, 0), inp.v) if self.causal else _linear(qf, kf, inp.v)
         elif self.causal:
@@ -76,17 +97,24 @@ class RFA(OmegaDraws):
         """All per replicate. Matrix products as performed: projections w.x, one per draw whatever the map
         (2 (N+M) S d; positive log-space features fold -|x|^2/2 into the key GEMM, causal into both: + 2 S per
         row), key averages and query mixture (2 (N+M) F dv); causal adds the within-block mixture (2 N T dv).
-        Elementwise: features and softmax (4 (N+M) F), causal within-block pair kernels (3 N T F)."""
+        Elementwise: features and softmax (4 (N+M) F), causal within-block pair kernels (3 N T F).
+        oprf/sderf/saderf fold like positive and add their parameters (gerf.parameter_flops: per call O((N+M) d),
+        SDERF O((N+M) d^2 + d^3); per replicate 2 S d, SDERF + 2 S d^2)."""
         S, F = self.num_features, self.columns
-        folded = (N + M if self.causal else M) if self.feature_map == "positive" and self.eps == 0 else 0
+        positive_type = self.feature_map in ("positive", *GERF_MAPS) and self.eps == 0
+        folded = (N + M if self.causal else M) if positive_type else 0
         flops = 2 * (N + M) * S * d + 2 * folded * S + 2 * (N + M) * F * dv + 4 * (N + M) * F
+        fixed = 0.0
+        if self.feature_map in GERF_MAPS:
+            fixed, per_draw = parameter_flops(self.feature_map, N=N, M=M, d=d)
+            flops += per_draw * S
         if self.causal:
             T = min(CAUSAL_BLOCK, N)
             flops += N * T * (3 * F + 2 * dv)
             memory = 3 * (N + M) * F + T * T * F + 2 * F * dv + N * dv
         else:
             memory = 3 * (N + M) * F + F * dv + N * dv
-        return Cost.per_element(0.0, flops, 0.0, memory, batch=batch, itemsize=itemsize)
+        return Cost.per_element(fixed, flops, 0.0, memory, batch=batch, itemsize=itemsize)
 
     def _linear_features(self, inp: Scaled, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stabilised features in the linear domain, (*b, N, R, F) and (*b, M, R, F); factors that cancel in the
@@ -109,17 +137,23 @@ class RFA(OmegaDraws):
         return qf, kf
 
 
-def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:
+def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor, feature_map: str,
+         gerf: GerfMap | None = None) -> torch.Tensor:
     """Non-causal RFA in log space: out_n = softmax_f(log phi_f(x_n) + log sum_m phi_f(y_m)) @ kv_f, where kv_f is
     the phi_f(y)-weighted average of v. Works in the (*b, N, R, F) layout so every pass is contiguous; on CPU over
     blocks of at most LOG_BLOCK_ELEMENTS log-features (keys with a running per-column maximum), so long sequences
-    stay in cache."""
+    stay in cache. ``gerf``: a generalised exponential map, whose transformed inputs x, y are passed with
+    feature_map "positive"; its key row terms are folded into the key GEMM, and its per-column term (the same for
+    queries and keys) joins the column shift twice. Query row terms cancel in the softmax over f."""
     R, F = omega.shape[0], num_columns(feature_map, omega.shape[-2])
     per_row = math.prod(x.shape[:-2]) * R * F
     rows = max(1, LOG_BLOCK_ELEMENTS // per_row) if x.device.type == "cpu" else max(x.shape[-2], y.shape[-2])
     top = mass = kv = None  # per column (*b, 1, R, F): running max of log phi(y), sum of exp(. - top); kv unnormalised
     for start in range(0, y.shape[-2], rows):
-        lk = stacked_projection(y[..., start : start + rows, :], omega, feature_map, minus_half_norm=True)
+        if gerf is None:
+            lk = stacked_projection(y[..., start : start + rows, :], omega, feature_map, minus_half_norm=True)
+        else:
+            lk = folded_projection(y[..., start : start + rows, :], gerf.row_y[..., start : start + rows, :], omega)
         block_top = lk.amax(-3, keepdim=True)
         if top is None:
             top = block_top
@@ -135,6 +169,8 @@ def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor,
         mass, kv = (block_mass, block_kv) if mass is None else (mass.add_(block_mass), kv.add_(block_kv))
     kv = kv / mass.squeeze(-3).unsqueeze(-1)
     shift = top + mass.log()
+    if gerf is not None:
+        shift = shift + 2.0 * gerf.column(omega).movedim(0, -2).unsqueeze(-3)  # (*b, 1, R, S)
     out = torch.empty(R, *x.shape[:-1], v.shape[-1], dtype=v.dtype, device=v.device)
     for start in range(0, x.shape[-2], rows):
         lq = stacked_projection(x[..., start : start + rows, :], omega, feature_map, minus_half_norm=False)
