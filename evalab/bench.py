@@ -31,11 +31,14 @@ from .estimators.softmax import Softmax, softmax_attention
 D = 64
 #: Columns of the roofline matmul (N, d) @ (d, FEATURE_COLUMNS): about the feature columns of one engine batch.
 FEATURE_COLUMNS = 2048
-#: Methods of section (c) besides SDPA, by seq_len. EVA's cost is N (w + N / c) d with a fixed chunk size
+#: Methods of section (c) besides SDPA, by seq_len (RFA also with the OPRF and SDERF maps at the same S).
+#: EVA's cost is N (w + N / c) d with a fixed chunk size
 #: (quadratic, with a small constant), linear with a fixed number of chunks.
 SCALING = {
     "softmax": lambda N: Softmax(),
     "rfa": lambda N: RFA(num_features=256),
+    "rfa_oprf": lambda N: RFA(num_features=256, feature_map="oprf"),  # same S: the cost of the parameters
+    "rfa_sderf": lambda N: RFA(num_features=256, feature_map="sderf"),
     "rfa_hyperbolic": lambda N: RFA(num_features=128, feature_map="hyperbolic"),  # the same 256 feature columns
     "eva": lambda N: EVA(window=64, chunk_size=64),
     "eva_64_chunks": lambda N: EVA(window=0, chunk_size=max(1, N // 64)),

@@ -56,13 +56,13 @@ def optimal_a(rho: torch.Tensor, d: int | float) -> torch.Tensor:
 
 def _pooled(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The means xbar (*b, d) and ybar (*b, d), float64."""
-    return x.to(torch.float64).mean(-2), y.to(torch.float64).mean(-2)
+    return x.mean(-2, dtype=torch.float64), y.mean(-2, dtype=torch.float64)
 
 
 def pooled_rho(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """rho = mean over pairs |x_n + y_m|^2 = mean_n |x_n|^2 + mean_m |y_m|^2 + 2 xbar.ybar: (*b,) float64."""
     xbar, ybar = _pooled(x, y)
-    sq = (x * x).sum(-1).to(torch.float64).mean(-1) + (y * y).sum(-1).to(torch.float64).mean(-1)
+    sq = (x * x).sum(-1).mean(-1, dtype=torch.float64) + (y * y).sum(-1).mean(-1, dtype=torch.float64)
     return (sq + 2.0 * (xbar * ybar).sum(-1)).clamp_min(0.0)
 
 
@@ -75,10 +75,10 @@ def oprf_a(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def pair_moment(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """P = mean over pairs (x_n + y_m)(x_n + y_m)^T = Gamma_x + Gamma_y + xbar ybar^T + ybar xbar^T: (*b, d, d)
-    float64, with Gamma_x = mean_n x_n x_n^T. Costs 2 (N + M) d^2."""
+    float64 (the products in the inputs' dtype), with Gamma_x = mean_n x_n x_n^T. Costs 2 (N + M) d^2."""
     xbar, ybar = _pooled(x, y)
-    x64, y64 = x.to(torch.float64), y.to(torch.float64)
-    gram = x64.transpose(-1, -2) @ x64 / x.shape[-2] + y64.transpose(-1, -2) @ y64 / y.shape[-2]
+    gram = ((x.transpose(-1, -2) @ x).to(torch.float64) / x.shape[-2]
+            + (y.transpose(-1, -2) @ y).to(torch.float64) / y.shape[-2])
     cross = xbar.unsqueeze(-1) * ybar.unsqueeze(-2)
     return gram + cross + cross.transpose(-1, -2)
 
@@ -100,8 +100,8 @@ def saderf_psi(x: torch.Tensor, y: torch.Tensor, *, rule: str = "optimal") -> to
     google-research ``exparf`` code (a worse variance: kept to reproduce that code)."""
     _check_pair(x, y)
     _checks.choice("rule", rule, PSI_RULES)
-    e = (x.to(torch.float64) ** 2).sum(-2)
-    f = (y.to(torch.float64) ** 2).sum(-2)
+    e = (x * x).sum(-2, dtype=torch.float64)
+    f = (y * y).sum(-2, dtype=torch.float64)
     ok = (e > 0) & (f > 0)
     psi = torch.where(ok, (f / torch.where(ok, e, 1.0)) ** 0.25, 1.0)
     return psi if rule == "optimal" else 1.0 / psi

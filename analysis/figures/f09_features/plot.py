@@ -168,12 +168,12 @@ def plot(frames):
     ax.plot(rows["a"], rows["rel_mse_closed"], color="0.2", linestyle=":", linewidth=2, label="closed form")
     a_star = float(rows["a_star"].iloc[0])
     ax.axvline(a_star, color="0.4", linestyle="--", linewidth=1)
-    ax.annotate(f"A* = {a_star:.3f}", (a_star, ax.get_ylim()[1]), xytext=(4, -14), textcoords="offset points",
-                fontsize=10)
+    ax.annotate(f"A* = {a_star:.3f}", (a_star, 1.0), xycoords=("data", "axes fraction"), xytext=(4, -14),
+                textcoords="offset points", fontsize=10)
     ax.set_title(f"(c) OPRF kernel variance vs A (norm {rows['norm'].iloc[0]:g})")
     ax.set_xlabel("A  (gerf_a)")
     ax.set_ylabel("kernel rel. MSE")
-    ax.legend(loc="upper center", fontsize=9)
+    ax.legend(loc="upper left", fontsize=9)
     norms = sorted(sweep["norm"].unique())
     for ax, norm in zip(axes[1, :2], norms):
         _curves(ax, sweep[sweep["norm"] == norm], "num_features", ("positive", "oprf", "sderf", "saderf"))
