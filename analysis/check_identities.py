@@ -1,4 +1,4 @@
-"""Print the max abs error of every identity of theory.md sections 4 and 5 on random float64 inputs.
+"""Print the max abs error of every identity of docs/theory.md sections 4, 5, 8 and 9 on random float64 inputs.
 
     python analysis/check_identities.py
 """
@@ -32,6 +32,11 @@ def main(seed: int = 0) -> None:
     draw = rfa.draw(q, k, replicates=4, generator=g)
     eva = ev.EVA(window=0, chunk_size=N, samples_per_chunk=S, proposal="zero", chunk_logit="exact")
     rows.append(("EVA w=0, one chunk, zero proposal, exact logit -> RFA", eva(q, k, v, ev.Draw(draw.noise.unsqueeze(1))) - rfa(q, k, v, draw)))
+    ref = rfa(q, k, v, draw)
+    for fm in ("oprf", "sderf"):  # A = 0 is the positive map; SDERF with an isotropic A is OPRF
+        rows.append((f"RFA {fm} gerf_a=0 -> RFA positive", ev.RFA(num_features=S, feature_map=fm, gerf_a=0.0)(q, k, v, draw) - ref))
+    oprf = ev.RFA(num_features=S, feature_map="oprf", gerf_a=-0.2)
+    rows.append(("RFA sderf gerf_a=-0.2 -> RFA oprf gerf_a=-0.2", ev.RFA(num_features=S, feature_map="sderf", gerf_a=-0.2)(q, k, v, draw) - oprf(q, k, v, draw)))
     width = max(len(name) for name, _ in rows)
     print(f"{'identity':<{width}}  max abs error")
     for name, err in rows:
