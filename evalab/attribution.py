@@ -55,7 +55,7 @@ def key_variance(
 ) -> Attribution:
     """Variance of ghat_m over ``replicates`` shared draws for the shared, chunked and optimal coefficients.
 
-    q (*b, N, d), k (*b, M, d), v (*b, M, dv); ``options`` (feature_map, sampler, scale) go to ControlVariates.
+    q (*b, N, d), k (*b, M, d), v (*b, M, dv); ``options`` (feature_map, sampler, scale, gerf_a) go to ControlVariates.
     """
     _checks.integer("replicates", replicates, minimum=2)
     base = ControlVariates(num_features=num_features, **options)
