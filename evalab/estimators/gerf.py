@@ -29,6 +29,14 @@ log term (:class:`GerfMap`; ``features.gerf_log_features`` assembles them):
 
 ADERF (a dense asymmetric B) is not implemented: its optimum needs Gamma_x^(-1/2), undefined when a head has
 fewer queries than dimensions.
+
+Where the google-research reference code (``expplus``, ``expsharp``, ``exparf`` in
+imp/max/modeling/kernel_transformation.py) differs: it divides both sums of rho by the query length, so with
+N != M queries and keys get different A and the estimate is biased (here rho is pooled over the pairs); it
+builds SDERF's P from unscaled q, k (a sqrt(d) larger P, a more negative A: still unbiased, off the optimum) and
+drops det(I - 4A)^(1/4) (cancels in attention); its SADERF rescaling is the reciprocal of Psi* derived here
+(``saderf_psi(rule="reciprocal")`` reproduces it); it adds 1e-6 to stabilised features. None of the statistics
+here sees a padding mask, and causal attention takes them from the whole sequence, as that code does.
 """
 from __future__ import annotations
 
@@ -198,13 +206,12 @@ class GerfMap:
             psi = params.psi.to(x.dtype).unsqueeze(-2)
             x, y = x * psi, y / psi
         root = torch.sqrt(1.0 - 4.0 * params.a)  # (*b, d)
-        if params.basis is None:
-            transform = lambda t: t * root.to(t.dtype).unsqueeze(-2)  # noqa: E731
-        else:
-            b_mat = (params.basis * root.unsqueeze(-2)) @ params.basis.transpose(-1, -2)
-            transform = lambda t: t @ b_mat.to(t.dtype)  # noqa: E731  (B symmetric)
         row_x, row_y = -0.5 * (x * x).sum(-1, keepdim=True), -0.5 * (y * y).sum(-1, keepdim=True)
-        return cls(transform(x), transform(y), row_x, row_y, params)
+        if params.basis is None:
+            diag = root.to(x.dtype).unsqueeze(-2)
+            return cls(x * diag, y * diag, row_x, row_y, params)
+        b_mat = ((params.basis * root.unsqueeze(-2)) @ params.basis.transpose(-1, -2)).to(x.dtype)  # symmetric
+        return cls(x @ b_mat, y @ b_mat, row_x, row_y, params)
 
     def column(self, omega: torch.Tensor) -> torch.Tensor:
         """col_s = sum_l a_l (Q^T w_s)_l^2 + (1/4) sum_l log(1 - 4 a_l): omega (R, S, d) shared by the batch, or
