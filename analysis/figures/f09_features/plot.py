@@ -15,8 +15,8 @@ from matplotlib.lines import Line2D
 
 import evalab
 from evalab import figures as fg
-from evalab.estimators.features import kernel_estimate, sample_omega
-from evalab.estimators.gerf import GerfParams, oprf_a
+from evalab.estimators.features import gerf_log_features, kernel_estimate, log_features, sample_omega
+from evalab.estimators.gerf import GERF_MAPS, GerfMap, GerfParams, oprf_a
 from evalab.reproduce import FigureSkipped
 from evalab.theory import kernel_mse
 
@@ -30,7 +30,7 @@ KERNEL = ["feature_map", "sampler", "norm", "rel_mse", "rel_mse_low", "rel_mse_h
 VERSUS_A = ["a", "a_star", "rel_mse", "rel_mse_low", "rel_mse_high", "rel_mse_closed", "norm", "num_features", "d"]
 MINILM = ["feature_map", "num_features", "rel_mse", "rel_mse_low", "rel_mse_high", "seq_len", "replicates"]
 REQUIRED = {"sweep": SWEEP, "kernel": KERNEL, "versus_a": VERSUS_A, "minilm": MINILM}
-CHUNK = 64  # replicates per kernel-estimate block (R x N x M x S memory)
+CHUNK = 256  # replicates per kernel-estimate block (R x N x M memory)
 
 
 def _name(feature_map: str) -> str:
@@ -38,10 +38,24 @@ def _name(feature_map: str) -> str:
     return fg.variant({"estimator": "rfa", "feature_map": feature_map})
 
 
+def _kernel(x, y, omega, feature_map, a=None) -> torch.Tensor:
+    """features.kernel_estimate (R, N, M) as one matrix product of row-stabilised features: k_nm =
+    e^{a_n + b_m} sum_f e^{lx_nf - a_n} e^{ly_mf - b_m} with a_n, b_m the rows' maxima (float64; exact up to
+    rounding at these norms, ~10x faster than the reference logsumexp)."""
+    if feature_map == "trig":
+        return kernel_estimate(x, y, omega, feature_map)
+    if feature_map in GERF_MAPS:
+        lx, ly = gerf_log_features(GerfMap.of(feature_map, x, y, a), omega)
+    else:
+        lx, ly = log_features(x, omega, feature_map), log_features(y, omega, feature_map)
+    top_x, top_y = lx.amax(-1, keepdim=True), ly.amax(-1, keepdim=True)
+    return ((lx - top_x).exp() @ (ly - top_y).exp().transpose(-1, -2)) * (top_x + top_y.transpose(-1, -2)).exp()
+
+
 def _relative_errors(x, y, omega, feature_map, a=None) -> torch.Tensor:
     """Per replicate, the mean over pairs of (k_hat - k)^2 / k^2: (R,) float64."""
     kernel = torch.exp(x @ y.T)
-    out = [(((kernel_estimate(x, y, omega[i:i + CHUNK], feature_map, a=a) - kernel) / kernel) ** 2).mean((-2, -1))
+    out = [(((_kernel(x, y, omega[i:i + CHUNK], feature_map, a) - kernel) / kernel) ** 2).mean((-2, -1))
            for i in range(0, omega.shape[0], CHUNK)]
     return torch.cat(out)
 
