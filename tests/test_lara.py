@@ -30,7 +30,8 @@ def lara_reference(q, k, v, noise, *, weights, alpha, proposal, antithetic, sigm
     x, y = q * d**-0.25, k * d**-0.25
     R, C, S, _ = noise.shape
     segs = segments(N, C)
-    mus = [x[g].mean(0) + y[g].mean(0) for g in segs] if proposal == "mean" else [torch.zeros(d, dtype=torch.float64)] * C
+    zero = torch.zeros(d, dtype=torch.float64)
+    mus = [x[g].mean(0) + y[g].mean(0) for g in segs] if proposal == "mean" else [zero] * C
 
     def log_normal(w, mean, sd):
         return float(-((w - mean) @ (w - mean)) / (2 * sd**2) - d * math.log(sd) - d / 2 * math.log(2 * math.pi))
@@ -38,7 +39,8 @@ def lara_reference(q, k, v, noise, *, weights, alpha, proposal, antithetic, sigm
     def log_xi(a, w):
         return float(w @ a - a @ a / 2)
 
-    t = torch.softmax(torch.tensor([[float(x[g].mean(0) @ x[m]) for m in range(N)] for g in segs], dtype=torch.float64), 1)
+    t_logits = [[float(x[g].mean(0) @ x[m]) for m in range(N)] for g in segs]  # softmax over the queries m
+    t = torch.softmax(torch.tensor(t_logits, dtype=torch.float64), 1)
     out = torch.zeros(R, N, v.shape[1], dtype=torch.float64)
     for r in range(R):
         samples = []
@@ -56,7 +58,7 @@ def lara_reference(q, k, v, noise, *, weights, alpha, proposal, antithetic, sigm
         for n in range(N):
             log_weights = []
             for i, (c, w) in enumerate(samples):
-                log_p = log_normal(w, torch.zeros(d, dtype=torch.float64), 1.0) + log_xi(x[n], w) + log_mass[i]
+                log_p = log_normal(w, zero, 1.0) + log_xi(x[n], w) + log_mass[i]
                 mixture = math.log(sum(math.exp(a) for a in log_q[i]))
                 if weights == "balance":
                     log_weights.append(log_p - mixture)
@@ -73,8 +75,8 @@ def lara_reference(q, k, v, noise, *, weights, alpha, proposal, antithetic, sigm
 def test_matches_per_query_loop(N, C, weights, alpha):
     # alpha = 40 drives some weights below zero, so the 1e-8 clamp is exercised
     q, k, v = make_qkv(N=N, d=4, dv=3, batch=(2,), norm=1.0, seed=3)
-    for proposal, antithetic, samples, sigma in [("mean", False, 1, 1.0), ("mean", True, 2, 0.6), ("zero", False, 2, 1.0),
-                                                 ("zero", True, 1, 0.6)]:
+    configs = [("mean", False, 1, 1.0), ("mean", True, 2, 0.6), ("zero", False, 2, 1.0), ("zero", True, 1, 0.6)]
+    for proposal, antithetic, samples, sigma in configs:
         est = ev.LARA(num_proposals=C, samples_per_proposal=samples, weights=weights, alpha=alpha, proposal=proposal,
                       antithetic=antithetic, noise_scale=sigma)
         if weights == "optimal" and proposal == "zero" and N < C:
@@ -170,7 +172,8 @@ def test_cost_matches_flop_counter(batch):
     for C, S, weights, proposal, antithetic in [(8, 1, "balance", "mean", False), (8, 2, "optimal", "mean", True),
                                                 (100, 1, "balance", "zero", True), (8, 2, "optimal", "zero", False),
                                                 (100, 1, "optimal", "mean", False)]:  # C > N: one proposal per token
-        est = ev.LARA(num_proposals=C, samples_per_proposal=S, weights=weights, proposal=proposal, antithetic=antithetic)
+        est = ev.LARA(num_proposals=C, samples_per_proposal=S, weights=weights, proposal=proposal,
+                      antithetic=antithetic)
         C_used = min(C, N) if proposal == "mean" else C
         K = C_used * S * (2 if antithetic else 1)
         optimal = weights == "optimal"
@@ -178,7 +181,8 @@ def test_cost_matches_flop_counter(batch):
             draw = est.draw(q, k, replicates=R, generator=0)
             with FlopCounterMode(display=False) as counter:
                 est(q, k, v, draw)
-            products = b * (R * (2 * K * (M + N) * (d + dv) + 2 * K * C_used * d) + (2 * C_used * N * d if optimal else 0))
+            products = R * (2 * K * (M + N) * (d + dv) + 2 * K * C_used * d) + (2 * C_used * N * d if optimal else 0)
+            products *= b
             assert counter.get_total_flops() == products
             means = (N + M) * d if proposal == "mean" else N * d if optimal else 0
             elementwise = 3 * C_used**2 * d + means + (6 * N * C_used if optimal else 0)

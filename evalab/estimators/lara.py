@@ -1,20 +1,27 @@
 """LARA: linear randomised attention, self-normalised multiple importance sampling (docs/theory.md section 10).
 
-The target of query n is p_n(w) = sum_m pi_nm N(w; x_n + y_m, I), whose mean of
-f(w) = sum_m softmax_m(w.y_m - |y_m|^2/2) v_m is softmax attention (RA samples p_n exactly, at quadratic
-cost). LARA samples C Gaussian proposals q_c = N(mu_c, sigma^2 I) shared by every query instead,
-w_{c,s} = mu_c + sigma eps_{c,s}, and weights each sample i = (c, s) per query:
+The target of query n is p_n(omega) = sum_m pi_nm N(omega; x_n + y_m, I), under which the mean of
+f(omega) = sum_m softmax_m(omega.y_m - |y_m|^2/2) v_m is softmax attention (RA samples p_n exactly, at
+quadratic cost). LARA instead draws from C Gaussian proposals q_c = N(mu_c, sigma^2 I) shared by every query,
+omega_{c,s} = mu_c + sigma eps_{c,s}, and weights each sample i = (c, s) per query:
 
-  LARA_n = sum_i alpha_{n,i} w_{n,i} f(w_i) / sum_i alpha_{n,i} w_{n,i},
-  log w_{n,i} = log xi(x_n, w_i) + logsumexp_m log xi(y_m, w_i) - log [q(w_i) / N(w_i; 0, I)],
+  LARA_n = sum_i a_{n,i} w_{n,i} f(omega_i) / sum_i a_{n,i} w_{n,i},
+  log w_{n,i} = log xi(x_n, omega_i) + logsumexp_m log xi(y_m, omega_i) - log [q(omega_i) / N(omega_i; 0, I)],
 
-xi(x, w) = exp(w.x - |x|^2/2), so w_{n,i} is p_n(w_i) / q(w_i) up to a factor that cancels (Z_n).
-- weights "balance": alpha = 1 and q the mixture sum_c' q_c', exactly the balance heuristic.
-- weights "optimal": q = q_c (the sample's own proposal) and
-  alpha_{n,c} = BH_c(w) + alpha (t_cn - mean_c' t_c'n), BH_c = q_c / sum_c' q_c', t_cn = softmax over the
-  queries n of xbar_c.x_n, clamped at 1e-8 as the authors' reference code does.
+xi(x, omega) = exp(omega.x - |x|^2/2), so w_{n,i} is p_n(omega_i) / q(omega_i) up to Z_n, which cancels.
+- weights "balance": a = 1 and q the mixture sum_c' q_c', exactly the balance heuristic.
+- weights "optimal": q = q_c, the sample's own proposal, and
+  a_{n,c} = BH_c(omega) + alpha (t_cn - mean_c' t_c'n), BH_c = q_c / sum_c' q_c', t_cn = softmax over the
+  queries n of xbar_c.x_n, clamped at 1e-8.
 Proposal means mu_c: "mean", the segment mean of x plus that of y over C contiguous segments (N == M), or
 "zero". Linear in N and M; non-causal only (as the reference code).
+
+The authors' reference code (HKUNLP/efficient-attention, LinearRA) departs from this in two places:
+- it draws its noise in raw coordinates (sigma = d ** -0.25 here) but weights with unit covariance, so it is
+  this estimator with noise_scale=1 evaluated on noise d ** -0.25 eps: its weights are not the true ratios;
+- with antithetic or multiple samples, its optimal weights compute BH over the proposal list repeated per
+  sample, which halves BH against the query term: it equals weights="optimal" here with alpha doubled (up
+  to where the clamp bites).
 """
 from __future__ import annotations
 
@@ -38,14 +45,15 @@ ALPHA_FLOOR = 1e-8
 class LARA:
     """LARA with C = ``num_proposals`` Gaussian proposals and S_c = ``samples_per_proposal`` noise rows each.
 
-    weights: balance | optimal (``alpha`` scales the optimal weights' query term; alpha = 0 is balance).
-      The optimal weights normalise t_cn over the query axis n, as the reference code does; whether the paper
-      normalises over n or over c is unconfirmed. The 1e-8 clamp also follows the code.
+    weights: balance | optimal (``alpha`` scales the optimal weights' query term; alpha = 0 is balance where
+      no weight reaches the clamp). The optimal weights normalise t_cn over the query axis n, as the reference
+      code does; whether the paper normalises over n or over c is unconfirmed. The 1e-8 clamp on the weights
+      also follows the code (it is not part of the paper's estimator).
     proposal: mean (segment means, the authors' uneven split when C does not divide N; each token its own
       proposal when N <= C) | zero.
-    antithetic: each noise row gives two samples, mu_c + sigma eps and mu_c - sigma eps.
+    antithetic: each noise row gives two samples, mu_c + sigma eps and mu_c - sigma eps (2 S_c per proposal).
     noise_scale: sigma; the importance weights use N(mu_c, sigma^2 I). The reference code draws its noise in
-      raw coordinates, sigma = d ** -0.25 in scaled ones, but weights with unit covariance.
+      raw coordinates, sigma = d ** -0.25 in scaled ones, but weights with unit covariance (module docstring).
     shared_noise: one draw for every batch element (True) or one per element (False).
     Call: est(q, k, v, draw) -> (R, *b, N, dv); draw noise (R, C, S_c, d) ((R, *b, C, S_c, d) when not shared).
     """
@@ -119,20 +127,22 @@ class LARA:
         mu_i = mu.repeat_interleave(per, dim=-2)  # (*b, K, d): each sample's own proposal mean
         omega = mu_i + sigma * eps  # (R, *b, K, d)
 
-        # f(w_i) and log sum_m xi(y_m, w_i), query-independent
+        # f(omega_i) and log sum_m xi(y_m, omega_i), query-independent
         half_y = 0.5 * (inp.y * inp.y).sum(-1)
         log_xi = (omega @ inp.y.transpose(-1, -2)).sub_(half_y.unsqueeze(-2))  # (R, *b, K, M)
         log_mass = torch.logsumexp(log_xi, dim=-1)
         f = torch.softmax(log_xi, dim=-1) @ inp.v  # (R, *b, K, dv)
 
-        # log q_c'(w_i) + |eps_i|^2 / 2 (constants shared by every sample dropped), from w_i - mu_c' =
+        # log q_c'(omega_i) + |eps_i|^2 / 2 (constants shared by every sample dropped), from omega_i - mu_c' =
         # (mu_c - mu_c') + sigma eps_i, so that nothing cancels at large norms; its entry c' = c is 0
         own = (eps * mu_i).sum(-1)  # (R, *b, K): eps_i.mu_c
         cross = eps @ mu.transpose(-1, -2)  # (R, *b, K, C): eps_i.mu_c'
-        gap = (mu.unsqueeze(-2) - mu.unsqueeze(-3)).square().sum(-1).repeat_interleave(per, dim=-2)  # |mu_c - mu_c'|^2
+        gap = (mu.unsqueeze(-2) - mu.unsqueeze(-3)).square().sum(-1)  # (*b, C, C): |mu_c - mu_c'|^2
+        gap = gap.repeat_interleave(per, dim=-2)  # (*b, K, C)
         log_q = (cross - own.unsqueeze(-1)).div_(sigma).sub_(gap / (2 * sigma**2))
         log_mixture = torch.logsumexp(log_q, dim=-1)  # (R, *b, K)
-        # log w_{n,i} - w_i.x_n with the sample's own proposal: log_mass + log N(w_i; 0, I) - log q_c(w_i)
+        # log w_{n,i} - omega_i.x_n with the sample's own proposal q_c:
+        # log_mass + log N(omega_i; 0, I) - log q_c(omega_i), constants shared by every sample dropped
         common = log_mass - 0.5 * (mu_i * mu_i).sum(-1) - sigma * own + 0.5 * (1 - sigma**2) * (eps * eps).sum(-1)
         logits = inp.x @ omega.transpose(-1, -2)  # (R, *b, N, K)
         if self.weights == "balance":
@@ -140,14 +150,14 @@ class LARA:
         else:
             t = torch.softmax(x_bar @ inp.x.transpose(-1, -2), dim=-1)  # (*b, C, N), over the queries
             centred = (t - t.mean(-2, keepdim=True)).transpose(-1, -2).repeat_interleave(per, dim=-1)  # (*b, N, K)
-            mis = torch.exp(-log_mixture).unsqueeze(-2) + self.alpha * centred  # BH_c(w_i) + alpha (t - mean t)
+            mis = torch.exp(-log_mixture).unsqueeze(-2) + self.alpha * centred  # BH_c(omega_i) + alpha (t - mean t)
             logits += common.unsqueeze(-2) + mis.clamp_(min=ALPHA_FLOOR).log_()
         return (torch.softmax(logits, dim=-1) @ f).to(inp.out_dtype)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
         """Counted as the code runs it, with K = C S' samples (S' = 2 S_c when antithetic).
 
-        Matrix products per replicate: w.y_m (2 K M d), f (2 K M dv), eps.mu_c' (2 K C d), w.x_n (2 N K d)
+        Matrix products per replicate: omega.y_m (2 K M d), f (2 K M dv), eps.mu_c' (2 K C d), omega.x_n (2 N K d)
         and the output mix (2 N K dv); deterministic, for weights="optimal" only: xbar_c.x_n (2 C N d).
         Elementwise, added on top: the segment means ((N + M) d, or N d for the optimal weights' xbar alone)
         and |mu_c - mu_c'|^2 (3 C^2 d) once per call; per replicate the samples and their norms (6 K d), the

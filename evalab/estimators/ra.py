@@ -8,6 +8,11 @@ keys m <= n only. Every sample costs a pass over all M keys, so RA is quadratic 
 
 Noise: one tensor holds both sources, the normals in the first d channels and the uniform in the last,
 (R, N, S, d + 1) (``shared_noise=False``: (R, *batch, N, S, d + 1)).
+
+The authors' reference code (HKUNLP/efficient-attention, RandomizedAttention) draws one sample per query
+(``num_samples`` there is a mode switch, not a count), with its noise in raw coordinates (noise_scale
+d ** -0.25 here, hence biased), and in evaluation mode drops the noise but keeps the random key index, whose
+mean sum_m pi_nm f(x_n + y_m) is not softmax attention.
 """
 from __future__ import annotations
 
