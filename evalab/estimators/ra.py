@@ -1,10 +1,11 @@
 """RA: randomised attention, the quadratic and unbiased sampler of softmax attention (docs/theory.md section 10).
 
-Softmax attention is the expectation of f(w) = sum_m softmax_m(w.y_m - |y_m|^2/2) v_m under the mixture
-p_n(w) = sum_m pi_nm N(w; x_n + y_m, I), pi_n the softmax row of query n. RA samples p_n exactly: per query n
-and sample s, a key index m ~ Categorical(pi_n) (inverse CDF of a uniform u_{n,s}) and
-w_{n,s} = x_n + y_m + sigma eps_{n,s}, eps ~ N(0, I); RA_n = (1/S) sum_s f(w_{n,s}). Causal: pi_n and f keep the
-keys m <= n only. Every sample costs a pass over all M keys, so RA is quadratic by design.
+Softmax attention is the expectation of f(omega) = sum_m softmax_m(omega.y_m - |y_m|^2/2) v_m under the
+mixture p_n(omega) = sum_m pi_nm N(omega; x_n + y_m, I), pi_n the softmax row of query n. RA samples p_n
+exactly: per query n and sample s, a key index m ~ Categorical(pi_n) (inverse CDF of a uniform u_{n,s}) and
+omega_{n,s} = x_n + y_m + sigma eps_{n,s}, eps ~ N(0, I); RA_n = (1/S) sum_s f(omega_{n,s}). Causal: pi_n and f
+keep the keys m <= n only. Every sample costs a pass over all M keys, so RA is quadratic by design.
+With sigma = 1, E[RA_n] = Y_n exactly.
 
 Noise: one tensor holds both sources, the normals in the first d channels and the uniform in the last,
 (R, N, S, d + 1) (``shared_noise=False``: (R, *batch, N, S, d + 1)).
@@ -101,18 +102,19 @@ class RA:
         """Counted as the code runs it (causal masks the full rows, so it costs the same).
 
         Matrix products: the logits for pi (2 N M d, deterministic), and per replicate the sample logits
-        w.y_m (2 N S M d) and their softmax times v (2 N S M dv). Elementwise, added on top: pi's
-        subtract-max, exp and cumulative sum (3 N M), the samples w (2 N S d), the half norms and softmax of
+        omega.y_m (2 N S M d) and their softmax times v (2 N S M dv). Elementwise, added on top: pi's
+        subtract-max, exp and cumulative sum (3 N M), the samples omega (2 N S d), the half norms and softmax of
         the sample logits (5 N S M) and the mean over samples (N S dv).
-        Memory: one block of sample logits and samples (bounded by BLOCK_ELEMENTS), per replicate the noise
-        and the output.
+        Memory: the sample logits and softmax of one block of queries, which holds at most BLOCK_ELEMENTS
+        logits over all batch elements and replicates (or one query row), and per replicate the noise and the
+        output.
         """
         S = self.samples_per_query
         fixed = 2 * N * M * d + 3 * N * M
         rep = 2 * N * S * M * (d + dv) + 2 * N * S * d + 5 * N * S * M + N * S * dv
-        memory_fixed = 2 * BLOCK_ELEMENTS
-        memory = N * S * (d + 1) + N * dv + 2 * S * M  # at least one query row per block
-        return Cost.per_element(fixed, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
+        block = 2 * min(BLOCK_ELEMENTS, batch * N * S * M)  # the whole block budget, shared by the batch
+        memory = batch * (N * S * (d + 1) + N * dv + 2 * S * M)  # with at least one query row per block
+        return Cost(batch * fixed, batch * rep, itemsize * block, itemsize * memory)
 
 
 def _sample_keys(logits: torch.Tensor, u: torch.Tensor, ahead: torch.Tensor | None) -> torch.Tensor:
