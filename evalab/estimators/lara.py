@@ -91,6 +91,7 @@ class LARA:
 
     def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
         """Shape of one replicate's noise: eps (C, S_c, d), with the batch axes of q first when not shared."""
+        _checks.tensor("q", q)
         batch = () if self.shared_noise else tuple(q.shape[:-2])
         return (*batch, self.num_segments(q.shape[-2]), self.samples_per_proposal, q.shape[-1])
 

@@ -59,6 +59,7 @@ class RA:
 
     def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
         """Shape of one replicate's noise: (N, S, d + 1), with the batch axes of q first when not shared."""
+        _checks.tensor("q", q)
         batch = () if self.shared_noise else tuple(q.shape[:-2])
         return (*batch, q.shape[-2], self.samples_per_query, q.shape[-1] + 1)
 
