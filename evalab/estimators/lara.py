@@ -19,9 +19,9 @@ Proposal means mu_c: "mean", the segment mean of x plus that of y over C contigu
 The authors' reference code (HKUNLP/efficient-attention, LinearRA) departs from this in two places:
 - it draws its noise in raw coordinates (sigma = d ** -0.25 here) but weights with unit covariance, so it is
   this estimator with noise_scale=1 evaluated on noise d ** -0.25 eps: its weights are not the true ratios;
-- with antithetic or multiple samples, its optimal weights compute BH over the proposal list repeated per
-  sample, which halves BH against the query term: it equals weights="optimal" here with alpha doubled (up
-  to where the clamp bites).
+- with antithetic or two samples per proposal, its optimal weights compute BH over the proposal list
+  repeated per sample, which halves BH against the query term: it equals weights="optimal" here with alpha
+  doubled and the clamp at 2e-8.
 """
 from __future__ import annotations
 
