@@ -10,8 +10,8 @@
 from . import inputs, theory
 from .attribution import Attribution, key_variance
 from .cost import estimate_cost
-from .estimators import (EVA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax, features,
-                         softmax_attention)
+from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
+                         features, softmax_attention)
 from .intervals import Estimate
 from .monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
 from .sweep import load_results, load_spec, run_sweep
@@ -28,7 +28,9 @@ __all__ = [
     "EVA",
     "Estimate",
     "Estimator",
+    "LARA",
     "MCResult",
+    "RA",
     "RFA",
     "Softmax",
     "attention_matrix",

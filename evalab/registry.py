@@ -5,12 +5,15 @@ import dataclasses
 
 from .estimators.control_variates import ControlVariates
 from .estimators.eva import EVA
+from .estimators.lara import LARA
+from .estimators.ra import RA
 from .inputs import gaussian
 from .inputs.minilm import minilm_head
 from .estimators.rfa import RFA
 from .estimators.softmax import Softmax
 
-ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates}
+ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
+               "ra": RA, "lara": LARA}
 INPUTS = {"gaussian": gaussian, "minilm": minilm_head}
 
 
