@@ -83,7 +83,7 @@ def estimator_class(name: str) -> type:
         return _import(entry.value)
     installed = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINTS))
     raise ValueError(
-        f"estimator {name!r} is not registered; expected one of {', '.join(map(repr, [*ESTIMATORS, *installed]))}, "
+        f"{name!r} is not a registered estimator; expected one of {', '.join(map(repr, [*ESTIMATORS, *installed]))}, "
         "or an import path 'package.module:Class'"
     )
 
