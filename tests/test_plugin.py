@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import math
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import types
 from pathlib import Path
 
@@ -24,25 +27,44 @@ import evalab as ev
 from evalab import figures as fg
 from evalab import registry
 from evalab.reproduce import discover, load_module
+from evalab.cli import main
 from evalab.sweep import SpecError, load_results, parse_spec, run_sweep
+from evalab.sweep.spec import render_toml
 from evalab.testing import check_estimator
 
 ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = ("wall_seconds", "finished_at", "host", "spec_hash", "spec_name")
 
 
+def install(source: Path, target: Path) -> None:
+    """Install the package at ``source`` into ``target`` offline: with pip where setuptools is at hand (a
+    build without network needs it), else by hand as pip would lay it out (the package and a .dist-info with
+    its entry points)."""
+    if importlib.util.find_spec("setuptools") is not None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                        "--no-build-isolation", "--target", str(target), str(source)], check=True, capture_output=True)
+        return
+    project = tomllib.loads((source / "pyproject.toml").read_text())["project"]
+    shutil.copytree(source / "src", target)
+    info = target / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    groups = project["entry-points"]
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in points.items()) for group, points in groups.items()))
+
+
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory):
-    """examples/plugin installed with pip (offline, no dependencies) into a temporary folder on sys.path and on
+    """examples/plugin installed (offline, no dependencies) into a temporary folder on sys.path and on
     PYTHONPATH (for worker processes); yields the package's TopK class."""
     tmp = tmp_path_factory.mktemp("plugin")
     source, target = tmp / "src", tmp / "site"
     shutil.copytree(ROOT / "examples" / "plugin", source, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True, capture_output=True)
+    install(source, target)
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(target))
-        mp.setenv("PYTHONPATH", f"{target}:{':'.join(sys.path[1:])}")
+        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH")) if p))
         importlib.invalidate_caches()
         yield importlib.import_module("evalab_topk").TopK
     sys.modules.pop("evalab_topk", None)
@@ -77,9 +99,11 @@ def test_installed_plugin_is_found_by_entry_point_and_passes_check_estimator(plu
 def test_plugin_sweep_by_entry_point_and_path(plugin, tmp_path):
     raw = spec({"name": "topk", "top_k": [3, 16]}, {"name": "evalab_topk:TopK", "label": "top-8", "top_k": 8},
                {"name": "rfa", "num_features": 4})
-    summary = run_sweep(raw, tmp_path, progress=False)
-    assert (summary.done, summary.failed) == (4, 0)
-    df = load_results(tmp_path, spec=parse_spec(raw))
+    path = tmp_path / "spec.toml"
+    path.write_text(render_toml(raw))
+    assert main(["sweep", str(path), "--out", str(tmp_path), "--quiet"]) == 0  # evalab sweep, in this process
+    df = load_results(tmp_path, spec=True)
+    assert (df["status"] == "ok").all()
     assert list(df["estimator"]) == ["topk", "topk", "evalab_topk:TopK", "rfa"]
     assert list(df["label"]) == ["TopK", "TopK", "top-8", "rfa"]  # the label defaults to the class name
     assert list(df["top_k"].iloc[:3]) == [3, 16, 8] and math.isnan(df["top_k"].iloc[3])
@@ -94,7 +118,7 @@ def test_plugin_sweep_by_entry_point_and_path(plugin, tmp_path):
 
 
 @pytest.mark.slow
-def test_plugin_on_dask_worker_processes_equals_local(plugin, tmp_path, monkeypatch):
+def test_plugin_on_dask_worker_processes_equals_local(plugin, tmp_path, monkeypatch, capsys):
     """Workers are fresh processes: they know the built-ins only and build the others from the import path the
     cells carry. A class registered in this process from a module the workers cannot import fails there with
     an error naming the path."""
@@ -110,8 +134,10 @@ def test_plugin_on_dask_worker_processes_equals_local(plugin, tmp_path, monkeypa
     assert [c.target for c in parse_spec(raw).cells()] == ["evalab_topk:TopK"] * 2 + [None]
     run_sweep(raw, tmp_path / "local", progress=False)
     raw["estimators"].append({"name": "session_topk"})
-    summary = run_sweep(raw, tmp_path / "dask", executor="dask", workers=1, progress=False)
-    assert (summary.done, summary.failed) == (3, 1)
+    path = tmp_path / "spec.toml"
+    path.write_text(render_toml(raw))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "dask"), "--executor", "dask", "--workers", "1", "--quiet"]) == 1
+    assert "3 done, 0 skipped (already complete), 1 failed" in capsys.readouterr().out
     rows = load_results(tmp_path / "dask", spec=parse_spec(raw))
     assert rows["error"].iloc[3].startswith(
         "ValueError: estimator 'evalab_session_only:LocalTopK' cannot be imported: ModuleNotFoundError")
