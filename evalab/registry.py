@@ -59,7 +59,7 @@ def _import(path: str) -> type:
         raise ValueError(f"estimator {path!r}: an import path has the form 'package.module:Class'")
     try:
         obj = importlib.import_module(module_name)
-    except ImportError as err:
+    except Exception as err:  # ImportError, or whatever the module raised while loading: name the path
         raise ValueError(f"estimator {path!r} cannot be imported: {type(err).__name__}: {err}") from None
     for attr in qualname.split("."):
         if not hasattr(obj, attr):
