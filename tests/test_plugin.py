@@ -171,6 +171,36 @@ def test_register_estimator_in_process(tmp_path, monkeypatch):
         assert df[column].iloc[0] == df[column].iloc[1], column
 
 
+def test_a_class_that_is_not_a_dataclass(plugin, tmp_path, monkeypatch):
+    """Its constructor's keyword parameters are the spec's parameters and the row's columns."""
+
+    class Plain:
+        noise_kind = "none"
+
+        def __init__(self, top_k=4, scale=None):
+            self.top_k, self.scale, self.inner = top_k, scale, plugin(top_k=top_k, scale=scale)
+
+        def noise_layout(self, q, k):
+            return self.inner.noise_layout(q, k)
+
+        def draw(self, q, k, *, replicates=1, generator=None):
+            return self.inner.draw(q, k, replicates=replicates, generator=generator)
+
+        def __call__(self, q, k, v, draw):
+            return self.inner(q, k, v, draw)
+
+    monkeypatch.setattr(registry, "ESTIMATORS", dict(registry.ESTIMATORS))
+    ev.register_estimator("plain", Plain)
+    with pytest.raises(SpecError, match="its parameters: top_k, scale"):
+        parse_spec(spec({"name": "plain", "k": 2}))
+    raw = spec({"name": "plain", "top_k": [2, 5]}, {"name": "topk", "top_k": [2, 5]})
+    run_sweep(raw, tmp_path, progress=False)
+    df = load_results(tmp_path, spec=parse_spec(raw))
+    assert list(df["label"]) == ["Plain", "Plain", "TopK", "TopK"] and list(df["top_k"]) == [2, 5, 2, 5]
+    assert list(df["rel_mse"].iloc[:2]) == list(df["rel_mse"].iloc[2:])
+    assert df["flops"].iloc[:2].isna().all() and df["flops"].iloc[2:].notna().all()  # no cost method: NaN
+
+
 def test_spec_errors_name_the_path_and_list_the_class_parameters(plugin):
     with pytest.raises(SpecError, match=re.escape(
             "estimators[0].top: unknown parameter of estimator 'evalab_topk:TopK'; its parameters: top_k, scale")):

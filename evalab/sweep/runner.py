@@ -96,7 +96,7 @@ def _make_inputs(cell: Cell, device: str):
 def _reserved_names() -> set[str]:
     names = {"estimator", "label", "inputs", "replicates", "seed", "scale", "status", "error", "cell_id"}
     for cls in registry.ESTIMATORS.values():
-        names.update(f.name for f in dataclasses.fields(cls))
+        names.update(registry.estimator_parameters(cls))
     return names
 
 
