@@ -37,13 +37,15 @@ VOLATILE = ("wall_seconds", "finished_at", "host", "spec_hash", "spec_name")
 
 
 def install(source: Path, target: Path) -> None:
-    """Install the package at ``source`` into ``target`` offline: with pip where setuptools is at hand (a
-    build without network needs it), else by hand as pip would lay it out (the package and a .dist-info with
+    """Install the package at ``source`` into ``target`` offline: with pip where the environment can build it
+    without network (setuptools present), else by hand as pip lays it out (the package and a .dist-info with
     its entry points)."""
     if importlib.util.find_spec("setuptools") is not None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                        "--no-build-isolation", "--target", str(target), str(source)], check=True, capture_output=True)
-        return
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                              "--no-build-isolation", "--target", str(target), str(source)], capture_output=True)
+        if pip.returncode == 0:
+            return
+        shutil.rmtree(target, ignore_errors=True)
     project = tomllib.loads((source / "pyproject.toml").read_text())["project"]
     shutil.copytree(source / "src", target)
     info = target / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
