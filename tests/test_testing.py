@@ -150,7 +150,7 @@ def test_check_leaves_the_global_random_state_alone():
 
 
 def test_check_instances_flips_boolean_options_or_asks_the_class():
-    assert [e.causal for e in check_instances(ev.RFA)] == [False, True]
+    assert [e.causal for e in check_instances(ev.Softmax)] == [False, True]
 
     class Custom(Jitter):
         @classmethod
