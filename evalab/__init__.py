@@ -14,6 +14,7 @@ from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerm
                          features, softmax_attention)
 from .intervals import Estimate
 from .monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
+from .registry import register_estimator
 from .sweep import load_results, load_spec, run_sweep
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "load_results",
     "load_spec",
     "monte_carlo",
+    "register_estimator",
     "run_sweep",
     "softmax_attention",
     "theory",
