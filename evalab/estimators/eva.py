@@ -35,7 +35,9 @@ class EVA:
     proposal: zero | mean | half-mean (mu_c = 0, the mean of the chunk's x plus the mean of its y, or half that).
     noise_scale: sigma, the standard deviation of eps in scaled coordinates: w_{c,s} = mu_c + sigma eps_{c,s}
         is drawn from N(mu_c, sigma^2 I), and with S_c > 1 the importance weights use that proposal,
-        a_s = xi(x_n, w_s) N(w_s; 0, I) / N(w_s; mu_c, sigma^2 I).
+        a_s = xi(x_n, w_s) N(w_s; 0, I) / N(w_s; mu_c, sigma^2 I). For sigma^2 <= 1/2 (the released d ** -0.25
+        once d >= 4) these weights, and the "rf" mass estimate, have infinite variance; with S_c = 1 and a
+        deterministic chunk logit the weights cancel and any sigma is safe.
     chunk_logit: the stand-in for log sum_{m in P_c} exp(l_nm): exact (the quadratic oracle) | mean
         (x_n.ybar_c + log|P_c|) | official (x_n.ybar_c) | rf (the random-feature estimate
         log (1/S_c) sum_s a_s sum_{m in P_c} xi(y_m, w_s) from the chunk's own draws, unbiased inside the log).
