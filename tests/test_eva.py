@@ -18,8 +18,8 @@ CONFIGS = [
     (8, 4, 1), (8, 4, 3), (6, 2, 2), (0, 5, 1), (0, 5, 2), (12, 12, 1), (10, 0, 1), (4, 1, 1), (8, 16, 1), (12, 8, 2),
 ]
 # proposal, chunk_logit, noise_scale
-VARIANTS = [("mean", "mean", 1.0), ("half-mean", "exact", 0.6), ("zero", "official", 1.0), ("half-mean", "rf", 0.7),
-            ("mean", "official", 4**-0.25)]
+VARIANTS = [("mean", "mean", 1.0), ("half-mean", "exact", 0.6), ("mean", "official", 4**-0.25), ("zero", "rf", 1.0),
+            ("half-mean", "rf", 0.7)]
 
 
 @pytest.mark.parametrize("window,chunk_size,samples", CONFIGS)
@@ -237,8 +237,8 @@ def test_unit_chunks_exact_logit_is_softmax(causal, samples):
 
 def test_causal_never_looks_ahead():
     q, k, v = make_qkv(N=32, d=4, dv=2, norm=1.0)
-    for partition, samples in itertools.product(["disjoint", "official"], [1, 2]):
-        est = ev.EVA(window=8, chunk_size=4, samples_per_chunk=samples, partition=partition, causal=True)
+    for partition, samples, logit in itertools.product(["disjoint", "official"], [1, 2], ["mean", "rf"]):
+        est = ev.EVA(window=8, chunk_size=4, samples_per_chunk=samples, partition=partition, chunk_logit=logit, causal=True)
         draw = est.draw(q, k, replicates=2, generator=3)
         out = est(q, k, v, draw)
         for n in (5, 13, 20):
