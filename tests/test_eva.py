@@ -272,7 +272,8 @@ def test_one_sample_per_chunk_is_query_independent():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_float32_finite_at_norm_10(dtype):
     q, k, v = make_qkv(N=64, d=16, dv=4, norm=10.0, dtype=dtype)
-    for est in (ev.EVA(window=16, chunk_size=4), ev.EVA(window=16, chunk_size=4, samples_per_chunk=4, proposal="zero")):
+    for est in (ev.EVA(window=16, chunk_size=4), ev.EVA(window=16, chunk_size=4, samples_per_chunk=4, proposal="zero"),
+                ev.EVA(window=16, chunk_size=4, samples_per_chunk=3, chunk_logit="rf", noise_scale=0.5, shared_noise=False)):
         draw = est.draw(q, k, replicates=2, generator=0)
         out = est(q, k, v, draw)
         assert out.dtype == dtype and torch.isfinite(out).all()
