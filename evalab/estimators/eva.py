@@ -262,7 +262,7 @@ class _ChunkValues:
     query block. ``joint``: the per-sample terms are the chunk_logit="rf" logits, normalised with the window."""
 
     def __init__(self, inp: Scaled, chunks: "_Chunks", mu: torch.Tensor, eps: torch.Tensor, sigma: float, joint: bool):
-        R, C, S, d = eps.shape[0], *eps.shape[-3:]
+        C, S, d = eps.shape[-3:]
         w = mu.unsqueeze(-2) + sigma * eps  # (R, *b, C, S, d): eps has the batch axes or ones there
         y, vals = chunks.split(inp.y), chunks.split(inp.v)  # (*b, C, L, d), (*b, C, L, dv)
         # padded keys get -inf through their half norm, but for chunks made only of padding: their zero keys
