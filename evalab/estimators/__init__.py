@@ -5,8 +5,10 @@ from .base import Cost, Estimator
 from .control_variates import ControlVariates, ControlVariateTerms
 from .draw import Draw
 from .eva import EVA
+from .lara import LARA
+from .ra import RA
 from .rfa import RFA
 from .softmax import Softmax, softmax_attention
 
-__all__ = ["ControlVariateTerms", "ControlVariates", "Cost", "Draw", "EVA", "Estimator", "RFA", "Softmax",
+__all__ = ["ControlVariateTerms", "ControlVariates", "Cost", "Draw", "EVA", "Estimator", "LARA", "RA", "RFA", "Softmax",
            "features", "softmax_attention"]
