@@ -136,7 +136,7 @@ def compute(ctx, frames):
     d, seq_len = 8, 32
     kernel = ctx.table("kernel", kernel_table, norms=ctx.pick(tiny=[0.5, 1.5], quick=[0.5, 1.0, 1.5, 2.0, 2.5],
                                                               full=[0.25 * i for i in range(1, 13)]),
-                       d=d, seq_len=seq_len, num_features=64, replicates=ctx.pick(tiny=16, quick=128, full=2000), seed=0)
+                       d=d, seq_len=seq_len, num_features=64, replicates=ctx.pick(tiny=16, quick=128, full=1000), seed=0)
     versus_a = ctx.table("versus_a", versus_a_table, norm=1.7, d=d, seq_len=seq_len, num_features=64,
                          replicates=ctx.pick(tiny=16, quick=128, full=2000),
                          a_values=ctx.pick(tiny=[-0.4, 0.0], quick=[-0.8, -0.6, -0.4, -0.3, -0.1, 0.0, 0.05],
@@ -145,7 +145,7 @@ def compute(ctx, frames):
     minilm = ctx.table("minilm", lambda **p: minilm_table(device=ctx.torch_device, **p),
                        seq_len=ctx.pick(tiny=16, quick=32, full=128), num_features=ctx.pick(tiny=[16], quick=[16, 256],
                                                                                          full=[16, 64, 256, 1024]),
-                       replicates=ctx.pick(tiny=4, quick=16, full=64), seed=0)
+                       replicates=ctx.pick(tiny=4, quick=16, full=32), seed=0)
     return {"kernel": kernel, "versus_a": versus_a, "minilm": minilm}
 
 
