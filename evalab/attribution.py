@@ -21,7 +21,7 @@ from . import _checks
 from .estimators.control_variates import ControlVariates, _chunk_coefficients, _chunked
 from .monte_carlo import DEFAULT_MAX_MEMORY, NOISE_BLOCK, iter_draws
 
-WORKING_SET = 256 * 2**20  # bytes a block of queries and replicates aims at (within max_memory)
+WORKING_SET = 128 * 2**20  # bytes a block of queries and replicates aims at (within max_memory)
 
 
 @dataclass(frozen=True)
