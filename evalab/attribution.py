@@ -31,6 +31,11 @@ class Attribution:
     variance: dict
     replicates: int
 
+    def __repr__(self) -> str:
+        shape = tuple(next(iter(self.variance.values())).shape) if self.variance else ()
+        means = ", ".join(f"{label} {float(var.mean()):.3g}" for label, var in self.variance.items())
+        return f"Attribution(replicates={self.replicates}, shape={shape}, mean variance: {means})"
+
     def profile(self) -> pd.DataFrame:
         """Per-key variance averaged over queries (and batch): columns coefficient, key, variance."""
         rows = []
