@@ -100,30 +100,29 @@ def key_variance(
 
 
 class _Sums:
-    """Per-(n, m) float64 sums over replicates for one coefficient rule with chunks of ``size`` keys, in
-    chunked layout (*b, n, C, size): sum a, sum a^2, sum a^2 |beta|^2, and sum a beta, sum a^2 beta (dv each)."""
+    """Per-(n, m) float64 sums over replicates for one coefficient rule with chunks of ``size`` keys, in chunked
+    layout (*b, n, C, size, .): one contraction over r of the weights (a, a^2) with (beta, 1, |beta|^2) gives
+    sum a beta, sum a, sum a^2 beta, sum a^2 and sum a^2 |beta|^2 at once."""
 
     def __init__(self, v: torch.Tensor, size: int):
         self.v, self.size, self.M = v, size, v.shape[-2]
-        self.a = self.aa = self.aabb = self.beta = 0.0
+        self.sums = 0.0
 
     def add(self, hbar: torch.Tensor, a: torch.Tensor) -> None:
         """hbar and a = hbar - E[h]: (r, *b, n, M), in the compute dtype."""
         beta = _chunk_coefficients(hbar, self.v, self.size)  # (r, *b, n, C, dv)
         a_c = _chunked(a, self.size)  # (r, *b, n, C, size)
-        aa = a_c * a_c
-        weights = torch.cat([a_c, aa], dim=-1)  # one contraction over r gives sum a beta and sum a^2 beta
-        self.beta = self.beta + torch.einsum("r...ncs,r...ncv->...ncsv", weights, beta).to(torch.float64)
-        self.a = self.a + a_c.sum(0, dtype=torch.float64)
-        self.aa = self.aa + aa.sum(0, dtype=torch.float64)
-        self.aabb = self.aabb + (aa * (beta * beta).sum(-1, keepdim=True)).sum(0, dtype=torch.float64)
+        weights = torch.cat([a_c, a_c * a_c], dim=-1)
+        columns = torch.cat([beta, torch.ones_like(beta[..., :1]), (beta * beta).sum(-1, keepdim=True)], dim=-1)
+        self.sums = self.sums + torch.einsum("r...ncs,r...ncv->...ncsv", weights, columns).to(torch.float64)
 
     def variance(self, R: int) -> torch.Tensor:
         """(*b, n, M): (sum |u|^2 - |sum u|^2 / R) / (R - 1) for u = a (v - beta)."""
         v_c = _chunked(self.v.to(torch.float64).transpose(-1, -2), self.size).movedim(-3, -1).unsqueeze(-4)
-        ab, aab = self.beta.split(self.size, dim=-2)  # (*b, n, C, size, dv) each
-        total = self.a.unsqueeze(-1) * v_c - ab  # sum_r u_r
-        squares = self.aa * (v_c * v_c).sum(-1) - 2 * (v_c * aab).sum(-1) + self.aabb  # sum_r |u_r|^2
+        first, second = self.sums.split(self.size, dim=-2)  # weights a and a^2: (*b, n, C, size, dv + 2) each
+        dv = v_c.shape[-1]
+        total = first[..., dv].unsqueeze(-1) * v_c - first[..., :dv]  # sum_r u_r = v sum a - sum a beta
+        squares = second[..., dv] * (v_c * v_c).sum(-1) - 2 * (v_c * second[..., :dv]).sum(-1) + second[..., dv + 1]
         var = (squares - (total * total).sum(-1) / R) / (R - 1)
         return var.flatten(-2)[..., : self.M].clamp_min(0.0)
 
@@ -132,7 +131,7 @@ def _blocks(B: int, N: int, M: int, dv: int, S: int, batch: int, max_memory: flo
     """(queries, replicates) per block: the three results, the two rules' sums for a block of queries and the
     (replicates, queries, M) temporaries within max_memory, aiming at WORKING_SET bytes."""
     result = 3 * B * N * M * 8
-    per_query = B * M * (2 * (3 * dv + 4)) * 8  # two rules: sum a beta, sum u (dv each), beta temporaries, scalars
+    per_query = B * M * (7 * dv + 8) * 8  # two rules' sums (2 (dv + 2) each) and the finishing temporaries (3 dv)
     per_query_rep = B * (10 * M + 4 * S) * 8  # hbar, a, chunked copies, v.beta, products; the query features
     room = max_memory - result - B * M * (4 * S + 3 * dv) * 8  # the keys' features, v
     reps = min(batch, NOISE_BLOCK)
