@@ -3,10 +3,11 @@
 For one input and R draws, the variance over draws of ghat_m (trace over dv) for every query n and key m,
 under each coefficient rule (shared = RFA, chunked, optimal = softmax, whose terms have zero variance).
 
-Memory stays linear in the number of terms: with a_m = hbar_m - E[h_m], ghat_m - E[h_m] v_m = a_m (v_m - beta_m)
-(docs/theory.md section 4), so the variance over draws of ghat_m needs, per (n, m), only sum_r a_m, sum_r a_m beta_m
-and sum_r a_m^2 |v_m - beta_m|^2 = sum_r a_m^2 (|v_m|^2 - 2 v_m.beta_m + |beta_m|^2); these are accumulated in
-blocks of queries and replicates, never R x N x M x dv at once.
+Memory stays linear in the number of terms: with a_m = hbar_m - E[h_m],
+ghat_m - E[h_m] v_m = a_m (v_m - beta_m) (docs/theory.md section 4), so the variance over draws of ghat_m
+needs, per (n, m), only sum_r a_m, sum_r a_m beta_m and sum_r a_m^2 |v_m - beta_m|^2
+= sum_r a_m^2 (|v_m|^2 - 2 v_m.beta_m + |beta_m|^2); these are accumulated in blocks of queries and
+replicates, never R x N x M x dv at once.
 """
 from __future__ import annotations
 
