@@ -74,6 +74,7 @@ def test_tiny_reproduction_produces_every_figure(tiny):
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000, f.name
         assert len(f.caption) > 200 and "Findings" in f.caption, f.name
         assert "nan" not in f.caption.lower().replace("nan]", ""), (f.name, f.caption)
+        assert "{fg." not in f.caption and "{rows" not in f.caption, (f.name, f.caption)  # no f-string left raw
 
 
 def test_readme_has_one_caption_per_figure(tiny):

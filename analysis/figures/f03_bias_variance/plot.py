@@ -85,7 +85,7 @@ def caption(frames):
         "variance. RFA points run over num_features S (labels give RFA iid's smallest and largest S; the other "
         "RFA variants run over the same S), EVA (window 32, chunk_size 8) over samples_per_chunk. Where the "
         "estimate of rel_bias2 is <= 0 (bias not resolved from zero with this many replicates) a hollow "
-        "downward triangle marks its 95% upper bound instead, and the line skips it. Synthetic Gaussian inputs ({fg.sizes(rows)}).",
+        f"downward triangle marks its 95% upper bound instead, and the line skips it. Synthetic Gaussian inputs ({fg.sizes(rows)}).",
     ]
     findings = []
     for norm, part in rows.groupby("norm"):
