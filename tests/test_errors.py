@@ -108,8 +108,3 @@ def test_empty_inputs(est):
     with pytest.raises(ValueError, match="empty inputs: M=0"):
         ev.monte_carlo(est, q, k[:0], v[:0], replicates=2)
 
-
-def test_draw_repr_is_short():
-    """A Draw prints its kind, shape, dtype and device, never the noise."""
-    draw = ev.RFA(num_features=64).draw(*make_qkv(N=6, d=4)[:2], replicates=100, generator=0)
-    assert repr(draw) == "Draw(kind='omega:iid', shape=(100, 64, 4), dtype=float64, device=cpu)"
