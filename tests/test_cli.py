@@ -111,13 +111,18 @@ def _start(args, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def test_ctrl_c_in_a_sweep(tmp_path):
-    """SIGINT to the process group (as a terminal's Ctrl-C) mid-sweep: exit 130, one line, and the rerun resumes."""
+@pytest.mark.parametrize("executor", [[], pytest.param(["--workers", "2"], marks=pytest.mark.slow)],
+                         ids=["local", "dask"])
+def test_ctrl_c_in_a_sweep(tmp_path, executor):
+    """SIGINT to the process group (as a terminal's Ctrl-C, which reaches Dask's worker processes too) mid-sweep:
+    exit 130 and one line, no traceback from this process or the workers; the lock is released."""
+    if executor:
+        pytest.importorskip("distributed")
     slow = {**SPEC, "replicates": 64, "inputs": {"kind": "gaussian", "seq_len": 64, "d": 8, "norm": [0.5, 1.0, 1.5]},
             "estimators": [{"name": "rfa", "num_features": [4, 8, 16, 32, 64, 128]}]}
     path, out = tmp_path / "slow.toml", tmp_path / "out"
     path.write_text(render_toml(slow))
-    proc = _start(["-m", "evalab", "sweep", str(path), "--out", str(out), "--quiet"], start_new_session=True)
+    proc = _start(["-m", "evalab", "sweep", str(path), "--out", str(out), "--quiet", *executor], start_new_session=True)
     deadline = time.monotonic() + 120
     while not (store.cells_dir(out).is_dir() and any(store.cells_dir(out).glob("*.parquet"))):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
