@@ -11,7 +11,7 @@ Each figure is a folder ``analysis/figures/fNN_name/`` holding
   one sweep (theory predictions, attributions, real-model inputs, generated sweeps). Non-Monte-Carlo tables go through :meth:`FigureContext.table`, which caches them as
   parquet in ``<work>/<figure>/tables`` keyed by their parameters.
 
-The flow is one-way (shared/design.md): sweep and compute write stored rows, ``plot`` only reads them. Sizes:
+The flow is one-way: sweep and compute write stored rows, ``plot`` only reads them. Sizes:
 ``full`` (default), ``quick`` (``--quick``; a few minutes on a 2-core CPU) and ``tiny`` (for tests: the quick
 spec shrunk by :func:`shrink_spec`, and each figure's own tiny sizes in compute).
 
