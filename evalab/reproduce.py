@@ -276,7 +276,7 @@ def rfa_prediction(qkv, *, feature_map: str = "positive") -> dict[str, float]:
     """Delta-method prediction for RFA on one workload, relative to mean_n |Y_n|^2, at S = 1.
 
     Returns ``rel_variance_1`` and ``rel_bias2_1``: the prediction at S features is rel_variance_1 / S for the
-    variance, rel_bias2_1 / S^2 for the squared bias and their sum for the MSE (theory.md section 7).
+    variance, rel_bias2_1 / S^2 for the squared bias and their sum for the MSE (docs/theory.md section 7).
     """
     import torch
 
