@@ -1,4 +1,4 @@
-"""Print the max abs error of every identity of theory.md sections 4, 5 and 10 on random float64 inputs.
+"""Print the max abs error of every identity of docs/theory.md sections 4, 5 and 10 on random float64 inputs.
 
     python analysis/check_identities.py
 """

@@ -2,7 +2,7 @@
 interval drawing and saving. Every paper figure (analysis/figures/*/plot.py) draws through this module, so that
 "RFA iid" is the same blue with the same marker in every figure.
 
-Figures read stored result rows (sweep rows, cached tables) and never run an estimator (shared/design.md):
+Figures read stored result rows (sweep rows, cached tables) and never run an estimator:
 
     from evalab import figures as fg
     rows = fg.with_variant(evalab.load_results("results/smoke", status="ok"))

@@ -1,4 +1,4 @@
-"""Monte-Carlo metrics of an estimator against exact attention (theory.md section 6), with 95% intervals.
+"""Monte-Carlo metrics of an estimator against exact attention (docs/theory.md section 6), with 95% intervals.
 
 Replicates are drawn in fixed blocks of ``NOISE_BLOCK``, each from a generator seeded by (seed, block), so the
 numbers depend on the seed only, not on the batch size, the device or the run order; estimators whose draws

@@ -11,7 +11,7 @@ Each figure is a folder ``analysis/figures/fNN_name/`` holding
   one sweep (theory predictions, attributions, real-model inputs, generated sweeps). Non-Monte-Carlo tables go through :meth:`FigureContext.table`, which caches them as
   parquet in ``<work>/<figure>/tables`` keyed by their parameters.
 
-The flow is one-way (shared/design.md): sweep and compute write stored rows, ``plot`` only reads them. Sizes:
+The flow is one-way: sweep and compute write stored rows, ``plot`` only reads them. Sizes:
 ``full`` (default), ``quick`` (``--quick``) and ``tiny`` (for tests: the quick
 spec shrunk by :func:`shrink_spec`, and each figure's own tiny sizes in compute).
 
@@ -281,7 +281,7 @@ def rfa_prediction(qkv, *, feature_map: str = "positive") -> dict[str, float]:
     """Delta-method prediction for RFA on one workload, relative to mean_n |Y_n|^2, at S = 1.
 
     Returns ``rel_variance_1`` and ``rel_bias2_1``: the prediction at S features is rel_variance_1 / S for the
-    variance, rel_bias2_1 / S^2 for the squared bias and their sum for the MSE (theory.md section 7).
+    variance, rel_bias2_1 / S^2 for the squared bias and their sum for the MSE (docs/theory.md section 7).
     """
     import torch
 

@@ -1,4 +1,4 @@
-"""The per-element control-variate view of RFA (theory.md section 4).
+"""The per-element control-variate view of RFA (docs/theory.md section 4).
 
 For query n and draws w_1..w_S, per key m:
   hbar_m = phi(x_n).phi(y_m) / Z_n,   E[h_m] = exp(l_nm) / Z_n,   ghat_m = hbar_m v_m - beta_m (hbar_m - E[h_m]).
