@@ -5,12 +5,15 @@ import dataclasses
 
 from .estimators.control_variates import ControlVariates
 from .estimators.eva import EVA
+from .estimators.linear import LinearAttention
+from .estimators.nystrom import Nystrom
 from .inputs import gaussian
 from .inputs.minilm import minilm_head
 from .estimators.rfa import RFA
 from .estimators.softmax import Softmax
 
-ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates}
+ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
+               "nystrom": Nystrom, "linear_attention": LinearAttention}
 INPUTS = {"gaussian": gaussian, "minilm": minilm_head}
 
 

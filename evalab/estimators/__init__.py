@@ -5,8 +5,11 @@ from .base import Cost, Estimator
 from .control_variates import ControlVariates, ControlVariateTerms
 from .draw import Draw
 from .eva import EVA
+from .linear import LinearAttention
+from .nystrom import Nystrom
 from .rfa import RFA
 from .softmax import Softmax, softmax_attention
 
 __all__ = ["ControlVariateTerms", "ControlVariates", "Cost", "Draw", "EVA", "Estimator", "RFA", "Softmax",
            "features", "softmax_attention"]
+__all__ += ["LinearAttention", "Nystrom"]
