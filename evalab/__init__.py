@@ -12,7 +12,7 @@ from .attribution import Attribution, key_variance
 from .cost import estimate_cost
 from .estimators import (EVA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax, features,
                          softmax_attention)
-from .estimators import LinearAttention, Nystrom
+from .estimators import LinearAttention, Nystrom, Scatterbrain
 from .intervals import Estimate
 from .monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
 from .sweep import load_results, load_spec, run_sweep
@@ -33,6 +33,7 @@ __all__ = [
     "MCResult",
     "Nystrom",
     "RFA",
+    "Scatterbrain",
     "Softmax",
     "attention_matrix",
     "compare",

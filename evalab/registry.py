@@ -10,10 +10,11 @@ from .estimators.nystrom import Nystrom
 from .inputs import gaussian
 from .inputs.minilm import minilm_head
 from .estimators.rfa import RFA
+from .estimators.scatterbrain import Scatterbrain
 from .estimators.softmax import Softmax
 
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
-               "nystrom": Nystrom, "linear_attention": LinearAttention}
+               "nystrom": Nystrom, "linear_attention": LinearAttention, "scatterbrain": Scatterbrain}
 INPUTS = {"gaussian": gaussian, "minilm": minilm_head}
 
 

@@ -8,8 +8,9 @@ from .eva import EVA
 from .linear import LinearAttention
 from .nystrom import Nystrom
 from .rfa import RFA
+from .scatterbrain import Scatterbrain
 from .softmax import Softmax, softmax_attention
 
 __all__ = ["ControlVariateTerms", "ControlVariates", "Cost", "Draw", "EVA", "Estimator", "RFA", "Softmax",
            "features", "softmax_attention"]
-__all__ += ["LinearAttention", "Nystrom"]
+__all__ += ["LinearAttention", "Nystrom", "Scatterbrain"]
