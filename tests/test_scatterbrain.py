@@ -39,7 +39,7 @@ def scatterbrain_reference(q, k, v, omega, window, support, feature_map, causal=
     return a @ v / a.sum(-1, keepdim=True)
 
 
-CASES = [("block", 8), ("block", 5), ("sliding", 8), ("sliding", 7), ("block", 0)]
+CASES = [("block", 8), ("block", 5), ("block", 12), ("sliding", 8), ("sliding", 7), ("block", 0)]
 
 
 @pytest.mark.parametrize("support,window", CASES)
@@ -107,7 +107,7 @@ def test_float32_finite_and_accurate_at_large_norm(support):
 
 @pytest.mark.parametrize("support,window,causal,feature_map", [
     ("block", 8, False, "positive"), ("sliding", 7, True, "hyperbolic"), ("sliding", 8, False, "hyperbolic"),
-    ("block", 0, True, "positive"), ("block", 8, True, "positive")])
+    ("block", 0, True, "positive"), ("block", 8, True, "positive"), ("block", 5, False, "positive")])
 def test_cost_counts_the_matrix_products(support, window, causal, feature_map):
     """cost() minus its stated elementwise terms equals FlopCounterMode's matmul FLOPs, at N = M = 64, d = dv = 16."""
     N = M = 64
@@ -123,11 +123,12 @@ def test_cost_counts_the_matrix_products(support, window, causal, feature_map):
         hi = hi.clip(max=torch.arange(N).numpy() + 1)
     w = int((hi - lo).max())
     elementwise = 4 * N * w
+    block = est.query_block()
     for bound in [lo] if causal else [lo, (M - hi)[::-1]]:
-        for t0 in range(0, N, QUERY_BLOCK):
-            t1 = min(N, t0 + QUERY_BLOCK)
+        for t0 in range(0, N, block):
+            t1 = min(N, t0 + block)
             elementwise += 3 * (t1 - t0) * int(bound[t1 - 1] - bound[t0]) * F + 4 * (t1 - t0) * F
-        elementwise += 3 * int(bound[(N - 1) // QUERY_BLOCK * QUERY_BLOCK]) * F  # the state's keys
+        elementwise += 3 * int(bound[(N - 1) // block * block]) * F  # the state's keys
     assert est.cost(N=N, M=M, d=d, dv=dv).flops() - elementwise == counter.get_total_flops()
 
 

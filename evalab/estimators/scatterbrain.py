@@ -31,7 +31,8 @@ from .features import SAMPLERS, OmegaDraws, log_features, num_columns
 from .scaled import Scaled
 
 SUPPORTS = ("block", "sliding")
-#: Queries per block of the prefix/suffix sums (memory R x block x block x F per step).
+#: Queries per block of the prefix/suffix sums (memory R x block x block x F per step); the block support uses
+#: its window blocks instead when they are 8 to 128 positions long (then no pairs are formed at all).
 QUERY_BLOCK = 32
 
 
@@ -81,15 +82,22 @@ class Scatterbrain(OmegaDraws):
         lo, hi = self.bounds(N, M)
         if self.causal:
             hi = np.minimum(hi, np.arange(N) + 1)
-        lq, lk = log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map)
-        parts = [_support(inp, lo, hi), _outside(lq, lk, inp.v, lo)]
+        # (R, *b, L, F), contiguous: every later pass runs along positions
+        lq, lk = (log_features(t, omega, self.feature_map).contiguous() for t in (inp.x, inp.y))
+        block = self.query_block()
+        parts = [_support(inp, lo, hi), _outside(lq, lk, inp.v, lo, block)]
         if not self.causal:
             # the suffix [hi_n, M) is a prefix of the reversed keys, for the reversed queries
-            lse, average = _outside(lq.flip(-2), lk.flip(-2), inp.v.flip(-2), (M - hi)[::-1].copy())
+            lse, average = _outside(lq.flip(-2), lk.flip(-2), inp.v.flip(-2), (M - hi)[::-1].copy(), block)
             parts.append((lse.flip(-1), average.flip(-2)))
         lse = torch.logsumexp(torch.stack(torch.broadcast_tensors(*(p[0] for p in parts))), dim=0)
         out = sum(torch.exp(part_lse - lse).unsqueeze(-1) * average for part_lse, average in parts)
         return out.to(inp.out_dtype)
+
+    def query_block(self) -> int:
+        """Queries per block of the prefix/suffix sums: the window for a block support of 8 to 128 positions (each
+        block's bound is then constant), QUERY_BLOCK otherwise."""
+        return self.window if self.support == "block" and 8 <= self.window <= 128 else QUERY_BLOCK
 
     @property
     def columns(self) -> int:
@@ -113,13 +121,14 @@ class Scatterbrain(OmegaDraws):
         fixed = 2 * N * w * (d + dv) + 4 * N * w
         rep = 2 * (N + M) * F * (d + 1)
         passes = [lo] if self.causal else [lo, (M - hi)[::-1]]
+        block = self.query_block()
         for bound in passes:
-            for t0 in range(0, N, QUERY_BLOCK):
-                t1 = min(N, t0 + QUERY_BLOCK)
+            for t0 in range(0, N, block):
+                t1 = min(N, t0 + block)
                 T, p = t1 - t0, int(bound[t1 - 1] - bound[t0])
                 rep += 2 * T * F * dv + 2 * T * p * dv + 3 * T * p * F + 4 * T * F
-            rep += int(bound[(N - 1) // QUERY_BLOCK * QUERY_BLOCK]) * F * (2 * dv + 3)  # keys the state took in
-        T = min(QUERY_BLOCK, N)
+            rep += int(bound[(N - 1) // block * block]) * F * (2 * dv + 3)  # keys the state took in
+        T = min(block, N)
         memory_fixed = N * w * (d + 2) + N * dv
         memory = 2 * (N + M) * F + 2 * T * T * F + F * dv + 3 * N * dv
         return Cost.per_element(fixed, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
@@ -144,12 +153,12 @@ def _support(inp: Scaled, lo: np.ndarray, hi: np.ndarray) -> tuple[torch.Tensor,
     return lse, torch.einsum("...nw,...nwv->...nv", weights, values)
 
 
-def _outside(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, lo: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _outside(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, lo: np.ndarray, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The random-feature part over the prefix [0, lo_n) of the keys, lo non-decreasing:
     (log sum_{m < lo_n} phi(x_n).phi(y_m) (R, *b, N), the matching average of v (R, *b, N, dv)); -inf and 0
     where the prefix is empty.
 
-    lq (R, *b, N, F), lk (R, *b, M, F) log-features, v (*b, M, dv). Blocks of QUERY_BLOCK queries: a carried
+    lq (R, *b, N, F), lk (R, *b, M, F) log-features, v (*b, M, dv). Blocks of ``block`` queries: a carried
     state (per column f: log_mass_f = log sum e^{lk_mf} and kv_f, the matching average of v) over the keys
     before the block's first bound, and the pairwise log-kernel logsumexp_f(lq_nf + lk_mf) for the keys from
     there to each query's own bound.
@@ -160,8 +169,8 @@ def _outside(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, lo: np.ndarray
     lse = torch.empty(lq.shape[:-1], dtype=lq.dtype, device=lq.device)
     out = torch.empty(*lq.shape[:-1], v.shape[-1], dtype=v.dtype, device=v.device)
     end = 0  # the state holds keys [0, end)
-    for t0 in range(0, N, QUERY_BLOCK):
-        t1 = min(N, t0 + QUERY_BLOCK)
+    for t0 in range(0, N, block):
+        t1 = min(N, t0 + block)
         a, b = int(lo[t0]), int(lo[t1 - 1])
         if a > end:  # advance the state to the block's first bound
             lk_new, v_new = lk[..., end:a, :], v[..., end:a, :]
