@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import evalab as ev
 from conftest import make_qkv, scaled
-from evalab.estimators.scatterbrain import QUERY_BLOCK
+from evalab.estimators.scatterbrain import QUERY_BLOCK, support_span
 
 
 def rf_kernel(x, y, omega, feature_map):
@@ -121,9 +121,9 @@ def test_cost_counts_the_matrix_products(support, window, causal, feature_map):
     lo, hi = est.bounds(N, M)
     if causal:
         hi = hi.clip(max=torch.arange(N).numpy() + 1)
-    w = int((hi - lo).max())
-    elementwise = 4 * N * w
     block = est.query_block()
+    first, span = support_span(lo, hi, block)
+    elementwise = 4 * len(first) * block * span
     for bound in [lo] if causal else [lo, (M - hi)[::-1]]:
         for t0 in range(0, N, block):
             t1 = min(N, t0 + block)

@@ -85,7 +85,7 @@ class Scatterbrain(OmegaDraws):
         # (R, *b, L, F), contiguous: every later pass runs along positions
         lq, lk = (log_features(t, omega, self.feature_map).contiguous() for t in (inp.x, inp.y))
         block = self.query_block()
-        parts = [_support(inp, lo, hi), _outside(lq, lk, inp.v, lo, block)]
+        parts = [_support(inp, lo, hi, block), _outside(lq, lk, inp.v, lo, block)]
         if not self.causal:
             # the suffix [hi_n, M) is a prefix of the reversed keys, for the reversed queries
             lse, average = _outside(lq.flip(-2), lk.flip(-2), inp.v.flip(-2), (M - hi)[::-1].copy(), block)
@@ -105,23 +105,26 @@ class Scatterbrain(OmegaDraws):
         return num_columns(self.feature_map, self.num_features)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
-        """Deterministic: the support's logits and weights @ v (2 N w (d + dv), w the widest support: the window,
-        or floor(w/2) + 1 for a causal sliding one) plus 4 elementwise per support pair. Per replicate, matrix
-        products as performed: the log-features of queries and keys (2 (N + M) F (d + 1), the half norm folded
-        into the product), and for the prefix (and, non-causal, the suffix) sums per block of T queries the
-        carried state's mix (2 T F dv), the p pairs inside the block (2 T p dv) and the state update (2 F dv per
-        key taken in). Elementwise terms added: 3 per pair-feature inside the blocks (add, exp, sum; T p F), 4
-        per query-feature for the mix with the state (4 T F) and 3 per key-feature taken into the state, per
-        pass. Memory: gathered support keys, the log-features, one block's pairs, the state and the output."""
+        """Deterministic: the support's logits and weights @ v, over blocks of T queries each gathering the span
+        of keys its supports reach (the window for the block support, T - 1 + w for the sliding one):
+        2 P (d + dv) with P = blocks x T x span, plus 4 elementwise per pair. Per replicate, matrix products as
+        performed: the log-features of queries and keys (2 (N + M) F (d + 1), the half norm folded into the
+        product), and for the prefix (and, non-causal, the suffix) sums per block the carried state's mix
+        (2 T F dv), the p pairs inside the block (2 T p dv) and the state update (2 F dv per key taken in).
+        Elementwise terms added: 3 per pair-feature inside the blocks (add, exp, sum; T p F), 4 per
+        query-feature for the mix with the state (4 T F) and 3 per key-feature taken into the state, per pass.
+        Memory: the support's logits and gathered keys, the log-features, one block's pairs, the state and the
+        output."""
         F = self.columns
         lo, hi = self.bounds(N, M)
         if self.causal:
             hi = np.minimum(hi, np.arange(N) + 1)
-        w = int((hi - lo).max(initial=0))  # support keys gathered per query
-        fixed = 2 * N * w * (d + dv) + 4 * N * w
+        block = self.query_block()
+        first, span = support_span(lo, hi, block)
+        pairs = len(first) * block * span  # support logits over padded blocks of queries
+        fixed = 2 * pairs * (d + dv) + 4 * pairs
         rep = 2 * (N + M) * F * (d + 1)
         passes = [lo] if self.causal else [lo, (M - hi)[::-1]]
-        block = self.query_block()
         for bound in passes:
             for t0 in range(0, N, block):
                 t1 = min(N, t0 + block)
@@ -129,28 +132,40 @@ class Scatterbrain(OmegaDraws):
                 rep += 2 * T * F * dv + 2 * T * p * dv + 3 * T * p * F + 4 * T * F
             rep += int(bound[(N - 1) // block * block]) * F * (2 * dv + 3)  # keys the state took in
         T = min(block, N)
-        memory_fixed = N * w * (d + 2) + N * dv
+        memory_fixed = 2 * pairs + len(first) * span * (d + dv) + N * dv
         memory = 2 * (N + M) * F + 2 * T * T * F + F * dv + 3 * N * dv
         return Cost.per_element(fixed, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
 
 
-def _support(inp: Scaled, lo: np.ndarray, hi: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def support_span(lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[np.ndarray, int]:
+    """The keys each block of ``block`` queries gathers for its supports: (first key per block (B,), span), so
+    that block j holds keys [first_j, first_j + span) ⊇ every [lo_n, hi_n) of its queries."""
+    N = len(lo)
+    first = lo[::block]
+    last = hi[np.minimum(np.arange(block, N + block, block), N) - 1]
+    return first, int((last - first).max(initial=0))
+
+
+def _support(inp: Scaled, lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention on keys [lo_n, hi_n): (log sum e^l (*b, N), sum e^{l - lse} v (*b, N, dv)); -inf and 0
-    for an empty support."""
-    width = int((hi - lo).max(initial=0))
-    device = inp.x.device
-    if width == 0:
+    for an empty support. Over blocks of queries, each with the span of keys its supports reach (memory
+    N x span, span = window for the block support)."""
+    N, M, device = inp.x.shape[-2], inp.y.shape[-2], inp.x.device
+    first, span = support_span(lo, hi, block)
+    if span == 0:
         return (torch.full(inp.x.shape[:-1], -math.inf, dtype=inp.x.dtype, device=device),
                 torch.zeros(*inp.x.shape[:-1], inp.v.shape[-1], dtype=inp.v.dtype, device=device))
-    lo_t, hi_t = torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device)
-    index = lo_t.unsqueeze(-1) + torch.arange(width, device=device)  # (N, width)
-    inside = index < hi_t.unsqueeze(-1)
-    index = index.clamp_(max=inp.y.shape[-2] - 1)
-    keys, values = inp.y[..., index, :], inp.v[..., index, :]  # (*b, N, width, d), (*b, N, width, dv)
-    logits = torch.einsum("...nd,...nwd->...nw", inp.x, keys).masked_fill_(~inside, -math.inf)
+    B, pad = len(first), len(first) * block - N
+    key = torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(span, device=device)  # (B, span)
+    bounds = [torch.from_numpy(np.pad(t, (0, pad))).to(device).view(B, block, 1) for t in (lo, hi)]
+    inside = (key.unsqueeze(-2) >= bounds[0]) & (key.unsqueeze(-2) < bounds[1])  # (B, block, span); padding: empty
+    key = key.clamp_(max=M - 1)
+    x = torch.nn.functional.pad(inp.x, (0, 0, 0, pad)).unflatten(-2, (B, block))  # (*b, B, block, d)
+    logits = (x @ inp.y[..., key, :].transpose(-1, -2)).masked_fill_(~inside, -math.inf)  # (*b, B, block, span)
     lse = torch.logsumexp(logits, dim=-1)
-    weights = (logits - _finite(lse).unsqueeze(-1)).exp_()
-    return lse, torch.einsum("...nw,...nwv->...nv", weights, values)
+    weights = logits.sub_(_finite(lse).unsqueeze(-1)).exp_()
+    out = weights @ inp.v[..., key, :]  # (*b, B, block, dv)
+    return lse.flatten(-2)[..., :N], out.flatten(-3, -2)[..., :N, :]
 
 
 def _outside(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, lo: np.ndarray, block: int) -> tuple[torch.Tensor, torch.Tensor]:
