@@ -15,7 +15,8 @@ def test_bench_tiny_plan_writes_report(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["plan"] == "tiny" and len(saved["engine"]) == 3
     assert (tmp_path / "bench.png").stat().st_size > 0 and "| rfa S=256 |" in (tmp_path / "bench.md").read_text()
-    assert set(report["scaling_fit"]["slopes"]) == {"softmax", "sdpa", "rfa", "eva", "eva_64_chunks"}
+    assert set(report["scaling_fit"]["slopes"]) == {"softmax", "sdpa", "rfa", "eva", "eva_64_chunks",
+                                                       "nystrom", "scatterbrain", "elu+1"}
     for row in report["engine"]:  # the engine's FLOP/s over a matmul of its shape and over a square one
         assert row["roofline_fraction"] * row["matmul_gflops"] == pytest.approx(row["gflops"])
         assert row["peak_fraction"] * row["peak_gflops"] == pytest.approx(row["gflops"])
