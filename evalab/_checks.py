@@ -16,6 +16,13 @@ def choice(name: str, value: object, valid: Sequence[str]) -> str:
     return value
 
 
+def boolean(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def integer(name: str, value: object, *, minimum: int = 1) -> int:
     """Return ``value`` as an int if it is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):

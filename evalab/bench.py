@@ -39,6 +39,7 @@ FEATURE_COLUMNS = 2048
 SCALING = {
     "softmax": lambda N: Softmax(),
     "rfa": lambda N: RFA(num_features=256),
+    "rfa_hyperbolic": lambda N: RFA(num_features=128, feature_map="hyperbolic"),  # the same 256 feature columns
     "eva": lambda N: EVA(window=64, chunk_size=64),
     "eva_64_chunks": lambda N: EVA(window=0, chunk_size=max(1, N // 64)),
     "nystrom": lambda N: Nystrom(num_landmarks=64),

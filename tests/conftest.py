@@ -20,3 +20,25 @@ def scaled(t, scale=None):
     s = t.shape[-1] ** -0.5 if scale is None else scale
     return t * math.sqrt(s)
 
+
+
+def assert_independent_noise_per_element(est, q, k, v, replicates=2, tol=1e-12):
+    """``est`` has shared_noise=False: its noise carries q's batch axes after R, batch elements get different
+    noise, and one call equals the per-element calls of the shared-noise estimator on the noise slices."""
+    import dataclasses
+    import itertools
+
+    import evalab as ev
+
+    batch = tuple(q.shape[:-2])
+    draw = est.draw(q, k, replicates=replicates, generator=3)
+    assert draw.noise.shape[1 : 1 + len(batch)] == batch
+    out = est(q, k, v, draw)
+    shared = dataclasses.replace(est, shared_noise=True)
+    elements = list(itertools.product(*map(range, batch)))
+    for index in elements:
+        slot = (slice(None), *index)
+        ref = shared(q[index], k[index], v[index], ev.Draw(draw.noise[slot], draw.kind))
+        assert (out[slot] - ref).abs().max() < tol, f"batch element {index}"
+    first, second = (draw.noise[(slice(None), *i)] for i in elements[:2])
+    assert not torch.equal(first, second), "batch elements drew the same noise"

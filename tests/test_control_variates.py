@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import evalab as ev
-from conftest import make_qkv, scaled
+from conftest import assert_independent_noise_per_element, make_qkv, scaled
 
 TOL = 1e-10
 
@@ -76,3 +76,10 @@ def test_chunked_needs_chunk_size():
         ev.ControlVariates(coefficient="shared", chunk_size=4)
     with pytest.raises(ValueError, match="coefficient='bogus'.*'shared', 'optimal', 'chunked'"):
         ev.ControlVariates(coefficient="bogus")
+
+
+@pytest.mark.parametrize("coefficient,chunk_size", [("shared", None), ("chunked", 4), ("optimal", None)])
+def test_independent_noise_per_batch_element(coefficient, chunk_size):
+    q, k, v = make_qkv(N=7, M=9, d=4, dv=3, batch=(2, 3), norm=0.9)
+    est = ev.ControlVariates(num_features=5, coefficient=coefficient, chunk_size=chunk_size, shared_noise=False)
+    assert_independent_noise_per_element(est, q, k, v)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import evalab as ev
-from conftest import make_qkv, scaled
+from conftest import assert_independent_noise_per_element, make_qkv, scaled
 from evalab.estimators.features import kernel_estimate
 from evalab.estimators.rfa import CAUSAL_BLOCK
 
@@ -132,3 +132,31 @@ def test_dataclass_variant():
     est = dataclasses.replace(ev.RFA(num_features=8), num_features=16)
     assert est.num_features == 16 and est.columns == 16
     assert ev.RFA(num_features=16, feature_map="trig").columns == 32
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("options", [{"feature_map": m} for m in MAPS] + [{"eps": 1e-3}], ids=MAPS + ["eps"])
+def test_independent_noise_per_batch_element(options, causal):
+    q, k, v = make_qkv(N=CAUSAL_BLOCK + 3, d=4, dv=3, batch=(2, 3), norm=0.8)
+    assert_independent_noise_per_element(ev.RFA(num_features=5, causal=causal, shared_noise=False, **options), q, k, v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hyperbolic_is_positive_on_antithetic_pairs(causal):
+    """Hyperbolic features of w are the positive features of [w, -w]: the same output whichever way it is built."""
+    q, k, v = make_qkv(N=CAUSAL_BLOCK + 7, d=5, dv=3, batch=(2,), norm=1.1)
+    hyperbolic = ev.RFA(num_features=6, feature_map="hyperbolic", causal=causal)
+    draw = hyperbolic.draw(q, k, replicates=3, generator=4)
+    pairs = ev.Draw(torch.cat([draw.noise, -draw.noise], dim=1), draw.kind)
+    positive = ev.RFA(num_features=12, causal=causal)
+    assert (hyperbolic(q, k, v, draw) - positive(q, k, v, pairs)).abs().max() < 1e-12
+
+
+def test_shared_noise_is_one_draw_for_every_head():
+    """Identical heads give identical estimates under shared noise and different ones under independent noise."""
+    q, k, v = (t.expand(2, *t.shape) for t in make_qkv(N=10, d=4, dv=3))
+    shared, independent = (ev.RFA(num_features=8, shared_noise=s) for s in (True, False))
+    out = shared(q, k, v, shared.draw(q, k, replicates=2, generator=0))
+    assert torch.equal(out[:, 0], out[:, 1])
+    out = independent(q, k, v, independent.draw(q, k, replicates=2, generator=0))
+    assert (out[:, 0] - out[:, 1]).abs().max() > 1e-3

@@ -37,7 +37,7 @@ class ControlVariateTerms:
 class ControlVariates(OmegaDraws):
     """Control-variate estimate of softmax attention with a ``coefficient`` rule.
 
-    Shares draws with RFA of the same ``num_features``, ``feature_map`` and ``sampler``.
+    Shares draws with RFA of the same ``num_features``, ``feature_map``, ``sampler`` and ``shared_noise``.
     Call: est(q, k, v, draw) -> (R, *b, N, dv), the sum over keys of ghat_m. ``terms`` returns the elements.
     """
 
@@ -47,9 +47,11 @@ class ControlVariates(OmegaDraws):
     feature_map: str = "positive"
     sampler: str = "iid"
     scale: float | None = None
+    shared_noise: bool = True
 
     def __post_init__(self) -> None:
         _checks.integer("num_features", self.num_features)
+        _checks.boolean("shared_noise", self.shared_noise)
         _checks.choice("coefficient", self.coefficient, COEFFICIENTS)
         _checks.choice("feature_map", self.feature_map, ("positive", "hyperbolic"))
         _checks.choice("sampler", self.sampler, SAMPLERS)
@@ -62,7 +64,7 @@ class ControlVariates(OmegaDraws):
             raise ValueError(f"chunk_size applies to coefficient='chunked' only, got chunk_size={self.chunk_size!r}")
 
     def _omega(self, q: torch.Tensor, k: torch.Tensor, inp: Scaled, draw: Draw) -> torch.Tensor:
-        """The draw's omega (R, S, d), checked, on the inputs' device and dtype."""
+        """The draw's omega (R, S, d) or (R, *b, S, d), checked, on the inputs' device and dtype."""
         return draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
 
     def _hbar(self, inp: Scaled, omega: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
@@ -90,8 +92,13 @@ class ControlVariates(OmegaDraws):
         return out.to(inp.out_dtype)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
-        """Quadratic: exact softmax weights once per call (2 N M d + 4 N M); per replicate the features, the
-        N x M kernel estimate over F columns and the chunk coefficients."""
+        """Quadratic. Once per call: exact softmax weights (2 N M d matrix product + 4 N M elementwise); the
+        optimal coefficient stops there (its output E[h] @ v, 2 N M dv, needs no draw). Per replicate otherwise:
+        features (2 (N+M) S d + 2 (N+M) F), the N x M kernel estimate over F columns (2 N M F), the chunk
+        coefficients (2 N M dv) and elementwise normalisation (3 N M)."""
+        if self.coefficient == "optimal":
+            return Cost.per_element(2 * N * M * (d + dv) + 4 * N * M, 0.0, 2 * N * M + N * dv, 0.0, batch=batch,
+                                    itemsize=itemsize)
         S, F = self.num_features, num_columns(self.feature_map, self.num_features)
         fixed = 2 * N * M * d + 4 * N * M
         rep = 2 * (N + M) * S * d + 2 * (N + M) * F + 2 * N * M * F + 2 * N * M * dv + 3 * N * M

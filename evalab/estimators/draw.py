@@ -17,7 +17,8 @@ class Draw:
     """Random noise for ``replicates`` independent estimates.
 
     noise: (R, ...) with the replicates leading. RFA and ControlVariates: omega itself, (R, S, d).
-           EVA: eps, (R, C, S_c, d), added to each chunk's proposal mean.
+           EVA: eps, (R, C, S_c, d), added to each chunk's proposal mean. With ``shared_noise=False`` the
+           estimator's batch axes follow R: (R, *b, S, d).
     kind:  what the noise is, e.g. ``"omega:iid"`` or ``"eps"``; estimators check it before use.
     """
 
@@ -62,6 +63,12 @@ def seeded_generator(seed: int, *purpose: int) -> torch.Generator:
     purposes (inputs, draws, noise blocks) gives unrelated streams."""
     state = np.random.SeedSequence([seed, *purpose]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def noise_batch(q: torch.Tensor, shared_noise: bool) -> tuple[int, ...]:
+    """The batch axes a noise layout carries after R: none when one draw is shared by every batch element and
+    head (``shared_noise=True``, Performer's convention), q's batch dimensions (*b) otherwise."""
+    return () if shared_noise else tuple(q.shape[:-2])
 
 
 DRAW_PURPOSE = 0x647261  # "dra"

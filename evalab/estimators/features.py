@@ -1,7 +1,7 @@
 """Random features of the softmax kernel exp(x.y) (theory.md section 2).
 
-All functions work on *scaled* coordinates x = sqrt(scale) q. ``omega`` has shape (R, S, d): one set of S
-draws per replicate, shared by every batch/head element.
+All functions work on *scaled* coordinates x = sqrt(scale) q. ``omega`` has shape (R, S, d), one set of S
+draws per replicate shared by every batch/head element, or (R, *b, S, d), one set per batch element.
 
 Feature maps (F feature columns, phi(x).phi(y) estimates exp(x.y) without bias):
 - ``positive``   F = S:  phi_s(x) = exp(w_s.x - |x|^2/2) / sqrt(S)
@@ -20,7 +20,7 @@ from scipy.special import ndtri
 from scipy.stats import qmc
 
 from .. import _checks
-from .draw import Draw, gaussian_noise, make_generator
+from .draw import Draw, gaussian_noise, make_generator, noise_batch
 
 FEATURE_MAPS = ("positive", "hyperbolic", "trig")
 SAMPLERS = ("iid", "orthogonal", "qmc")
@@ -66,37 +66,49 @@ def sample_omega(sampler: str, replicates: int, num_features: int, dim: int, gen
 
 
 class OmegaDraws:
-    """Draws of omega (R, S, d) for estimators with ``num_features`` and ``sampler`` fields (RFA, ControlVariates):
-    estimators with the same sampler and num_features share draws."""
+    """Draws of omega for estimators with ``num_features``, ``sampler`` and ``shared_noise`` fields (RFA,
+    ControlVariates): (R, S, d) shared by every batch element, or (R, *b, S, d) with ``shared_noise=False``.
+    Estimators with the same sampler, num_features and sharing share draws."""
 
     @property
     def noise_kind(self) -> str:
         return f"omega:{self.sampler}"
 
     def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
-        """Shape of one replicate's noise: omega (S, d)."""
-        return (self.num_features, q.shape[-1])
+        """Shape of one replicate's noise: omega (S, d), or (*b, S, d) when each batch element has its own."""
+        return (*noise_batch(q, self.shared_noise), self.num_features, q.shape[-1])
 
     def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """Sample omega for ``replicates`` estimates: Draw with noise (R, S, d), float64 on the generator's device."""
+        """Sample omega for ``replicates`` estimates: Draw with noise (R, *layout), float64 on the generator's
+        device; every (S, d) set is an independent sample of the sampler."""
         _checks.integer("replicates", replicates)
-        omega = sample_omega(self.sampler, replicates, *self.noise_layout(q, k), make_generator(generator))
-        return Draw(omega, self.noise_kind)
+        *batch, S, d = self.noise_layout(q, k)
+        omega = sample_omega(self.sampler, replicates * math.prod(batch), S, d, make_generator(generator))
+        return Draw(omega.reshape(replicates, *batch, S, d), self.noise_kind)
+
+
+def project(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """w_s.x for x (*b, N, d) and omega (R, S, d) or (R, *b, S, d): (*b, N, R, S), one GEMM per batch element."""
+    R, S = omega.shape[0], omega.shape[-2]
+    directions = omega.movedim(0, -3).flatten(-3, -2)  # (*b, R S, d) or (R S, d)
+    return (x @ directions.transpose(-1, -2)).unflatten(-1, (R, S))
 
 
 def stacked_projection(x: torch.Tensor, omega: torch.Tensor, feature_map: str, *, minus_half_norm: bool) -> torch.Tensor:
     """log phi(x) up to the constant -log(F)/2, replicates second to last: (*batch, N, R, F), contiguous.
 
-    Positive: w.x; hyperbolic: [w.x, -w.x]; minus |x|^2/2 when ``minus_half_norm`` (folded into the GEMM).
+    Positive: w.x; hyperbolic: [w.x, -w.x] from one projection; minus |x|^2/2 when ``minus_half_norm`` (for
+    positive features folded into the GEMM as an extra coordinate).
     """
     _checks.choice("feature_map", feature_map, ("positive", "hyperbolic"))
-    R, S, d = omega.shape
-    directions = torch.cat([omega, -omega], dim=1) if feature_map == "hyperbolic" else omega
-    directions = directions.reshape(-1, d)
-    if minus_half_norm:
-        x = torch.cat([x, -0.5 * (x * x).sum(-1, keepdim=True)], dim=-1)
-        directions = torch.cat([directions, torch.ones_like(directions[:, :1])], dim=-1)
-    return (x @ directions.transpose(0, 1)).unflatten(-1, (R, -1))
+    if feature_map == "positive":
+        if not minus_half_norm:
+            return project(x, omega)
+        ones = torch.ones_like(omega[..., :1])
+        return project(torch.cat([x, -0.5 * (x * x).sum(-1, keepdim=True)], dim=-1), torch.cat([omega, ones], dim=-1))
+    proj = project(x, omega)
+    stacked = torch.cat([proj, proj.neg()], dim=-1)
+    return stacked.sub_(0.5 * (x * x).sum(-1)[..., None, None]) if minus_half_norm else stacked
 
 
 def log_features(x: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:
@@ -110,8 +122,8 @@ def trig_features(x: torch.Tensor, omega: torch.Tensor, log_weight: torch.Tensor
 
     ``log_weight`` (*batch, N, 1) defaults to |x|^2/2, the exact trig map; estimators pass a stabilised one.
     """
-    R, S, d = omega.shape
-    proj = (x @ omega.reshape(R * S, d).transpose(0, 1)).unflatten(-1, (R, S))  # (*batch, N, R, S)
+    S = omega.shape[-2]
+    proj = project(x, omega)  # (*batch, N, R, S)
     if log_weight is None:
         log_weight = 0.5 * (x * x).sum(-1, keepdim=True)
     scale = torch.exp(log_weight - 0.5 * math.log(S)).unsqueeze(-1)

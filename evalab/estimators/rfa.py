@@ -32,6 +32,8 @@ class RFA(OmegaDraws):
     feature_map: positive | hyperbolic | trig; sampler: iid | orthogonal | qmc.
     eps: constant added to the stabilised features, as Performer does (see ``_linear_features``); 0 gives the
     exact estimator.
+    shared_noise: one set of draws for every batch element and head (Performer's one projection matrix), noise
+    (R, S, d); False gives each batch element its own, noise (R, *b, S, d), as independent heads would have.
     Call: est(q, k, v, draw) with q (*b, N, d), k (*b, M, d), v (*b, M, dv) -> (R, *b, N, dv).
     """
 
@@ -41,9 +43,11 @@ class RFA(OmegaDraws):
     causal: bool = False
     eps: float = 0.0
     scale: float | None = None
+    shared_noise: bool = True
 
     def __post_init__(self) -> None:
         _checks.integer("num_features", self.num_features)
+        _checks.boolean("shared_noise", self.shared_noise)
         _checks.choice("feature_map", self.feature_map, FEATURE_MAPS)
         _checks.choice("sampler", self.sampler, SAMPLERS)
         _checks.real("eps", self.eps)
@@ -69,13 +73,16 @@ class RFA(OmegaDraws):
         return num_columns(self.feature_map, self.num_features)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
-        """All per replicate: projections w.x (2 (N+M) S d), key averages and query mixture (2 (N+M) F dv),
-        feature/softmax elementwise work (4 (N+M) F); causal adds the within-block pairs and state updates."""
+        """All per replicate. Matrix products as performed: projections w.x, one per draw whatever the map
+        (2 (N+M) S d; positive log-space features fold -|x|^2/2 into the key GEMM, causal into both: + 2 S per
+        row), key averages and query mixture (2 (N+M) F dv); causal adds the within-block mixture (2 N T dv).
+        Elementwise: features and softmax (4 (N+M) F), causal within-block pair kernels (3 N T F)."""
         S, F = self.num_features, self.columns
-        flops = 2 * (N + M) * S * d + 2 * (N + M) * F * dv + 4 * (N + M) * F
+        folded = (N + M if self.causal else M) if self.feature_map == "positive" and self.eps == 0 else 0
+        flops = 2 * (N + M) * S * d + 2 * folded * S + 2 * (N + M) * F * dv + 4 * (N + M) * F
         if self.causal:
             T = min(CAUSAL_BLOCK, N)
-            flops += N * T * (3 * F + 2 * dv) + 2 * N * F * dv
+            flops += N * T * (3 * F + 2 * dv)
             memory = 3 * (N + M) * F + T * T * F + 2 * F * dv + N * dv
         else:
             memory = 3 * (N + M) * F + F * dv + N * dv
@@ -107,7 +114,7 @@ def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor,
     the phi_f(y)-weighted average of v. Works in the (*b, N, R, F) layout so every pass is contiguous; on CPU over
     blocks of at most LOG_BLOCK_ELEMENTS log-features (keys with a running per-column maximum), so long sequences
     stay in cache."""
-    R, F = omega.shape[0], num_columns(feature_map, omega.shape[1])
+    R, F = omega.shape[0], num_columns(feature_map, omega.shape[-2])
     per_row = math.prod(x.shape[:-2]) * R * F
     rows = max(1, LOG_BLOCK_ELEMENTS // per_row) if x.device.type == "cpu" else max(x.shape[-2], y.shape[-2])
     top = mass = kv = None  # per column (*b, 1, R, F): running max of log phi(y), sum of exp(. - top); kv unnormalised
