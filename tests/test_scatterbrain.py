@@ -67,6 +67,23 @@ def test_batched_inputs_match_per_element_calls():
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_independent_noise_per_batch_element(causal):
+    """shared_noise=False: noise (R, *b, S, d), and each batch element equals the formula on its own slice."""
+    q, k, v = make_qkv(N=20, d=4, dv=2, batch=(2, 3), norm=1.0)
+    est = ev.Scatterbrain(window=4, num_features=5, causal=causal, shared_noise=False, feature_map="hyperbolic")
+    draw = est.draw(q, k, replicates=2, generator=5)
+    assert draw.noise.shape == (2, 2, 3, 5, 4)
+    assert est.noise_layout(q, k) == ev.RFA(num_features=5, shared_noise=False).noise_layout(q, k)
+    out = est(q, k, v, draw)
+    for i in range(2):
+        for j in range(3):
+            for r in range(2):
+                ref = scatterbrain_reference(q[i, j], k[i, j], v[i, j], draw.noise[r, i, j], 4, "block", "hyperbolic", causal)
+                assert (out[r, i, j] - ref).abs().max() < 1e-10
+    assert (draw.noise[:, 0, 0] - draw.noise[:, 0, 1]).abs().max() > 0  # every batch element its own draw
+
+
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sampler", ["iid", "orthogonal"])
 def test_empty_support_is_rfa_on_the_same_draw(causal, sampler):
     q, k, v = make_qkv(N=40, d=4, dv=3, batch=(2,), norm=1.2)
@@ -118,12 +135,13 @@ def test_cost_counts_the_matrix_products(support, window, causal, feature_map):
     with FlopCounterMode(display=False) as counter:
         est(q, k, v, draw)
     F = est.columns
+    elementwise = 0 if feature_map == "positive" else 2 * (N + M) * F  # negating and subtracting the half norm
     lo, hi = est.bounds(N, M)
     if causal:
         hi = hi.clip(max=torch.arange(N).numpy() + 1)
     block = est.query_block()
     first, span = support_span(lo, hi, block)
-    elementwise = 4 * len(first) * block * span
+    elementwise += 4 * len(first) * block * span
     for bound in [lo] if causal else [lo, (M - hi)[::-1]]:
         for t0 in range(0, N, block):
             t1 = min(N, t0 + block)

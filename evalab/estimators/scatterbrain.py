@@ -13,7 +13,8 @@ every key gives softmax.
 The complement of an interval is a prefix [0, lo_n) and a suffix [hi_n, M); both are summed in log space over
 blocks of queries with a carried state (the suffix on the reversed sequence), so no mass is ever subtracted
 (the reference codes compute log(total - window) and guard it with eps or a clamp; here float32 stays finite
-and exact at any norm). The draws are RFA's (noise kind "omega:<sampler>", layout (R, S, d)): ev.compare runs
+and exact at any norm). The draws are RFA's (noise kind "omega:<sampler>", layout (R, S, d), or (R, *b, S, d)
+without shared noise): ev.compare runs
 Scatterbrain and RFA of the same features on common random numbers.
 """
 from __future__ import annotations
@@ -41,7 +42,8 @@ class Scatterbrain(OmegaDraws):
     """Scatterbrain with an exact ``window`` on the local ``support`` and S = ``num_features`` omega draws
     (feature_map positive | hyperbolic; sampler iid | orthogonal | qmc) for the keys outside it.
 
-    Call: est(q, k, v, draw) -> (R, *b, N, dv); draw noise omega (R, S, d), shared with RFA.
+    Call: est(q, k, v, draw) -> (R, *b, N, dv); draw noise omega (R, S, d), or (R, *b, S, d) with
+    ``shared_noise=False`` (each batch element its own draw), shared with RFA of the same features.
     A window > 0 needs self-attention (N == M).
     """
 
@@ -51,6 +53,7 @@ class Scatterbrain(OmegaDraws):
     feature_map: str = "positive"
     sampler: str = "iid"
     causal: bool = False
+    shared_noise: bool = True
     scale: float | None = None
 
     def __post_init__(self) -> None:
@@ -59,6 +62,7 @@ class Scatterbrain(OmegaDraws):
         _checks.integer("num_features", self.num_features)
         _checks.choice("feature_map", self.feature_map, ("positive", "hyperbolic"))
         _checks.choice("sampler", self.sampler, SAMPLERS)
+        _checks.boolean("shared_noise", self.shared_noise)
         _checks.real("scale", self.scale, allow_none=True, strict=True)
 
     def bounds(self, N: int, M: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,13 +112,13 @@ class Scatterbrain(OmegaDraws):
         """Deterministic: the support's logits and weights @ v, over blocks of T queries each gathering the span
         of keys its supports reach (the window for the block support, T - 1 + w for the sliding one):
         2 P (d + dv) with P = blocks x T x span, plus 4 elementwise per pair. Per replicate, matrix products as
-        performed: the log-features of queries and keys (2 (N + M) F (d + 1), the half norm folded into the
-        product), and for the prefix (and, non-causal, the suffix) sums per block the carried state's mix
-        (2 T F dv), the p pairs inside the block (2 T p dv) and the state update (2 F dv per key taken in).
-        Elementwise terms added: 3 per pair-feature inside the blocks (add, exp, sum; T p F), 4 per
-        query-feature for the mix with the state (4 T F) and 3 per key-feature taken into the state, per pass.
-        Memory: the support's logits and gathered keys, the log-features, one block's pairs, the state and the
-        output."""
+        performed: the log-features of queries and keys (positive: 2 (N + M) S (d + 1), the half norm folded
+        into the product; hyperbolic: 2 (N + M) S d, plus 2 (N + M) F elementwise to negate and subtract), and
+        for the prefix (and, non-causal, the suffix) sums per block the carried state's mix (2 T F dv), the p
+        pairs inside the block (2 T p dv) and the state update (2 F dv per key taken in). Elementwise terms
+        added: 3 per pair-feature inside the blocks (add, exp, sum; T p F), 4 per query-feature for the mix
+        with the state (4 T F) and 3 per key-feature taken into the state, per pass. Memory: the support's
+        logits and gathered keys, the log-features, one block's pairs, the state and the output."""
         F = self.columns
         lo, hi = self.bounds(N, M)
         if self.causal:
@@ -123,7 +127,8 @@ class Scatterbrain(OmegaDraws):
         first, span = support_span(lo, hi, block)
         pairs = len(first) * block * span  # support logits over padded blocks of queries
         fixed = 2 * pairs * (d + dv) + 4 * pairs
-        rep = 2 * (N + M) * F * (d + 1)
+        S = self.num_features
+        rep = 2 * (N + M) * S * (d + 1) if self.feature_map == "positive" else 2 * (N + M) * (S * d + F)
         passes = [lo] if self.causal else [lo, (M - hi)[::-1]]
         for bound in passes:
             for t0 in range(0, N, block):
