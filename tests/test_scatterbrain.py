@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import evalab as ev
 from conftest import make_qkv, scaled
+from evalab.estimators.eva import CHUNK_LOGITS
 from evalab.estimators.scatterbrain import QUERY_BLOCK, support_span
 
 
@@ -101,6 +102,22 @@ def test_full_support_is_softmax(support, window, causal):
     est = ev.Scatterbrain(window=window, support=support, num_features=4, causal=causal)
     out = est(q, k, v, est.draw(q, k, replicates=2, generator=3))
     assert (out - ev.softmax_attention(q, k, v, causal=causal)).abs().max() < 1e-12
+
+
+@pytest.mark.skipif("rf" not in CHUNK_LOGITS, reason="EVA has no chunk_logit='rf' yet")
+@pytest.mark.parametrize("chunk", [1, 2, 4, 8])
+def test_block_support_is_eva_with_rf_chunk_logits(chunk):
+    """Scatterbrain (block window w) == EVA(window=w, disjoint chunks, zero proposal, chunk logit "rf") when every
+    chunk uses the same omega draws: the chunk terms sum to the random-feature part over the whole complement."""
+    w, S = 8, 6
+    q, k, v = make_qkv(N=40, d=4, dv=3, norm=1.0)
+    sb = ev.Scatterbrain(window=w, num_features=S)
+    eva = ev.EVA(window=w, chunk_size=chunk, partition="disjoint", proposal="zero", samples_per_chunk=S,
+                 chunk_logit="rf")
+    draw = sb.draw(q, k, replicates=2, generator=6)
+    C = eva.noise_layout(q, k)[0]
+    eva_draw = ev.Draw(draw.noise.unsqueeze(1).expand(2, C, S, 4).contiguous(), eva.noise_kind)
+    assert (sb(q, k, v, draw) - eva(q, k, v, eva_draw)).abs().max() < 1e-10
 
 
 def test_common_random_numbers_with_rfa():
