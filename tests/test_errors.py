@@ -7,6 +7,7 @@ from evalab import _checks
 from conftest import make_qkv
 
 ESTIMATORS = [ev.RFA(num_features=4), ev.EVA(window=4, chunk_size=2), ev.ControlVariates(num_features=4), ev.Softmax()]
+ESTIMATORS += [ev.Nystrom(num_landmarks=2), ev.LinearAttention(), ev.Scatterbrain(window=4, num_features=4)]
 
 
 def _call(est, q, k, v):
