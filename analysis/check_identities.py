@@ -1,4 +1,4 @@
-"""Print the max abs error of every identity of theory.md sections 4 and 5 on random float64 inputs.
+"""Print the max abs error of every identity of theory.md sections 4, 5 and 10 on random float64 inputs.
 
     python analysis/check_identities.py
 """
@@ -32,6 +32,16 @@ def main(seed: int = 0) -> None:
     draw = rfa.draw(q, k, replicates=4, generator=g)
     eva = ev.EVA(window=0, chunk_size=N, samples_per_chunk=S, proposal="zero", chunk_logit="exact")
     rows.append(("EVA w=0, one chunk, zero proposal, exact logit -> RFA", eva(q, k, v, ev.Draw(draw.noise.unsqueeze(1))) - rfa(q, k, v, draw)))
+    lara = ev.LARA(num_proposals=S, proposal="zero")
+    draw = lara.draw(q, k, replicates=4, generator=g)
+    rows.append(("LARA zero proposals, balance -> RFA (S = C)", lara(q, k, v, draw) - rfa(q, k, v, ev.Draw(draw.noise.squeeze(-2)))))
+    balance = ev.LARA(num_proposals=8, samples_per_proposal=2)
+    draw = balance.draw(q, k, replicates=4, generator=g)
+    optimal = ev.LARA(num_proposals=8, samples_per_proposal=2, weights="optimal", alpha=0.0)
+    rows.append(("LARA balance -> optimal with alpha = 0", balance(q, k, v, draw) - optimal(q, k, v, draw)))
+    one = ev.LARA(num_proposals=1)
+    out = one(q, k, v, one.draw(q, k, replicates=4, generator=g))
+    rows.append(("LARA C = 1 -> the same output for every query", out - out[..., :1, :]))
     width = max(len(name) for name, _ in rows)
     print(f"{'identity':<{width}}  max abs error")
     for name, err in rows:

@@ -10,11 +10,12 @@
 from . import inputs, theory
 from .attribution import Attribution, key_variance
 from .cost import estimate_cost
-from .estimators import (EVA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax, features,
-                         softmax_attention)
+from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
+                         features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
 from .intervals import Estimate
 from .monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
+from .registry import register_estimator
 from .sweep import load_results, load_spec, run_sweep
 
 __version__ = "0.1.0"
@@ -29,9 +30,11 @@ __all__ = [
     "EVA",
     "Estimate",
     "Estimator",
+    "LARA",
     "LinearAttention",
     "MCResult",
     "Nystrom",
+    "RA",
     "RFA",
     "Scatterbrain",
     "Softmax",
@@ -44,6 +47,7 @@ __all__ = [
     "load_results",
     "load_spec",
     "monte_carlo",
+    "register_estimator",
     "run_sweep",
     "softmax_attention",
     "theory",

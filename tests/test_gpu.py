@@ -19,6 +19,8 @@ ESTIMATORS = [
     ev.EVA(window=16, chunk_size=4), ev.EVA(window=16, chunk_size=4, samples_per_chunk=3, causal=True),
     ev.EVA(window=0, chunk_size=8, chunk_logit="exact", proposal="zero"),
     ev.ControlVariates(num_features=16, coefficient="chunked", chunk_size=4),
+    ev.RA(samples_per_query=4), ev.RA(samples_per_query=2, causal=True, shared_noise=False),
+    ev.LARA(num_proposals=8, weights="optimal", antithetic=True), ev.LARA(num_proposals=5, samples_per_proposal=2),
 ]
 
 

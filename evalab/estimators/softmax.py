@@ -73,6 +73,7 @@ class Softmax:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         out = softmax_attention(q, k, v, scale=self.scale, causal=self.causal)
+        draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=q.device, dtype=q.dtype)  # refuse others' draws
         return out.expand(draw.replicates, *out.shape)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:

@@ -96,13 +96,13 @@ def _make_inputs(cell: Cell, device: str):
 def _reserved_names() -> set[str]:
     names = {"estimator", "label", "inputs", "replicates", "seed", "scale", "status", "error", "cell_id"}
     for cls in registry.ESTIMATORS.values():
-        names.update(f.name for f in dataclasses.fields(cls))
+        names.update(registry.estimator_parameters(cls))
     return names
 
 
 def _input_columns(cell: Cell) -> dict:
     """Every input parameter as a column; names that mean something else in a row get an ``input_`` prefix."""
-    reserved = _reserved_names()
+    reserved = _reserved_names() | set(cell.params)
     columns = {"inputs": cell.kind}
     for name, value in cell.inputs.items():
         if name in SIZE_COLUMNS:  # same idea as the Monte-Carlo sizes, which replace them in ok rows
@@ -127,10 +127,10 @@ def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
             params = dict(cell.params)
             if "scale" in params and params["scale"] is None:
                 params["scale"] = qkv.scale
-            est = registry.make_estimator(cell.estimator, **params)
+            est = registry.make_estimator(_buildable_name(cell), **params)
             res = monte_carlo(est, qkv.q, qkv.k, qkv.v, replicates=cell.replicates, seed=cell.mc_seed,
                               max_memory=options.max_memory, matrix=cell.matrix)
-            row.update(res.to_frame().iloc[0].to_dict())
+            row.update(res.to_frame().iloc[0].to_dict(), estimator=cell.estimator)
             row["input_scale"] = qkv.scale
         except Exception as err:  # noqa: BLE001 -- failure isolation: record and go on
             error = f"{type(err).__name__}: {err}"
@@ -144,6 +144,12 @@ def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
         wall_seconds=time.perf_counter() - start,
     )
     return pd.DataFrame([row])
+
+
+def _buildable_name(cell: Cell) -> str:
+    """The name this process builds the cell's estimator by: its spec name where registered here, else the
+    import path the cell carries (a Dask worker knows only the built-ins and what it can import)."""
+    return cell.estimator if cell.target is None or cell.estimator in registry.ESTIMATORS else cell.target
 
 
 def _version() -> str:

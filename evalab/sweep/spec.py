@@ -1,8 +1,10 @@
 """Sweep specs: parse and validate a TOML spec, expand it into cells with stable ids and seeds.
 
-A spec names one input workload (``[inputs]``) and one or more estimator blocks (``[[estimators]]``). Every
-list-valued parameter is a grid axis; the cells of a block are the Cartesian product of the block's axes and
-the inputs' axes. The format is documented key by key in analysis/sweeps/README.md.
+A spec names one input workload (``[inputs]``) and one or more estimator blocks (``[[estimators]]``); an
+estimator is a registered name, an ``evalab.estimators`` entry point or an import path ``"package.module:Class"``
+(evalab.registry), and its parameters are the class's dataclass fields. Every list-valued parameter is a grid
+axis; the cells of a block are the Cartesian product of the block's axes and the inputs' axes. The format is
+documented key by key in analysis/sweeps/README.md.
 
 Identity and seeds (all derived from the cell's own content, never from its position in the spec):
 - cell key: estimator name, label, every estimator parameter (defaults filled in), the inputs' kind and every
@@ -15,7 +17,6 @@ Identity and seeds (all derived from the cell's own content, never from its posi
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import inspect
 import itertools
@@ -70,6 +71,8 @@ class Cell:
     inputs: every input parameter except seed/dtype/device (defaults filled in); kind: the inputs' kind.
     input_seed: the inputs' seed (None when the kind takes none); mc_seed: the Monte-Carlo seed.
     error: why the estimator cannot be built with these parameters (the cell is recorded as failed), or None.
+    target: the import path ``module:Class`` of an estimator that is not built in (None for built-ins), so that
+    processes that do not share this one's registrations (Dask workers) build the same class.
     """
 
     cell_id: str
@@ -86,6 +89,7 @@ class Cell:
     matrix: bool | None
     description: str
     error: str | None = None
+    target: str | None = None
 
     @property
     def inputs_id(self) -> str:
@@ -296,16 +300,19 @@ def _validate_inputs(raw: object) -> dict:
 
 def _validate_block(index: int, raw: dict) -> dict:
     where = f"estimators[{index}]"
-    names = ", ".join(map(repr, registry.ESTIMATORS))
     if "name" not in raw:
-        raise SpecError(f"{where}.name: missing (required); expected one of {names}")
+        names = ", ".join(map(repr, registry.ESTIMATORS))
+        raise SpecError(f"{where}.name: missing (required); expected one of {names}, or an import path 'package.module:Class'")
     name = raw["name"]
-    if name not in registry.ESTIMATORS:
-        raise SpecError(f"{where}.name: {name!r} is not a registered estimator; expected one of {names}")
-    label = raw.get("label", name)
+    try:
+        cls = registry.estimator_class(name)
+    except ValueError as err:
+        raise SpecError(f"{where}.name: {err}") from None
+    label = raw.get("label", name if registry.is_builtin(name) else cls.__name__)
     if not isinstance(label, str) or not label:
         raise SpecError(f"{where}.label: {label!r} must be a non-empty string")
-    known = [f.name for f in dataclasses.fields(registry.ESTIMATORS[name])]
+    params = registry.estimator_parameters(cls)
+    known = list(params)
     out = {"name": name, "label": label}
     for key, value in raw.items():
         if key in ("name", "label"):
@@ -314,6 +321,9 @@ def _validate_block(index: int, raw: dict) -> dict:
             hint = " (replicates and seed are top-level keys)" if key in ("replicates", "seed") else ""
             raise SpecError(f"{where}.{key}: unknown parameter of estimator {name!r}{hint}; its parameters: {', '.join(known)}")
         out[key] = _check_value(f"{where}.{key}", value)
+    for key, default in params.items():
+        if default is registry.REQUIRED and key not in out:
+            raise SpecError(f"{where}.{key}: missing (required by estimator {name!r})")
     return out
 
 
@@ -351,7 +361,9 @@ def _expand(spec: Spec) -> list[Cell]:
     seen: set[str] = set()
     for block in spec.estimators:
         name = block["name"]
-        fields = {f.name: f for f in dataclasses.fields(registry.ESTIMATORS[name])}
+        cls = registry.estimator_class(name)
+        defaults = registry.estimator_parameters(cls)
+        target = None if registry.is_builtin(name) else registry.import_path(cls)
         est_names, est_values = _axes(block, ("name", "label"))
         est_axes = [n for n in est_names if isinstance(block[n], list)]
         for in_combo in itertools.product(*in_values):
@@ -375,9 +387,9 @@ def _expand(spec: Spec) -> list[Cell]:
             for est_combo in itertools.product(*est_values):
                 given = dict(zip(est_names, est_combo))
                 params = {}
-                for fname, f in fields.items():
-                    default = f.default if f.default is not dataclasses.MISSING else None
-                    params[fname] = _coerce(given.get(fname, default), default)
+                for pname, default in defaults.items():
+                    default = None if default is registry.REQUIRED else default
+                    params[pname] = _coerce(given.get(pname, default), default)
                 key = {
                     "estimator": name, "label": block["label"],
                     "params": {k: _jsonable(v) for k, v in params.items()},
@@ -394,6 +406,7 @@ def _expand(spec: Spec) -> list[Cell]:
                     inputs=inputs, input_seed=input_seed, mc_seed=mc_seed, replicates=spec.replicates,
                     dtype=spec.dtype, matrix=spec.matrix,
                     description=" ".join([block["label"], *shown]), error=_construct_error(name, given),
+                    target=target,
                 ))
     return cells
 

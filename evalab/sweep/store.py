@@ -109,13 +109,11 @@ def clear(out: str | Path) -> int:
 
 def _column_order(columns) -> list[str]:
     """estimator, label, every estimator parameter, the rest as stored, provenance last."""
-    import dataclasses
-
     from .. import registry
 
     params = []
     for cls in registry.ESTIMATORS.values():
-        params += [f.name for f in dataclasses.fields(cls) if f.name not in params]
+        params += [name for name in registry.estimator_parameters(cls) if name not in params]
     first = [c for c in ("estimator", "label", *params) if c in columns]
     last = [c for c in PROVENANCE if c in columns]
     return first + [c for c in columns if c not in first and c not in last] + last

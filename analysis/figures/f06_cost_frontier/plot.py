@@ -14,8 +14,16 @@ COLUMNS = ["estimator", "norm", "flops", "rel_mse", "rel_mse_low", "rel_mse_high
 REQUIRED = {"sweep": COLUMNS}  # table -> the columns plot() needs
 
 
-def plot(frames):
+def _rows(frames):
+    """The sweep rows with a variant column, and the variants left out for want of a cost model (NaN flops:
+    estimators without a ``cost`` method)."""
     rows = fg.with_variant(fg.require_frame(frames, "sweep", COLUMNS, NAME))
+    costed = np.isfinite(rows["flops"].to_numpy(float))
+    return rows[costed], fg.ordered(set(rows["variant"][~costed]) - set(rows["variant"][costed]))
+
+
+def plot(frames):
+    rows, _ = _rows(frames)
     norms = sorted(rows["norm"].unique())
     fig, axes = plt.subplots(1, len(norms), figsize=(5.6 * len(norms) + 1.6, 4.8), squeeze=False, sharey=True)
     names = []
@@ -57,7 +65,7 @@ def _cheapest_below(group, level):
 
 
 def caption(frames):
-    rows = fg.with_variant(fg.require_frame(frames, "sweep", COLUMNS, NAME))
+    rows, uncosted = _rows(frames)
     text = [
         "Accuracy against cost: every estimator and hyper-parameter of the sweep as a faint point (rel_mse with "
         "its 95% interval against the cost model's FLOPs per replicate, the `flops` column: the deterministic part "
@@ -66,6 +74,8 @@ def caption(frames):
         "samples_per_chunk {1, 4}; local window over window; exact softmax (rel_mse = 0) is the vertical line. "
         f"Synthetic Gaussian inputs ({fg.sizes(rows)}).",
     ]
+    if uncosted:
+        text.append(f"Not drawn (no cost model: the estimator defines no `cost` method): {', '.join(uncosted)}.")
     findings = []
     for norm, part in rows.groupby("norm"):
         soft = part[part["variant"] == "softmax"]["flops"]
