@@ -20,7 +20,7 @@ def segments(L, m):
     return bounds
 
 
-def nystrom_reference(q, k, v, m, pinv="exact", iterations=6, init="original"):
+def nystrom_reference(q, k, v, m, pinv="exact", iterations=6, init="exact"):
     """A1 Z A3 V from the definitions, one segment at a time, float64."""
     x, y = scaled(q.double()), scaled(k.double())
     xl = torch.stack([x[..., a:b, :].mean(-2) for a, b in segments(x.shape[-2], m)], dim=-2)

@@ -9,8 +9,9 @@ Z is the reference code's iterative pseudo-inverse or, to separate the Nystrom e
 exact one. Nothing is random: the draw is empty and the Monte-Carlo variance 0. Rows of the implied matrix
 A1 Z A3 can have negative entries, so it is not a distribution (the row KL/TV metrics are skipped).
 
-Departures from the reference code (mlpen/Nystromformer): no shortcut to exact softmax when m = N (the Nystrom
-path always runs); no depthwise-convolution skip on V (a learned part, not the approximation); the product is
+Departures from the reference code (mlpen/Nystromformer): the default initialisation of the pseudo-inverse
+iteration is per head (the reference's is over the whole batch; init="original" reproduces it); no shortcut to
+exact softmax when m = N (the Nystrom path always runs); no depthwise-convolution skip on V (a learned part, not the approximation); the product is
 ordered A1 (Z (A3 V)), cheaper than the reference's (A1 Z)(A3 V) and equal in exact arithmetic.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .draw import Draw
 from .scaled import Scaled
 
 PINVS = ("iterative", "exact")
-INITS = ("original", "exact")
+INITS = ("exact", "original")
 
 
 def segment_means(t: torch.Tensor, m: int) -> torch.Tensor:
@@ -45,9 +46,10 @@ def iterative_pinv(a: torch.Tensor, iterations: int, init: str) -> torch.Tensor:
 
       Z_{j+1} = 1/4 Z_j (13 I - a Z_j (15 I - a Z_j (7 I - a Z_j))),   I - a Z_{j+1} = 1/4 E^3 (3 I + E), E = I - a Z_j,
 
-    from Z_0 = a^T / (||a||_1 ||a||_inf). init "original": the reference default, a^T divided by the largest
-    column sum over the whole batch (every batch element and head: ||a||_inf = 1 for row-stochastic a);
-    "exact": per batch element, ||a||_1 ||a||_inf.
+    from Z_0 = a^T / (||a||_1 ||a||_inf). init "exact": per batch element, ||a||_1 ||a||_inf (the reference's
+    recommended option and the T2T-ViT copy's default); "original": the reference's default, a^T divided by the
+    largest column sum over the whole batch (every batch element and head; ||a||_inf = 1 for row-stochastic a),
+    which makes each head's output depend on the other heads.
     """
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     column_sums = a.sum(-2)  # (*b, m)
@@ -66,15 +68,17 @@ def iterative_pinv(a: torch.Tensor, iterations: int, init: str) -> torch.Tensor:
 class Nystrom:
     """Nystromformer with ``num_landmarks`` = m segment-mean landmarks (non-causal, deterministic).
 
-    pinv: iterative (the reference's, ``pinv_iterations`` steps from ``init`` = original | exact) | exact
-    (torch.linalg.pinv in float64). Needs m <= N and m <= M.
+    pinv: iterative (the reference's, ``pinv_iterations`` steps from ``init`` = exact | original, see
+    :func:`iterative_pinv`) | exact (torch.linalg.pinv in float64). Needs m <= N and m <= M. The default init is
+    the per-head "exact" one: "original" (the reference code's default) couples the batch elements, so a batched
+    call no longer equals the per-head calls.
     Call: est(q, k, v, draw) -> (R, *b, N, dv), every replicate the same; draw noise (R, 0).
     """
 
     num_landmarks: int = 32
     pinv: str = "iterative"
     pinv_iterations: int = 6
-    init: str = "original"
+    init: str = "exact"
     causal: bool = False
     scale: float | None = None
 

@@ -197,7 +197,7 @@ def caption(frames):
         "intervals) against the cost model's FLOPs per query (the `flops` column over batch x seq_len). Middle: the "
         "same against each estimator's budget: features S for RFA (positive iid; hyperbolic orthogonal, the best "
         "features available) and Scatterbrain (block window, positive features), landmarks m for Nystromformer (the "
-        "reference's 6-step iterative pseudo-inverse, and the exact one), draws C x S_c for EVA (more chunks at one "
+        "reference's 6-step iterative pseudo-inverse, initialised per head, and the exact one), draws C x S_c for EVA (more chunks at one "
         "sample each; more samples per chunk of 8). Right: the split into squared bias (dashed) and variance "
         "(dotted). Deterministic estimators without a budget (elu+1 linear attention, which does not estimate "
         "softmax, and the softmax window alone at the hybrids' window) are horizontal lines. "
