@@ -39,7 +39,6 @@ BUDGETS = {
     "ra": lambda row: row["samples_per_query"],
     "lara": lambda row: row["num_proposals"] * row.get("samples_per_proposal", 1),
 }
-BUDGET_LABEL = "budget: features (RFA, Scatterbrain), landmarks (Nystromformer), draws C x S_c (EVA)"
 
 
 def _minilm_available(seq_len):
@@ -198,7 +197,8 @@ def caption(frames):
         "same against each estimator's budget: features S for RFA (positive iid; hyperbolic orthogonal, the best "
         "features available) and Scatterbrain (block window, positive features), landmarks m for Nystromformer (the "
         "reference's 6-step iterative pseudo-inverse, initialised per head, and the exact one), draws C x S_c for EVA (more chunks at one "
-        "sample each; more samples per chunk of 8). Right: the split into squared bias (dashed) and variance "
+        "sample each; more samples per chunk of 8), samples per query for RA, proposals x samples per proposal for "
+        "LARA (when their rows are present). Right: the split into squared bias (dashed) and variance "
         "(dotted). Deterministic estimators without a budget (elu+1 linear attention, which does not estimate "
         "softmax, and the softmax window alone at the hybrids' window) are horizontal lines. "
         f"Gaussian inputs: {fg.sizes(gaussian) if len(gaussian) else 'none'}."
