@@ -96,7 +96,9 @@ def test_failed_cells_are_recorded_and_retried(tmp_path, capsys):
     failed = df[df["status"] == "failed"]
     assert failed["mse"].isna().all()
     assert set(failed["error"]) == {
-        "ValueError: window=6 must be a multiple of chunk_size=4",
+        "ValueError: window=6 must be a multiple of chunk_size=4 with partition='disjoint': it drops the chunks "
+        "inside each window block, so a block must consist of whole chunks (partition='official' keeps every "
+        "chunk and accepts any sizes)",
         "ValueError: norm must be >= 0.0, got -1.0",
     }
     assert len(load_results(out, status="ok")) == 3 and len(load_results(out, status="failed")) == 5

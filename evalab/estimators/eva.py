@@ -1,10 +1,11 @@
-"""EVA: an exact local window plus one control-variate coefficient per chunk of keys (theory.md section 5).
+"""EVA: an exact local window plus one control-variate coefficient per chunk of keys (docs/theory.md section 5).
 
 For query n the output is one softmax over [l_nm for m in the window E_n ; one logit per visible chunk]
 applied to [v_m ; beta_{n,c}], where beta_{n,c} is the chunk's self-normalised importance-sampling estimate of
-its own softmax average, from S_c draws w_{c,s} = mu_c + eps_{c,s}. Window logits, chunk logits and the
-visibility mask are deterministic and computed once per call, the chunk logits over blocks of queries so that
-no N x C tensor is ever held; only the chunk values beta depend on the draw.
+its own softmax average, from S_c draws w_{c,s} = mu_c + sigma eps_{c,s}. Window logits, the chunk logits
+(all but "rf") and the visibility mask are deterministic and computed once per call, the chunk logits over
+blocks of queries so that no N x C tensor is ever held; only the chunk values beta (and the "rf" logits)
+depend on the draw.
 Cost O(N (w + C S_c) d) per replicate; chunk_logit="exact" adds the quadratic oracle (once per call).
 """
 from __future__ import annotations
@@ -21,9 +22,9 @@ from .scaled import Scaled
 from .softmax import BLOCK_ELEMENTS
 
 PROPOSALS = ("zero", "mean", "half-mean")
-CHUNK_LOGITS = ("exact", "mean", "official")
+CHUNK_LOGITS = ("exact", "mean", "official", "rf")
 PARTITIONS = ("disjoint", "official")
-#: Elements of the per-block chunk logits (queries x chunks, times replicates x samples when S_c > 1).
+#: Elements of the per-block chunk logits (queries x chunks, times replicates x samples when S_c > 1 or "rf").
 QUERY_BLOCK_ELEMENTS = 2**20
 
 
@@ -31,9 +32,46 @@ QUERY_BLOCK_ELEMENTS = 2**20
 class EVA:
     """EVA with a block-local ``window`` (0: none) and chunks of ``chunk_size`` keys (0: none, window only).
 
-    proposal: zero | mean | half-mean (mean of the chunk's x plus mean of its y, or half of it).
-    chunk_logit: exact | mean | official. partition: disjoint (paper) | official (reference code).
-    Call: est(q, k, v, draw) -> (R, *b, N, dv); draw noise (R, C, S_c, d).
+    proposal: zero | mean | half-mean (mu_c = 0, the mean of the chunk's x plus the mean of its y, or half that).
+    noise_scale: sigma, the standard deviation of eps in scaled coordinates: w_{c,s} = mu_c + sigma eps_{c,s}
+        is drawn from N(mu_c, sigma^2 I), and with S_c > 1 the importance weights use that proposal,
+        a_s = xi(x_n, w_s) N(w_s; 0, I) / N(w_s; mu_c, sigma^2 I). For sigma^2 <= 1/2 (the released d ** -0.25
+        once d >= 4) these weights, and the "rf" mass estimate, have infinite variance; with S_c = 1 and a
+        deterministic chunk logit the weights cancel and any sigma is safe.
+    chunk_logit: the stand-in for log sum_{m in P_c} exp(l_nm): exact (the quadratic oracle) | mean
+        (x_n.ybar_c + log|P_c|) | official (x_n.ybar_c) | rf (the random-feature estimate
+        log (1/S_c) sum_s a_s sum_{m in P_c} xi(y_m, w_s) from the chunk's own draws, unbiased inside the log).
+    partition: disjoint (the paper: the chunk terms cover the keys outside the window block, so the window must
+        be a multiple of chunk_size) | official (the released code: every chunk for every query; causal: the
+        chunks before the query's own).
+    shared_noise: True, one draw shared by every batch element and head, noise (R, C, S_c, d) (Performer's
+        convention for its projection); False, every batch element its own, noise (R, *batch, C, S_c, d) with
+        batch = q.shape[:-2] (the released code's convention, and any trained multi-head model's).
+    Call: est(q, k, v, draw) -> (R, *b, N, dv).
+
+    Padding with partition="official" (non-causal), as the released code pads when N is not a multiple of the
+    window: key positions are zero-filled up to a multiple of the window and then of the chunk size (a chunk
+    size beyond that length is cut to it); the chunk means (proposal mu_c, logits "mean" and "official")
+    average over the full chunk length, padding included, and "mean" counts |P_c| as that length; a chunk made
+    only of padding is kept, with logit 0 ("official"), beta 0 and no mask; beta and the "exact" and "rf"
+    logits use the real keys only (an all-padding chunk has logit -inf there). The causal official partition
+    and the disjoint one never pad (a causal query sees only complete past chunks).
+
+    The released modules (HKUNLP/efficient-attention, learned maps set to the identity) are these
+    configurations (docs/theory.md section 5):
+
+    ========================  =========  ===========  =========  ===========  ======
+    released module           partition  chunk_logit  proposal   noise_scale  causal
+    ========================  =========  ===========  =========  ===========  ======
+    ``EVA``                   official   official     half-mean  d ** -0.25   False
+    ``CausalEVAttention``     official   official     mean       d ** -0.25   True
+    ========================  =========  ===========  =========  ===========  ======
+
+    with shared_noise=False (the released code draws per batch, head and chunk) and S_c = 1; its eval mode
+    (eps = 0) is a Draw of zeros. The released code passes the chunk means through learned maps (Linear plus
+    LayerNorm) before forming mu_c and the chunk logit: with them mu_c and the logit become learned functions of
+    the chunk means (the logit map can absorb log|P_c|), so only the identity maps are parameter-free and
+    reproducible here; the input and output projections act outside attention and change nothing in it.
     """
 
     window: int = 32
@@ -44,6 +82,8 @@ class EVA:
     partition: str = "disjoint"
     causal: bool = False
     scale: float | None = None
+    noise_scale: float = 1.0
+    shared_noise: bool = True
 
     def __post_init__(self) -> None:
         _checks.integer("window", self.window, minimum=0)
@@ -53,10 +93,17 @@ class EVA:
         _checks.choice("chunk_logit", self.chunk_logit, CHUNK_LOGITS)
         _checks.choice("partition", self.partition, PARTITIONS)
         _checks.real("scale", self.scale, allow_none=True, strict=True)
+        _checks.real("noise_scale", self.noise_scale, strict=True)
+        if not isinstance(self.shared_noise, bool):
+            raise TypeError(f"shared_noise must be a bool, got {self.shared_noise!r} ({type(self.shared_noise).__name__})")
         if self.window == 0 and self.chunk_size == 0:
             raise ValueError("window=0 and chunk_size=0 leave nothing to attend; set at least one of them > 0")
-        if self.window > 0 and self.chunk_size > 0 and self.window % self.chunk_size:
-            raise ValueError(f"window={self.window} must be a multiple of chunk_size={self.chunk_size}")
+        if self.partition == "disjoint" and self.window > 0 and self.chunk_size > 0 and self.window % self.chunk_size:
+            raise ValueError(
+                f"window={self.window} must be a multiple of chunk_size={self.chunk_size} with partition='disjoint': "
+                "it drops the chunks inside each window block, so a block must consist of whole chunks "
+                "(partition='official' keeps every chunk and accepts any sizes)"
+            )
         if self.causal and self.window == 0 and (self.partition == "official" or self.chunk_size > 1):
             raise ValueError(
                 f"causal EVA with window=0 needs partition='disjoint' and chunk_size=1, got partition="
@@ -67,16 +114,26 @@ class EVA:
     def noise_kind(self) -> str:
         return "eps"
 
+    @property
+    def _zero_filled(self) -> bool:
+        """Whether chunks follow the released code's padding (official partition, non-causal)."""
+        return self.partition == "official" and not self.causal
+
+    def _span(self, M: int) -> int:
+        """Key positions the chunks cover: M, or M zero-filled up to a multiple of the window (official, non-causal)."""
+        return -(-M // self.window) * self.window if self._zero_filled and self.window else M
+
     def num_chunks(self, k: torch.Tensor) -> int:
-        """C = ceil(M / chunk_size), 0 without chunks."""
-        return math.ceil(k.shape[-2] / self.chunk_size) if self.chunk_size else 0
+        """C chunks over the span of k's positions (ceil(M / chunk_size) but for official padding), 0 without chunks."""
+        return _Chunks.geometry(self.chunk_size, self._span(k.shape[-2]))[1] if self.chunk_size else 0
 
     def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
-        """Shape of one replicate's noise: eps (C, S_c, d)."""
-        return (self.num_chunks(k), self.samples_per_chunk, q.shape[-1])
+        """Shape of one replicate's noise: eps (C, S_c, d), or (*batch, C, S_c, d) without shared noise."""
+        batch = () if self.shared_noise else tuple(q.shape[:-2])
+        return (*batch, self.num_chunks(k), self.samples_per_chunk, q.shape[-1])
 
     def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """Sample eps ~ N(0, I): Draw with noise (R, C, S_c, d), float64 on the generator's device."""
+        """Sample eps ~ N(0, I): Draw with noise (R, *noise_layout), float64 on the generator's device."""
         _checks.integer("replicates", replicates)
         g = make_generator(generator)
         noise = gaussian_noise(replicates, *self.noise_layout(q, k), generator=g)
@@ -94,34 +151,40 @@ class EVA:
         inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
         self._check_lengths(q.shape[-2], k.shape[-2])
         eps = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
-        R, (N, dv) = eps.shape[0], (q.shape[-2], v.shape[-1])
+        R, S, batch, (N, dv) = eps.shape[0], self.samples_per_chunk, inp.x.shape[:-2], (q.shape[-2], v.shape[-1])
 
         window = _Window(inp, self.window, self.causal) if self.window else None
         if not self.chunk_size:
             return window.output(window.lse).expand(R, *inp.x.shape[:-1], dv).to(inp.out_dtype)
 
-        chunks = _Chunks(inp, self.chunk_size)
-        chunk_logits = self._chunk_logits(inp, chunks)
-        values = _ChunkValues(inp, chunks, self._proposal_mean(inp, chunks), eps)
+        if self.shared_noise:  # one draw broadcast over the batch axes
+            eps = eps.reshape(R, *([1] * len(batch)), *eps.shape[1:])
+        chunks = _Chunks(inp, self.chunk_size, span=self._span(k.shape[-2]), zero_filled=self._zero_filled)
+        rf = self.chunk_logit == "rf"
+        values = _ChunkValues(inp, chunks, self._proposal_mean(inp, chunks), eps, self.noise_scale, joint=rf)
+        chunk_logits = values.rf_logits if rf else self._chunk_logits(inp, chunks)
         out = torch.empty(R, *inp.x.shape[:-1], dv, dtype=inp.x.dtype, device=inp.x.device)
-        lse = torch.empty(inp.x.shape[:-1], dtype=inp.x.dtype, device=inp.x.device)
-        # visibility depends on n // chunk_size only (window is a multiple of it): one mask row per group of queries
+        lse = torch.empty(*((R,) if rf else ()), *inp.x.shape[:-1], dtype=inp.x.dtype, device=inp.x.device)
+        # visibility depends on n // chunk_size only (disjoint: window is a multiple of it): one mask row per group
         group = self.chunk_size
         hidden = ~self._visible(torch.arange(0, N, group, device=inp.x.device), chunks)  # (ceil(N / group), C)
+        if self.chunk_logit in ("exact", "rf"):
+            hidden |= chunks.empty  # a chunk made only of padding has no mass
         hidden = hidden if bool(hidden.any()) else None  # None: every query sees every chunk
-        per_row = math.prod(inp.x.shape[:-2]) * chunks.count * (R * eps.shape[-2] if eps.shape[-2] > 1 else 1)
+        per_row = math.prod(batch) * chunks.count * (R * S if rf or S > 1 else 1)
         rows = max(1, QUERY_BLOCK_ELEMENTS // per_row // group) * group
         for start in range(0, N, rows):  # blocks of queries keep the (rows, C) logits in cache
             stop = min(N, start + rows)
-            logits = chunk_logits(inp.x[..., start:stop, :])  # (*b, rows, C)
+            x = inp.x[..., start:stop, :]
+            logits = chunk_logits(x)  # (*b, rows, C); "rf": (R, *b, rows, S C), sample-major
             if hidden is not None:
                 block = hidden[start // group : -(-stop // group)].repeat_interleave(group, dim=0)[: stop - start]
-                logits.masked_fill_(block, -math.inf)
+                logits.masked_fill_(block.repeat(1, S) if rf else block, -math.inf)
             block_lse = torch.logsumexp(logits, dim=-1)
             if window is not None:
                 block_lse = torch.logaddexp(block_lse, window.lse[..., start:stop])
-            weights = logits.sub_(block_lse.unsqueeze(-1)).exp_()  # deterministic
-            out[..., start:stop, :] = values.output(inp.x[..., start:stop, :], weights)
+            weights = logits.sub_(block_lse.unsqueeze(-1)).exp_()
+            out[..., start:stop, :] = values.output(x, weights)
             lse[..., start:stop] = block_lse
         if window is not None:
             out += window.output(lse)
@@ -129,27 +192,35 @@ class EVA:
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
         """Deterministic per call: the window (N w (2d + 2dv + 4)) and the chunk logits (2 N C d, or the
-        quadratic oracle for chunk_logit="exact"); per replicate: log xi per chunk, its softmax and chunk
-        averages, and the mix over chunks (with S_c > 1 the query-dependent importance weights)."""
+        quadratic oracle for chunk_logit="exact", none for "rf"); per replicate: log xi per chunk over the P = C L
+        key positions the chunks cover (official padding included), its softmax and chunk averages, and the mix
+        over chunks (with S_c > 1 or "rf" the query-dependent per-sample terms; with "rf" the normaliser depends
+        on the draw, so the window's output, N w (2dv + 2), moves to the per-replicate count)."""
         w = min(self.window, N)
-        fixed = memory_fixed = 0.0
+        rf = self.chunk_logit == "rf" and self.chunk_size > 0
+        fixed = memory_fixed = rep = memory = 0.0
         if w:
-            fixed += N * w * (2 * d + 2 * dv + 4)
+            fixed += N * w * (2 * d + 2) if rf else N * w * (2 * d + 2 * dv + 4)
+            rep += N * w * (2 * dv + 2) if rf else 0.0
             memory_fixed += 2 * N * w + N * dv
         if not self.chunk_size:
-            return Cost.per_element(fixed, 0.0, memory_fixed, 0.0, batch=batch, itemsize=itemsize)
-        C, S = math.ceil(M / self.chunk_size), self.samples_per_chunk
-        fixed += (2 * N * M * d + 2 * N * M) if self.chunk_logit == "exact" else 2 * N * C * d + 2 * M * d
-        rep = 2 * M * S * d + 4 * M * S + 2 * M * S * dv
-        memory = 3 * M * S + C * S * dv + N * dv
+            return Cost.per_element(fixed, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
+        L, C = _Chunks.geometry(self.chunk_size, self._span(M))
+        P, S = C * L, self.samples_per_chunk
+        if self.chunk_logit == "exact":
+            fixed += 2 * N * M * d + 2 * N * M
+        elif not rf:
+            fixed += 2 * N * C * d + 2 * M * d
+        rep += 2 * P * S * d + 4 * P * S + 2 * P * S * dv
+        memory += 3 * P * S + C * S * dv + N * dv
         rows = min(N, self.chunk_size)  # the fewest queries per block; blocks hold about QUERY_BLOCK_ELEMENTS
-        if S == 1:
+        if S == 1 and not rf:
             rep += 2 * N * C * dv
             memory_fixed += 3 * C * max(rows, min(N, QUERY_BLOCK_ELEMENTS // C)) + N
         else:
             rep += 2 * N * C * S * (d + dv) + 4 * N * C * S
             memory_fixed += 3 * QUERY_BLOCK_ELEMENTS + N
-            memory += 3 * rows * C * S
+            memory += 3 * rows * C * S + (2 * N * w + N if rf else 0)
         return Cost.per_element(fixed, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
 
     def _visible(self, n: torch.Tensor, chunks: "_Chunks") -> torch.Tensor:
@@ -167,8 +238,8 @@ class EVA:
         return (c * chunks.length) // self.window != n // self.window  # chunks outside the window block
 
     def _chunk_logits(self, inp: Scaled, chunks: "_Chunks"):
-        """A function of a block of queries x (*b, rows, d) giving the stand-ins for log sum_{P_c} exp(l_nm),
-        (*b, rows, C); the key-side work is done here, once."""
+        """A function of a block of queries x (*b, rows, d) giving the deterministic stand-ins for
+        log sum_{P_c} exp(l_nm), (*b, rows, C); the key-side work is done here, once."""
         if self.chunk_logit == "exact":
             y_c = chunks.split(inp.y)
             return lambda x: _chunk_log_mass(x, y_c, chunks)
@@ -187,26 +258,42 @@ class EVA:
 
 
 class _ChunkValues:
-    """The draw-dependent chunk values beta_{n,c}: per-chunk SNIS averages computed once, mixed per query block."""
+    """The draw-dependent chunk values beta_{n,c}: per-(sample, chunk) SNIS averages computed once, mixed per
+    query block. ``joint``: the per-sample terms are the chunk_logit="rf" logits, normalised with the window."""
 
-    def __init__(self, inp: Scaled, chunks: "_Chunks", mu: torch.Tensor, eps: torch.Tensor):
-        R, C, S, d = eps.shape
-        w = mu.unsqueeze(-2) + eps.reshape(R, *([1] * (mu.dim() - 2)), C, S, d)  # (R, *b, C, S, d)
+    def __init__(self, inp: Scaled, chunks: "_Chunks", mu: torch.Tensor, eps: torch.Tensor, sigma: float, joint: bool):
+        C, S, d = eps.shape[-3:]
+        w = mu.unsqueeze(-2) + sigma * eps  # (R, *b, C, S, d): eps has the batch axes or ones there
         y, vals = chunks.split(inp.y), chunks.split(inp.v)  # (*b, C, L, d), (*b, C, L, dv)
-        # padded keys get -inf through their half norm; one batched GEMM per chunk over all replicates and samples
-        half = (0.5 * (y * y).sum(-1)).masked_fill(~chunks.valid, math.inf)  # (*b, C, L)
+        # padded keys get -inf through their half norm, but for chunks made only of padding: their zero keys
+        # then give beta = the mean of zero values = 0; one batched GEMM per chunk over replicates and samples
+        padding = ~chunks.valid & ~chunks.empty.unsqueeze(-1)
+        half = (0.5 * (y * y).sum(-1)).masked_fill(padding, math.inf)  # (*b, C, L)
         log_xi = torch.einsum("...cld,r...csd->r...cls", y, w) - half.unsqueeze(-1)  # (R, *b, C, L, S)
         averages = torch.einsum("r...cls,...clv->r...scv", torch.softmax(log_xi, dim=-2), vals)  # (R, *b, S, C, dv)
-        self.samples, self.count = S, C
+        self.samples, self.count, self.joint = S, C, joint
         self.averages = averages.flatten(-3, -2)  # (R, *b, S C, dv), sample-major so softmaxes over s run along C
-        if S > 1:  # a_s ∝ exp(w.x_n - w.mu_c + |mu_c|^2/2): log a_s + log K_cs = w.x_n + offset
+        if S > 1 or joint:
+            # log a_s + log K_cs = w.x_n - |x_n|^2/2 + offset + d log sigma, with K_cs = sum_{P_c} xi(y_m, w_s) and
+            # log N(w;0,I)/N(w;mu,sigma^2 I) = -w.mu + |mu|^2/2 + (1 - sigma^2)|eps|^2/2 + d log sigma
             log_mass = torch.logsumexp(log_xi, dim=-2)  # (R, *b, C, S)
             offset = log_mass - (w * mu.unsqueeze(-2)).sum(-1) + 0.5 * (mu * mu).sum(-1, keepdim=True)
+            offset = offset + 0.5 * (1.0 - sigma**2) * (eps * eps).sum(-1)
             self.offset = offset.transpose(-1, -2)  # (R, *b, S, C)
             self.w = w.transpose(-3, -2).flatten(-3, -2)  # (R, *b, S C, d)
+            self.rf_shift = d * math.log(sigma) - math.log(S)  # the "rf" logit averages the S samples
+
+    def rf_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """log of the terms (1/S) a_s K_cs of the chunk-mass estimate for queries x (*b, rows, d): (R, *b, rows, S C);
+        their log-sum-exp over s is chunk_logit "rf"."""
+        logits = torch.einsum("...nd,r...jd->r...nj", x, self.w) + self.offset.flatten(-2).unsqueeze(-2)
+        return logits.add_(self.rf_shift - 0.5 * (x * x).sum(-1, keepdim=True))
 
     def output(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_c weights_nc beta_{n,c} for queries x (*b, rows, d) with chunk weights (*b, rows, C): (R, *b, rows, dv)."""
+        """sum_c weights_nc beta_{n,c} for queries x (*b, rows, d) with chunk weights (*b, rows, C), or with the
+        joint "rf" weights (R, *b, rows, S C) of sum_{c, s} weights_ncs averages_cs: (R, *b, rows, dv)."""
+        if self.joint:
+            return weights @ self.averages
         if self.samples == 1:  # the importance weights cancel: beta_c does not depend on the query
             return torch.einsum("...nc,r...cv->r...nv", weights, self.averages)
         logits = torch.einsum("...nd,r...jd->r...nj", x, self.w).unflatten(-1, (self.samples, self.count))
@@ -215,24 +302,34 @@ class _ChunkValues:
 
 
 class _Chunks:
-    """Contiguous chunks of ``chunk_size`` keys over M positions (the last one may be shorter)."""
+    """Contiguous chunks of ``size`` positions over ``span`` >= M positions (default M; positions from M on are
+    padding, zero-filled); the last chunk may be shorter, unless ``zero_filled``: then the padding continues to
+    a whole chunk and means average over the full chunk length, as the released code does."""
 
-    def __init__(self, inp: Scaled, chunk_size: int):
+    def __init__(self, inp: Scaled, size: int, *, span: int | None = None, zero_filled: bool = False):
         M, device = inp.y.shape[-2], inp.y.device
-        self.length = min(chunk_size, M)
-        self.count = math.ceil(M / self.length)
+        span = M if span is None else span
+        self.length, self.count = self.geometry(size, span)
         position = torch.arange(self.count * self.length, device=device).view(self.count, self.length)
         self.valid = position < M  # (C, L)
-        self.sizes = self.valid.sum(-1).to(inp.y.dtype)  # (C,)
+        self.empty = ~self.valid.any(-1)  # (C,) chunks made only of padding
+        sizes = torch.full((self.count,), self.length, device=device) if zero_filled else self.valid.sum(-1)
+        self.sizes = sizes.to(inp.y.dtype)  # (C,) the divisor of chunk means
         self.ends = torch.clamp((torch.arange(self.count, device=device) + 1) * self.length, max=M)  # exclusive
         self._pad = self.count * self.length - M
+
+    @staticmethod
+    def geometry(size: int, span: int) -> tuple[int, int]:
+        """(chunk length L, chunk count C) for chunks of ``size`` over ``span`` positions."""
+        length = min(size, span)
+        return length, math.ceil(span / length)
 
     def split(self, t: torch.Tensor) -> torch.Tensor:
         """(*b, M, e) -> (*b, C, L, e), zero-padded."""
         return torch.nn.functional.pad(t, (0, 0, 0, self._pad)).unflatten(-2, (self.count, self.length))
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-chunk mean over real positions: (*b, M, e) -> (*b, C, e)."""
+        """Per-chunk mean, over real positions or (``zero_filled``) the full chunk length: (*b, M, e) -> (*b, C, e)."""
         return self.split(t).sum(-2) / self.sizes.unsqueeze(-1)
 
 
