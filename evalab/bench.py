@@ -24,6 +24,9 @@ from . import __version__
 from .cost import estimate_cost
 from .estimators.draw import Draw
 from .estimators.eva import EVA
+from .estimators.linear import LinearAttention
+from .estimators.nystrom import Nystrom
+from .estimators.scatterbrain import Scatterbrain
 from .inputs import gaussian
 from .monte_carlo import monte_carlo
 from .estimators.rfa import RFA
@@ -40,6 +43,9 @@ SCALING = {
     "rfa_hyperbolic": lambda N: RFA(num_features=128, feature_map="hyperbolic"),  # the same 256 feature columns
     "eva": lambda N: EVA(window=64, chunk_size=64),
     "eva_64_chunks": lambda N: EVA(window=0, chunk_size=max(1, N // 64)),
+    "nystrom": lambda N: Nystrom(num_landmarks=64),
+    "scatterbrain": lambda N: Scatterbrain(window=64, num_features=256),
+    "elu+1": lambda N: LinearAttention(feature="elu"),
 }
 
 

@@ -51,8 +51,8 @@ def _ctx(tiny, name):
 
 
 def test_every_figure_is_found():
-    assert len(FIGURES) == 8
-    assert [f[:3] for f in FIGURES] == [f"f0{i}" for i in range(1, 9)]
+    assert [f[:3] for f in FIGURES][:8] == [f"f0{i}" for i in range(1, 9)]
+    assert "f10_field_gap" in FIGURES
 
 
 def test_tiny_reproduction_produces_every_figure(tiny):
