@@ -12,6 +12,7 @@ from .attribution import Attribution, key_variance
 from .cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
+from .estimators import LinearAttention, Nystrom, Scatterbrain
 from .intervals import Estimate
 from .monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
 from .registry import register_estimator
@@ -30,9 +31,12 @@ __all__ = [
     "Estimate",
     "Estimator",
     "LARA",
+    "LinearAttention",
     "MCResult",
+    "Nystrom",
     "RA",
     "RFA",
+    "Scatterbrain",
     "Softmax",
     "attention_matrix",
     "compare",

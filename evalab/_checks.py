@@ -72,6 +72,10 @@ def qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, *, caus
         raise ValueError(f"q and k must have the same batch dimensions, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on the same device, got q on {q.device} and k on {k.device}")
+    for size, n in (("N", q.shape[-2]), ("M", k.shape[-2]), ("d", q.shape[-1])):
+        if n == 0:
+            raise ValueError(f"empty inputs: {size}=0 (q {tuple(q.shape)}, k {tuple(k.shape)}); attention needs at "
+                             "least one query (N), one key (M) and one feature (d)")
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"causal attention needs as many queries as keys, got N={q.shape[-2]} and M={k.shape[-2]}")
     if v is not None:

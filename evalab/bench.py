@@ -3,7 +3,8 @@
 Sections: (a) the vectorised Monte-Carlo engine against the natural per-replicate loop; (b) the engine's
 achieved FLOP/s (by the cost model) against a plain matmul measured in the same run; (c) forward time and peak
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
-on the same projection matrix. Prints a markdown table, writes bench.json and bench.png into ``out``.
+on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
+memory. Prints a markdown table, writes bench.json and bench.png into ``out``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from . import __version__
 from .cost import estimate_cost
 from .estimators.draw import Draw
 from .estimators.eva import EVA
+from .estimators.linear import LinearAttention
+from .estimators.nystrom import Nystrom
+from .estimators.scatterbrain import Scatterbrain
 from .inputs import gaussian
 from .monte_carlo import monte_carlo
 from .estimators.rfa import RFA
@@ -42,6 +46,9 @@ SCALING = {
     "rfa_hyperbolic": lambda N: RFA(num_features=128, feature_map="hyperbolic"),  # the same 256 feature columns
     "eva": lambda N: EVA(window=64, chunk_size=64),
     "eva_64_chunks": lambda N: EVA(window=0, chunk_size=max(1, N // 64)),
+    "nystrom": lambda N: Nystrom(num_landmarks=64),
+    "scatterbrain": lambda N: Scatterbrain(window=64, num_features=256),
+    "elu+1": lambda N: LinearAttention(feature="elu"),
 }
 
 
@@ -55,6 +62,7 @@ class Plan:
     performer_seq_len: int = 4096
     matmul_n: int = 2048
     memory: bool = True  # peak memory per forward (a fresh process per point on CPU)
+    attribution_seq_len: int = 256  # (e): key_variance at N = M = this, d = 64, S = 64, chunk_size 16, R = 256
 
 
 PLANS = {
@@ -62,7 +70,7 @@ PLANS = {
     "quick": Plan(engine=((128, 1000, 200), (2048, 100, 10)), lengths=(1024, 2048, 4096, 8192), slope_from=1024,
                   performer_seq_len=1024),
     "tiny": Plan(engine=((16, 8, 4),), lengths=(64, 128), slope_from=64, performer_seq_len=64, matmul_n=64,
-                 memory=False),
+                 memory=False, attribution_seq_len=16),
 }
 
 
@@ -212,6 +220,38 @@ def bench_performer(device, plan: Plan) -> dict | None:
             "time_ratio": ours_s / theirs_s, "max_abs_diff": diff}
 
 
+def _attribution(seq_len: int) -> dict:
+    """Run key_variance once on Gaussian inputs (N = M = seq_len, d = dv = 64, norm 1.5): wall and CPU seconds."""
+    from .attribution import key_variance
+
+    q, k, v = gaussian(seq_len=seq_len, d=D, norm=1.5, seed=0)
+    wall, cpu = time.perf_counter(), time.process_time()
+    key_variance(q, k, v, num_features=64, chunk_size=16, replicates=256)
+    return {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+
+
+def _attribution_worker(seq_len: int, conn) -> None:
+    with open("/proc/self/clear_refs", "w") as refs:  # reset the peak-RSS counter (VmHWM) to the current RSS
+        refs.write("5")
+    row = _attribution(seq_len)
+    conn.send({**row, "peak_rss_bytes": _rss_kib("VmHWM") * 1024})
+
+
+def bench_attribution(device, plan: Plan) -> dict:
+    """(e): ``key_variance`` at N = plan.attribution_seq_len, d = 64, S = 64, chunk_size 16, 256 replicates, on the
+    CPU: wall and CPU seconds, and (with ``plan.memory``, Linux) the peak RSS of a fresh process, imports included."""
+    row = {"seq_len": plan.attribution_seq_len, "d": D, "num_features": 64, "chunk_size": 16, "replicates": 256}
+    if not plan.memory:
+        return {**row, **_attribution(plan.attribution_seq_len), "peak_rss_bytes": None}
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_attribution_worker, args=(plan.attribution_seq_len, child))
+    proc.start()
+    row.update(parent.recv())
+    proc.join()
+    return row
+
+
 def markdown(report: dict) -> str:
     """The report as markdown tables."""
     lines = [f"# evalab bench ({report['device']}, torch {report['torch']}, plan {report['plan']})", "",
@@ -233,6 +273,11 @@ def markdown(report: dict) -> str:
         p = report["performer"]
         lines.append(f"\nperformer-pytorch, S={p['num_features']}, N={p['seq_len']}, heads={p['heads']}: evalab {p['evalab_s']:.3g}s, "
                      f"performer {p['performer_s']:.3g}s, ratio {p['time_ratio']:.2f}, max |diff| {p['max_abs_diff']:.2g}")
+    if report.get("attribution"):
+        a = report["attribution"]
+        peak = "" if a["peak_rss_bytes"] is None else f", peak RSS {a['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
+        lines.append(f"\nkey_variance, N={a['seq_len']}, d={a['d']}, S={a['num_features']}, chunk_size={a['chunk_size']}, "
+                     f"R={a['replicates']} (CPU): {a['seconds']:.3g}s wall, {a['cpu_seconds']:.3g}s CPU{peak}")
     return "\n".join(lines)
 
 
@@ -268,6 +313,7 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path = "ben
     report["engine"] = bench_engine(dev, sizes)
     report["scaling"], report["scaling_fit"] = bench_scaling(dev, sizes)
     report["performer"] = bench_performer(dev, sizes)
+    report["attribution"] = bench_attribution(dev, sizes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))

@@ -2,7 +2,7 @@
 interval drawing and saving. Every paper figure (analysis/figures/*/plot.py) draws through this module, so that
 "RFA iid" is the same blue with the same marker in every figure.
 
-Figures read stored result rows (sweep rows, cached tables) and never run an estimator (shared/design.md):
+Figures read stored result rows (sweep rows, cached tables) and never run an estimator:
 
     from evalab import figures as fg
     rows = fg.with_variant(evalab.load_results("results/smoke", status="ok"))
@@ -48,6 +48,15 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "CV shared": ("#3d5a80", "o"),
     "CV chunked": ("#9c2c2c", "P"),
     "CV optimal": ("#555555", "*"),
+    # the field beyond RFA and EVA (F10)
+    "RFA hyperbolic orthogonal": ("#117733", "v"),
+    "EVA, samples per chunk": ("#a6761d", "X"),
+    "Scatterbrain": ("#6a3d9a", ">"),
+    "Nystromformer": ("#008080", "<"),
+    "Nystromformer, exact pinv": ("#80cdc1", "d"),
+    "elu+1": ("#999999", "H"),
+    "RA": ("#e7298a", "p"),
+    "LARA": ("#66a61e", "8"),
 }
 _EXTRA_COLORS = ("#8c564b", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#843c39", "#7b4173")
 _EXTRA_MARKERS = ("p", "<", ">", "d", "H", "8")

@@ -1,4 +1,4 @@
-"""Monte-Carlo metrics of an estimator against exact attention (theory.md section 6), with 95% intervals.
+"""Monte-Carlo metrics of an estimator against exact attention (docs/theory.md section 6), with 95% intervals.
 
 Replicates are drawn in fixed blocks of ``NOISE_BLOCK``, each from a generator seeded by (seed, block), so the
 numbers depend on the seed only, not on the batch size, the device or the run order; estimators whose draws
@@ -219,9 +219,36 @@ def _one_hot_values(k: torch.Tensor) -> torch.Tensor:
     return torch.eye(M, dtype=k.dtype, device=k.device).expand(*k.shape[:-2], M, M)
 
 
-def attention_matrix(estimator, q: torch.Tensor, k: torch.Tensor, draw: Draw) -> torch.Tensor:
-    """The attention matrix an estimator implies: its output for one-hot values V = I_M, (R, *b, N, M)."""
-    return estimator(q, k, _one_hot_values(k), draw)
+def attention_matrix(estimator, q: torch.Tensor, k: torch.Tensor, draw: Draw, *,
+                     max_memory: float | None = None) -> torch.Tensor:
+    """The attention matrix an estimator implies: its output for one-hot values V = I_M, (R, *b, N, M).
+
+    Estimators are linear in v for a fixed draw, so the columns are computed in blocks of one-hot values, each
+    within ``max_memory`` bytes (default 2 GiB) beside the result; a MemoryError says what is needed otherwise.
+    """
+    _checks.qkv(q, k, causal=getattr(estimator, "causal", False))
+    max_memory = DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
+    R, B, (N, d), M = draw.replicates, math.prod(q.shape[:-2]), q.shape[-2:], k.shape[-2]
+    itemsize = 8 if _checks.compute_dtype(q, k) == torch.float64 else 4
+    result = R * B * N * M * itemsize
+
+    def needed(width: int) -> float:
+        cost = estimate_cost(estimator, N=N, M=M, d=d, dv=width, batch=B, itemsize=itemsize)
+        return result + B * M * width * itemsize + (cost.bytes(R) if math.isfinite(cost.bytes(R)) else 0.0)
+
+    width = M
+    while width > 1 and needed(width) > max_memory:
+        width = (width + 1) // 2
+    if needed(width) > max_memory:
+        raise MemoryError(
+            f"attention_matrix needs about {needed(width) / 2**30:.3g} GiB for R x N x M = {R} x {N} x {M} "
+            f"(batch {B}), over max_memory={max_memory / 2**30:.3g} GiB; pass fewer replicates (draw[:r]), "
+            "fewer queries or keys, or raise max_memory"
+        )
+    eye = _one_hot_values(k)
+    if width == M:
+        return estimator(q, k, eye, draw)
+    return torch.cat([estimator(q, k, eye[..., m0:m0 + width], draw) for m0 in range(0, M, width)], dim=-1)
 
 
 def _matrix_errors(a_hat: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -261,7 +288,9 @@ def monte_carlo(
 
     q (*b, N, d), k (*b, M, d), v (*b, M, dv); ``reference`` (*b, N, dv) defaults to exact softmax attention.
     ``max_memory`` (bytes, default 2 GiB) bounds each vectorised batch of replicates. ``matrix`` adds metrics of
-    the implied attention matrix (V = I_M); by default when batch x N x M <= MATRIX_ELEMENTS.
+    the implied attention matrix (V = I_M); by default when batch x N x M <= MATRIX_ELEMENTS and the matrix
+    work fits in ``max_memory`` (otherwise ``matrix_skipped`` says why); ``matrix=True`` raises a MemoryError
+    when it does not fit.
     """
     _checks.integer("replicates", replicates, minimum=2)
     _checks.integer("seed", seed, minimum=0)
@@ -276,13 +305,25 @@ def monte_carlo(
         reference = softmax_attention(q, k, v, scale=scale, causal=causal)
     elif reference.shape != q.shape[:-1] + (dv,):
         raise ValueError(f"reference must have shape {tuple(q.shape[:-1]) + (dv,)}, got {tuple(reference.shape)}")
-    matrix = batch_elems * N * M <= MATRIX_ELEMENTS if matrix is None else matrix
-    matrix_extra = 3 * batch_elems * N * M * 8 if matrix else 0.0
+    requested, matrix = matrix, batch_elems * N * M <= MATRIX_ELEMENTS if matrix is None else matrix
     out_bytes = 3 * batch_elems * N * dv * 8
-    b = batch_size(cost, replicates, max_memory, out_bytes + matrix_extra, q.device.type)
+    b, skipped = None, None if matrix else "disabled"
+    if matrix:  # the matrix call (dv = M), its float64 copies and the exact matrix share each batch
+        matrix_cost = estimate_cost(estimator, N=N, M=M, d=d, dv=M, batch=batch_elems, itemsize=itemsize)
+        fixed = cost.fixed_bytes + matrix_cost.fixed_bytes + batch_elems * N * M * (8 + itemsize)
+        extra = matrix_cost.replicate_bytes + 3 * batch_elems * N * M * 8
+        try:
+            b = batch_size(dataclasses.replace(cost, fixed_bytes=fixed), replicates, max_memory, out_bytes + extra,
+                           q.device.type)
+        except MemoryError as err:
+            if requested:
+                raise MemoryError(f"{err} (with the matrix metrics; pass matrix=False to skip them)") from None
+            matrix, skipped = False, "over max_memory"
+    if b is None:
+        b = batch_size(cost, replicates, max_memory, out_bytes, q.device.type)
 
     acc = _Accumulator(reference, replicates)
-    skipped, matrix_rows = (None if matrix else "disabled"), []
+    matrix_rows = []
     if matrix:
         eye = _one_hot_values(k)
         exact_matrix = softmax_attention(q, k, eye, scale=scale, causal=causal)

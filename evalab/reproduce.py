@@ -11,12 +11,17 @@ Each figure is a folder ``analysis/figures/fNN_name/`` holding
   one sweep (theory predictions, attributions, real-model inputs, generated sweeps). Non-Monte-Carlo tables go through :meth:`FigureContext.table`, which caches them as
   parquet in ``<work>/<figure>/tables`` keyed by their parameters.
 
-The flow is one-way (shared/design.md): sweep and compute write stored rows, ``plot`` only reads them. Sizes:
-``full`` (default), ``quick`` (``--quick``; a few minutes on a 2-core CPU) and ``tiny`` (for tests: the quick
+The flow is one-way: sweep and compute write stored rows, ``plot`` only reads them. Sizes:
+``full`` (default), ``quick`` (``--quick``) and ``tiny`` (for tests: the quick
 spec shrunk by :func:`shrink_spec`, and each figure's own tiny sizes in compute).
 
     from evalab.reproduce import reproduce
-    summary = reproduce("figures", quick=True)      # figures/*.png, *.pdf, README.md; results/quick/...
+    summary = reproduce(quick=True)      # results/figures/*.png, *.pdf, README.md; stored rows in results/quick/
+
+By default the renders go to ``results/figures`` (ignored by git, so running the README leaves the checkout
+clean); the committed gallery in ``figures/`` is refreshed on purpose with ``--out figures``. Nothing
+run-specific (times, dates, hosts) is written into README.md, and the PNG/PDF carry no timestamps: the same
+results on the same machine render to the same bytes.
 """
 from __future__ import annotations
 
@@ -276,7 +281,7 @@ def rfa_prediction(qkv, *, feature_map: str = "positive") -> dict[str, float]:
     """Delta-method prediction for RFA on one workload, relative to mean_n |Y_n|^2, at S = 1.
 
     Returns ``rel_variance_1`` and ``rel_bias2_1``: the prediction at S features is rel_variance_1 / S for the
-    variance, rel_bias2_1 / S^2 for the squared bias and their sum for the MSE (theory.md section 7).
+    variance, rel_bias2_1 / S^2 for the squared bias and their sum for the MSE (docs/theory.md section 7).
     """
     import torch
 
@@ -354,7 +359,7 @@ def figure_frames(name: str, *, quick: bool = False, scale: str | None = None, w
         raise ValueError(f"{name!r} matches {len(folders)} figures: {', '.join(f.name for f in folders)}")
     folder = folders[0]
     out = Path(out).expanduser().resolve()
-    work = (out.parent / "results" / scale) if work is None else Path(work).expanduser().resolve()
+    work = default_work(out, scale) if work is None else Path(work).expanduser().resolve()
     ctx = FigureContext(folder.name, folder, scale, device, work / folder.name, progress)
     return compute_frames(ctx)
 
@@ -386,8 +391,11 @@ def _run_figure(folder: Path, ctx: FigureContext, out: Path) -> FigureResult:
                             time.perf_counter() - start)
 
 
-def _command(scale: str, name: str | None = None) -> str:
+def _command(scale: str, name: str | None = None, out: Path | None = None) -> str:
+    """The command that renders ``out`` (``--out figures`` for the checkout's gallery of record)."""
     flag = {"quick": " --quick", "full": "", "tiny": " --scale tiny"}[scale]
+    if out is not None and out == repository_root() / "figures":
+        flag += " --out figures"
     return f"evalab reproduce{flag}" + (f" --only {name}" if name else "")
 
 
@@ -423,13 +431,10 @@ def write_readme(out: Path, work: Path, scale: str, analysis: Path, folders: lis
         except (OSError, ValueError):
             records.append({"name": folder.name, "status": "not run", "title": folder.name, "caption": "",
                             "message": "not run yet", "seconds": 0.0, "files": []})
-    total = sum(r["seconds"] for r in records)
     lines = [
         "# Figures",
         "",
-        f"Rendered by `{_command(scale)}` (evalab {__version__}, torch {torch.__version__}). The last run of each "
-        f"figure took {total:.0f} s together (computing and drawing; a figure whose stored results were reused "
-        "only paid for drawing). Each figure is "
+        f"Rendered by `{_command(scale, out=out)}` (evalab {__version__}, torch {torch.__version__}). Each figure is "
         f"defined by one folder of `{_relative(analysis, out)}/` (its sweep spec and `plot.py`); the stored "
         f"results it is drawn from are in `{_relative(work, out)}/<figure>/` (not committed; reruns resume "
         "from them, delete that folder to recompute).",
@@ -450,14 +455,24 @@ def write_readme(out: Path, work: Path, scale: str, analysis: Path, folders: lis
         else:
             first = (r["message"] or "").splitlines()[0] if r["message"] else ""
             lines += [f"{r['status'].capitalize()}: `{first}`", ""]
-        lines += [f"Regenerate alone: `{_command(scale, r['name'])}`", ""]
+        lines += [f"Regenerate alone: `{_command(scale, r['name'], out)}`", ""]
     path = out / "README.md"
     path.write_text("\n".join(lines))
     return path
 
 
+DEFAULT_OUT = "results/figures"
+
+
+def default_work(out: Path, scale: str) -> Path:
+    """Where the sweeps and tables of ``out``'s figures are stored: ``<out>/../results/<scale>``, or
+    ``<out>/../<scale>`` when ``out`` already lies in a ``results`` folder (the default ``results/figures``)."""
+    parent = out.parent
+    return (parent if parent.name == "results" else parent / "results") / scale
+
+
 def reproduce(
-    out: str | os.PathLike = "figures",
+    out: str | os.PathLike = DEFAULT_OUT,
     *,
     quick: bool = False,
     device: str | None = None,
@@ -469,9 +484,9 @@ def reproduce(
 ) -> ReproduceSummary:
     """Compute (resuming) and render every figure of analysis/figures into ``out`` (PNG + PDF + README.md).
 
-    quick: the ``--quick`` sizes (a few minutes on a 2-core CPU); otherwise the full sizes. ``scale`` ("tiny",
-    "quick", "full") overrides ``quick``; "tiny" is for tests. device: torch device for the Monte-Carlo work.
-    work: where sweeps and cached tables are stored, default ``<out>/../results/<scale>``. analysis: the
+    out: default ``results/figures`` (ignored by git). quick: the ``--quick`` sizes; otherwise the full sizes.
+    ``scale`` ("tiny", "quick", "full") overrides ``quick``; "tiny" is for tests. device: torch device for the Monte-Carlo work.
+    work: where sweeps and cached tables are stored, default :func:`default_work`. analysis: the
     figures folder (default: analysis/figures of the source checkout). only: figure names or prefixes.
     A figure that fails is reported in the summary (status "failed") and the others still run.
     """
@@ -486,7 +501,7 @@ def reproduce(
     every = discover(analysis_dir)
     folders = select(every, only)
     out = Path(out).expanduser().resolve()
-    work = (out.parent / "results" / scale) if work is None else Path(work).expanduser().resolve()
+    work = default_work(out, scale) if work is None else Path(work).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = []

@@ -23,6 +23,8 @@ def test_bench_tiny_plan_writes_report(tmp_path):
                "eva w=32 c=8": ev.EVA(window=32, chunk_size=8)}[row["case"]]
         flops = estimate_cost(est, N=row["seq_len"], M=row["seq_len"], d=64, dv=64).flops(row["replicates"])
         assert row["gflops"] * 1e9 * row["engine_s"] == pytest.approx(flops)  # FLOP/s by the cost model
+    assert saved["attribution"]["seq_len"] == 16 and saved["attribution"]["seconds"] > 0
+    assert "key_variance, N=16" in (tmp_path / "bench.md").read_text()
     if report["performer"] is not None:  # same projection, same stabiliser: agreement to float32 precision
         assert report["performer"]["max_abs_diff"] < 1e-5
 

@@ -1,4 +1,4 @@
-"""Identities of theory.md section 4, in float64."""
+"""Identities of docs/theory.md section 4, in float64."""
 import math
 
 import pytest

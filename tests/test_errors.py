@@ -8,6 +8,7 @@ from conftest import make_qkv
 
 ESTIMATORS = [ev.RFA(num_features=4), ev.EVA(window=4, chunk_size=2), ev.ControlVariates(num_features=4), ev.Softmax(),
               ev.RA(samples_per_query=2), ev.LARA(num_proposals=4)]
+ESTIMATORS += [ev.Nystrom(num_landmarks=2), ev.LinearAttention(), ev.Scatterbrain(window=4, num_features=4)]
 
 
 def _call(est, q, k, v):
@@ -97,3 +98,15 @@ def test_monte_carlo_rejects_non_finite_inputs():
     v[1, 0] = float("nan")
     with pytest.raises(ValueError, match="v contains non-finite values"):
         ev.monte_carlo(ev.RFA(num_features=4), q, k, v, replicates=4)
+
+
+@pytest.mark.parametrize("est", ESTIMATORS, ids=lambda e: type(e).__name__)
+def test_empty_inputs(est):
+    q, k, v = make_qkv(N=6, d=4, dv=3)
+    with pytest.raises(ValueError, match=r"empty inputs: N=0 \(q \(0, 4\)"):
+        _call(est, q[:0], k, v)
+    with pytest.raises(ValueError, match=r"empty inputs: M=0 .*k \(0, 4\)"):
+        _call(est, q, k[:0], v[:0])
+    with pytest.raises(ValueError, match="empty inputs: M=0"):
+        ev.monte_carlo(est, q, k[:0], v[:0], replicates=2)
+

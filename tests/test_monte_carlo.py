@@ -1,4 +1,4 @@
-"""The Monte-Carlo engine against its definitions (theory.md section 6), with fixed seeds."""
+"""The Monte-Carlo engine against its definitions (docs/theory.md section 6), with fixed seeds."""
 import math
 from dataclasses import dataclass
 

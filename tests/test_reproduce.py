@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import shutil
 import textwrap
 
@@ -51,8 +52,8 @@ def _ctx(tiny, name):
 
 
 def test_every_figure_is_found():
-    assert len(FIGURES) == 9
-    assert [f[:3] for f in FIGURES] == [f"f0{i}" for i in range(1, 10)]
+    assert [f[:3] for f in FIGURES][:9] == [f"f0{i}" for i in range(1, 10)]
+    assert "f10_field_gap" in FIGURES
 
 
 def test_tiny_reproduction_produces_every_figure(tiny):
@@ -74,6 +75,7 @@ def test_tiny_reproduction_produces_every_figure(tiny):
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000, f.name
         assert len(f.caption) > 200 and "Findings" in f.caption, f.name
         assert "nan" not in f.caption.lower().replace("nan]", ""), (f.name, f.caption)
+        assert "{fg." not in f.caption and "{rows" not in f.caption, (f.name, f.caption)  # no f-string left raw
 
 
 def test_readme_has_one_caption_per_figure(tiny):
@@ -100,6 +102,9 @@ def test_rerun_resumes_from_stored_results(tiny, tmp_path):
     again = reproduce(tmp_path / "figures", scale="tiny", progress=False, only=["f07"])
     assert [f.name for f in again.figures] == ["f07_pre_asymptotic"] and again.ok and again.work == work
     assert [p.stat().st_mtime_ns for p in cells + tables] == stamps  # nothing recomputed
+    for suffix in (".png", ".pdf"):  # the same rows rendered twice on one machine: the same bytes
+        first = tiny[1] / "figures" / f"f07_pre_asymptotic{suffix}"
+        assert (tmp_path / "figures" / first.name).read_bytes() == first.read_bytes(), suffix
     text = (tmp_path / "figures" / "README.md").read_text()  # every figure listed, the others as not run yet
     assert all(f"## {name}: " in text for name in FIGURES)
     assert text.count("Not run: `not run yet`") == len(FIGURES) - 1
@@ -187,6 +192,23 @@ def test_default_analysis_folder_is_the_checkouts():
     folder = find_analysis()
     assert folder.name == "figures" and folder.parent.name == "analysis"
     assert (folder / "README.md").is_file()
+
+
+def test_default_output_is_ignored_by_git():
+    """README line 1 writes under results/ (ignored), the gallery of record in figures/ only with --out figures."""
+    from evalab.reproduce import DEFAULT_OUT, default_work, repository_root
+
+    root = repository_root()
+    assert DEFAULT_OUT == "results/figures" and "/results/" in (root / ".gitignore").read_text().split()
+    assert default_work(root / "results" / "figures", "quick") == root / "results" / "quick"
+    assert default_work(root / "figures", "quick") == root / "results" / "quick"
+    assert cli.build_parser().parse_args(["reproduce"]).out == DEFAULT_OUT
+
+
+def test_readme_has_nothing_run_specific(tiny):
+    intro = (tiny[1] / "figures" / "README.md").read_text().split("## ")[0]  # captions hold only results
+    assert "Rendered by `evalab reproduce --scale tiny`" in intro
+    assert not re.search(r"\d s\b|seconds|took", intro), intro
 
 
 def test_cli_help(capsys):

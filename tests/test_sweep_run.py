@@ -46,7 +46,7 @@ def stable(df: pd.DataFrame) -> pd.DataFrame:
 def test_rows_match_a_direct_monte_carlo_call(tmp_path):
     summary = run_sweep(tiny(), tmp_path, progress=False)
     assert (summary.done, summary.skipped, summary.failed) == (6, 0, 0) and summary.out == tmp_path
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells", "spec.toml", "specs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "cells", "spec.toml", "specs"]
     assert len(list((tmp_path / "cells").glob("*.parquet"))) == 6
     spec = parse_spec((tmp_path / "spec.toml").read_text())
     assert (tmp_path / "specs" / f"{spec.hash}.toml").read_text() == render_toml(spec.to_dict())

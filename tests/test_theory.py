@@ -193,7 +193,7 @@ def test_kernel_mse_properties(xs, ys, s):
 # rfa_bias_variance: exact, deterministic checks
 @pytest.mark.parametrize("feature_map", ["positive", "hyperbolic"])
 def test_rfa_theory_matches_naive_sum(feature_map):
-    """The stabilised quadratic forms equal the literal (N, M, M) einsum of theory.md section 7 (tiny case)."""
+    """The stabilised quadratic forms equal the literal (N, M, M) einsum of docs/theory.md section 7 (tiny case)."""
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(3, 5, generator=g, dtype=F64), torch.randn(4, 5, generator=g, dtype=F64)
     v = torch.randn(4, 2, generator=g, dtype=F64)
@@ -253,7 +253,7 @@ def test_rfa_theory_matches_mpmath_where_float64_overflows(feature_map, norm):
 
 
 def _check_against_mpmath(got, q, k, v, feature_map):
-    """The literal sums of theory.md section 7 at the current mpmath precision (S = 3, d = 3, M = 3, dv = 2)."""
+    """The literal sums of docs/theory.md section 7 at the current mpmath precision (S = 3, d = 3, M = 3, dv = 2)."""
     s = mpmath.mpf(3) ** mpmath.mpf(-0.5)
     x = [[mpmath.mpf(float(a)) * mpmath.sqrt(s) for a in row] for row in q.tolist()]
     y = [[mpmath.mpf(float(a)) * mpmath.sqrt(s) for a in row] for row in k.tolist()]

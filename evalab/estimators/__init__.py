@@ -6,9 +6,13 @@ from .control_variates import ControlVariates, ControlVariateTerms
 from .draw import Draw
 from .eva import EVA
 from .lara import LARA
+from .linear import LinearAttention
+from .nystrom import Nystrom
 from .ra import RA
 from .rfa import RFA
+from .scatterbrain import Scatterbrain
 from .softmax import Softmax, softmax_attention
 
 __all__ = ["ControlVariateTerms", "ControlVariates", "Cost", "Draw", "EVA", "Estimator", "LARA", "RA", "RFA", "Softmax",
            "features", "softmax_attention"]
+__all__ += ["LinearAttention", "Nystrom", "Scatterbrain"]

@@ -1,4 +1,4 @@
-"""The per-element control-variate view of RFA (theory.md section 4).
+"""The per-element control-variate view of RFA (docs/theory.md section 4).
 
 For query n and draws w_1..w_S, per key m:
   hbar_m = phi(x_n).phi(y_m) / Z_n,   E[h_m] = exp(l_nm) / Z_n,   ghat_m = hbar_m v_m - beta_m (hbar_m - E[h_m]).
@@ -120,20 +120,39 @@ class ControlVariates(OmegaDraws):
         memory = 3 * (N + M) * F + 2 * N * M + N * dv * math.ceil(M / (self.chunk_size or M))
         return Cost.per_element(fixed, rep, 2 * N * M, memory, batch=batch, itemsize=itemsize)
 
-    def terms(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> ControlVariateTerms:
-        """Per-element terms (hbar, E[h], beta, ghat) of one call; quadratic memory (R x N x M x dv)."""
-        inp = Scaled.of(q, k, v, self.scale)
-        expected_h, log_z = _expected_h(inp)
-        hbar = self._hbar(inp, self._omega(q, k, inp, draw), log_z)
-        R, M = hbar.shape[0], hbar.shape[-1]
+    def terms(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw, *,
+              max_memory: float | None = None) -> ControlVariateTerms:
+        """Per-element terms (hbar, E[h], beta, ghat) of one call. Quadratic memory: ghat and beta hold
+        R x N x M x dv numbers each; over ``max_memory`` bytes (default 2 GiB) this raises a MemoryError
+        (pass fewer replicates or a block of queries, or use ``evalab.key_variance`` for the variances).."""
+        inp, hbar, expected_h = self._kernel(q, k, v, draw)
+        R, M, dv = hbar.shape[0], hbar.shape[-1], inp.v.shape[-1]
+        needed = 3 * hbar.numel() * dv * hbar.element_size()  # ghat, beta and one temporary
+        from ..monte_carlo import DEFAULT_MAX_MEMORY
+
+        limit = DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
+        if needed > limit:
+            raise MemoryError(
+                f"ControlVariates.terms needs about {needed / 2**30:.3g} GiB for R x N x M x dv = "
+                f"{R} x {hbar.shape[-2]} x {M} x {dv} terms (batch {tuple(hbar.shape[1:-2])}), over max_memory="
+                f"{limit / 2**30:.3g} GiB; pass fewer replicates or a block of queries, raise max_memory, or use "
+                "evalab.key_variance for per-key variances"
+            )
         vals = inp.v.unsqueeze(-3)  # (*b, 1, M, dv)
         if self.coefficient == "optimal":
-            beta = vals.expand(R, *expected_h.shape, inp.v.shape[-1])
+            beta = vals.expand(R, *expected_h.shape, dv)
         else:
             size = self._chunk(M)
             beta = _chunk_coefficients(hbar, inp.v, size).repeat_interleave(size, dim=-2)[..., :M, :]
         ghat = hbar.unsqueeze(-1) * vals - beta * (hbar - expected_h).unsqueeze(-1)
-        return ControlVariateTerms(hbar, expected_h.to(hbar.dtype), beta, ghat)
+        return ControlVariateTerms(hbar, expected_h, beta, ghat)
+
+    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw):
+        """(scaled inputs, hbar (R, *b, N, M), E[h] (*b, N, M) in hbar's dtype) of one call."""
+        inp = Scaled.of(q, k, v, self.scale)
+        expected_h, log_z = _expected_h(inp)
+        hbar = self._hbar(inp, self._omega(q, k, inp, draw), log_z)
+        return inp, hbar, expected_h.to(hbar.dtype)
 
 
 def _expected_h(inp: Scaled) -> tuple[torch.Tensor, torch.Tensor]:

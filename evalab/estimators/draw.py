@@ -35,6 +35,11 @@ class Draw:
     def replicates(self) -> int:
         return self.noise.shape[0]
 
+    def __repr__(self) -> str:
+        """Kind, shape, dtype and device of the noise, never its values."""
+        n = self.noise
+        return f"Draw(kind={self.kind!r}, shape={tuple(n.shape)}, dtype={str(n.dtype).removeprefix('torch.')}, device={n.device})"
+
     def __getitem__(self, index: slice) -> "Draw":
         """Draw of a slice of the replicates: ``draw[10:20]``."""
         if not isinstance(index, slice):

@@ -320,8 +320,8 @@ class _Chunks:
 
     @staticmethod
     def geometry(size: int, span: int) -> tuple[int, int]:
-        """(chunk length L, chunk count C) for chunks of ``size`` over ``span`` positions."""
-        length = min(size, span)
+        """(chunk length L, chunk count C) for chunks of ``size`` over ``span`` positions (C = 0 for no keys)."""
+        length = max(1, min(size, span))
         return length, math.ceil(span / length)
 
     def split(self, t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Random features of the softmax kernel exp(x.y) (theory.md section 2).
+"""Random features of the softmax kernel exp(x.y) (docs/theory.md section 2).
 
 All functions work on *scaled* coordinates x = sqrt(scale) q. ``omega`` has shape (R, S, d), one set of S
 draws per replicate shared by every batch/head element, or (R, *b, S, d), one set per batch element.

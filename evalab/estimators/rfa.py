@@ -1,6 +1,6 @@
 """Random-feature attention (RFA / Performer): the self-normalised importance sampler of softmax attention.
 
-  RFA_n = sum_f phi_f(x_n) sum_m phi_f(y_m) v_m / sum_f phi_f(x_n) sum_m phi_f(y_m)      (theory.md section 3)
+  RFA_n = sum_f phi_f(x_n) sum_m phi_f(y_m) v_m / sum_f phi_f(x_n) sum_m phi_f(y_m)      (docs/theory.md section 3)
 
 Positive-type maps (positive, hyperbolic and the generalised exponential maps oprf, sderf, saderf) are
 evaluated in log space as a softmax over feature columns of the per-column key averages, so float32 stays finite

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -30,6 +31,7 @@ EXECUTORS = ("local", "dask")
 SIZE_COLUMNS = ("seq_len", "key_len", "d", "dv", "batch")
 DASK_MISSING = 'the dask executor needs dask.distributed; install it with: pip install "evalab[dask]"'
 NON_TTY_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal
+SCHEDULER_TIMEOUT = 5.0  # seconds to reach a Dask scheduler before giving up
 
 
 @dataclass(frozen=True)
@@ -237,13 +239,23 @@ def _run_dask(cells: list[Cell], options: RunOptions, bar, *, workers: int | Non
         cores = os.cpu_count() or 1
         workers = workers or cores
         options = dataclasses.replace(options, threads=max(1, cores // workers))
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address=None, silence_logs=logging.ERROR,
-        )
+        # the worker processes ignore Ctrl-C (they inherit SIG_IGN): this process stops them cleanly instead
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, silence_logs=logging.CRITICAL,  # failures come back as rows
+            )
+        finally:
+            signal.signal(signal.SIGINT, handler)
         client = Client(cluster)
     else:
-        client = Client(scheduler)
+        try:
+            _probe(scheduler)
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+        except OSError as err:
+            raise ConnectionError(f"cannot reach the Dask scheduler at {scheduler} ({err}); is it running, and is "
+                                  "the address right?") from None
     try:
         by_key = {}
         futures = []
@@ -265,6 +277,15 @@ def _run_dask(cells: list[Cell], options: RunOptions, bar, *, workers: int | Non
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _probe(address: str) -> None:
+    """Open and close a TCP connection to a tcp:// address, so that a refused one fails at once (Dask's client
+    retries until its timeout)."""
+    if address.startswith("tcp://"):
+        host, _, port = address[len("tcp://"):].rpartition(":")
+        if port.isdigit():
+            socket.create_connection((host.strip("[]"), int(port)), timeout=SCHEDULER_TIMEOUT).close()
 
 
 def _failed_frame(cell: Cell, options: RunOptions, error: str) -> pd.DataFrame:
@@ -301,6 +322,7 @@ def run_sweep(
     "dask" (``scheduler`` address of a running cluster, or a LocalCluster of ``workers`` processes on
     loopback, one thread each). fresh: delete previous cell files first. progress: a progress bar on a
     terminal, a line every 30 s otherwise. Failed cells are stored with status "failed" and counted.
+    Holds ``out``'s lock while it runs: a second sweep into the same directory raises ``DirectoryLocked``.
     """
     spec = _as_spec(spec)
     device = spec.device if device is None else check_device(device, "device")
@@ -317,52 +339,55 @@ def run_sweep(
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        store.clear(out)
-    store.remove_stale_temporaries(out)
-    store.write_spec(out, spec.to_toml(), spec.hash)
+    with store.lock(out) as stale:  # one sweep per directory; raises DirectoryLocked if taken
+        if stale is not None:
+            print(f"took over {out}: its previous sweep ({stale}) is no longer running", file=sys.stderr)
+        if fresh:
+            store.clear(out)
+        store.remove_stale_temporaries(out)
+        store.write_spec(out, spec.to_toml(), spec.hash)
 
-    cells = spec.cells()
-    previous = store.statuses(out)
-    todo = [c for c in cells if previous.get(c.cell_id) != "ok"]
-    skipped = len(cells) - len(todo)
-    # cells sharing inputs run back to back, so each worker builds the inputs once
-    first = {}
-    for i, c in enumerate(todo):
-        first.setdefault(c.inputs_id, i)
-    todo.sort(key=lambda c: first[c.inputs_id])
-    options = RunOptions(
-        device=device, max_memory=None if spec.max_memory_gb is None else spec.max_memory_gb * 2**30,
-        spec_name=spec.name, spec_hash=spec.hash,
-    )
-    invalid = [c for c in todo if c.error is not None]
-    runnable = [c for c in todo if c.error is None]
-    done = 0
-    failures = []
-    bar = _progress(progress, len(todo), spec.name)
-    try:
-        def record(cell: Cell, frame: pd.DataFrame) -> None:
-            nonlocal done
-            store.write_cell(out, cell.cell_id, frame)
-            if frame["status"].iloc[0] == "ok":
-                done += 1
-            else:
-                failures.append((cell.description, frame["error"].iloc[0]))
-            bar.update(1)
+        cells = spec.cells()
+        previous = store.statuses(out)
+        todo = [c for c in cells if previous.get(c.cell_id) != "ok"]
+        skipped = len(cells) - len(todo)
+        # cells sharing inputs run back to back, so each worker builds the inputs once
+        first = {}
+        for i, c in enumerate(todo):
+            first.setdefault(c.inputs_id, i)
+        todo.sort(key=lambda c: first[c.inputs_id])
+        options = RunOptions(
+            device=device, max_memory=None if spec.max_memory_gb is None else spec.max_memory_gb * 2**30,
+            spec_name=spec.name, spec_hash=spec.hash,
+        )
+        invalid = [c for c in todo if c.error is not None]
+        runnable = [c for c in todo if c.error is None]
+        done = 0
+        failures = []
+        bar = _progress(progress, len(todo), spec.name)
+        try:
+            def record(cell: Cell, frame: pd.DataFrame) -> None:
+                nonlocal done
+                store.write_cell(out, cell.cell_id, frame)
+                if frame["status"].iloc[0] == "ok":
+                    done += 1
+                else:
+                    failures.append((cell.description, frame["error"].iloc[0]))
+                bar.update(1)
 
-        for cell in invalid:  # invalid parameter combinations: recorded as failed without running
-            record(cell, run_cell(cell, options))
-        if runnable:
-            if executor == "local":
-                results = _run_local(runnable, options, bar)
-            else:
-                results = _run_dask(runnable, options, bar, workers=workers, scheduler=scheduler)
-            for cell, frame in results:
-                record(cell, frame)
-    finally:
-        bar.close()
-        _INPUT_CACHE.clear()
-    return SweepSummary(done, skipped, time.perf_counter() - start, out, tuple(failures))
+            for cell in invalid:  # invalid parameter combinations: recorded as failed without running
+                record(cell, run_cell(cell, options))
+            if runnable:
+                if executor == "local":
+                    results = _run_local(runnable, options, bar)
+                else:
+                    results = _run_dask(runnable, options, bar, workers=workers, scheduler=scheduler)
+                for cell, frame in results:
+                    record(cell, frame)
+        finally:
+            bar.close()
+            _INPUT_CACHE.clear()
+        return SweepSummary(done, skipped, time.perf_counter() - start, out, tuple(failures))
 
 
 def _check_available(device: str) -> None:

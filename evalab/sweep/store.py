@@ -4,16 +4,24 @@ Layout of an output directory:
     DIR/spec.toml              the spec of the latest run (its original text)
     DIR/specs/<hash>.toml      every spec ever run into DIR, by content hash (rows carry ``spec_hash``)
     DIR/cells/<cell_id>.parquet  one file per cell: one row, status "ok" or "failed"
+    DIR/.lock, DIR/.lock.owner   the lock of the running sweep and its holder (pid, host, start)
 
 A cell file is written to a temporary file in the same folder (``.<cell_id>.<pid>.<random>.tmp``) and renamed
 over its final name with ``os.replace``, so a reader (or a rerun after a crash) sees either the whole file or
-none. One sweep process writes into a directory at a time.
+none. One sweep process writes into a directory at a time: ``lock(DIR)`` holds an OS file lock on DIR/.lock
+(``filelock``; the kernel releases it when its holder dies, so a killed sweep's lock is taken over safely) and
+DIR/.lock.owner names the holder for the message a second sweep gets.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import socket
 import warnings
 from pathlib import Path
+
+import filelock
 
 import pandas as pd
 
@@ -23,6 +31,44 @@ CELLS = "cells"
 PROVENANCE = ("dtype", "device", "status", "error", "cell_id", "spec_name", "spec_hash", "evalab_version",
               "torch_version", "host", "finished_at", "wall_seconds")
 SUFFIX = ".parquet"
+
+
+LOCK, OWNER = ".lock", ".lock.owner"
+
+
+class DirectoryLocked(RuntimeError):
+    """Another sweep process holds the lock of this output directory."""
+
+
+@contextlib.contextmanager
+def lock(out: str | Path):
+    """Hold DIR's lock while the body runs; raise DirectoryLocked at once, naming the holder, if it is taken.
+
+    Yields the owner line left by a previous holder that died without releasing it (None otherwise)."""
+    out = Path(out)
+    held = filelock.FileLock(str(out / LOCK), timeout=0)
+    try:
+        held.acquire()
+    except filelock.Timeout:
+        raise DirectoryLocked(
+            f"{str(out)!r} is in use by another evalab sweep ({_read_owner(out) or 'owner unknown'}); wait for it to "
+            "finish or choose another --out"
+        ) from None
+    try:
+        previous = _read_owner(out)  # still there: its holder was killed before it could remove it
+        (out / OWNER).write_text(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                                 f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n")
+        yield previous
+    finally:
+        (out / OWNER).unlink(missing_ok=True)
+        held.release()
+
+
+def _read_owner(out: Path) -> str | None:
+    try:
+        return (out / OWNER).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def cells_dir(out: str | Path) -> Path:

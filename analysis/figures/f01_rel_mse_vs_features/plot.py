@@ -20,7 +20,7 @@ RFA_VARIANTS = ("RFA iid", "RFA orthogonal", "RFA qmc", "RFA hyperbolic")
 
 
 def compute(ctx, frames):
-    """Delta-method prediction (theory.md section 7) for RFA iid and hyperbolic on the sweep's own inputs."""
+    """Delta-method prediction (docs/theory.md section 7) for RFA iid and hyperbolic on the sweep's own inputs."""
     spec = ctx.spec()
     grid = sorted(int(s) for s in frames["sweep"].query("estimator == 'rfa'")["num_features"].unique())
 

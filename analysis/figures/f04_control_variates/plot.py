@@ -109,7 +109,7 @@ def caption(frames):
     optimal = rows[rows["coefficient"] == "optimal"]["variance"].max()
     per_key = rows[rows["coefficient"] == "shared"].groupby("key")["variance"].mean()
     return "\n\n".join([
-        "The control-variate decomposition of theory.md section 4: each query's RFA output is a sum over keys of "
+        "The control-variate decomposition of docs/theory.md section 4: each query's RFA output is a sum over keys of "
         "terms ghat_m = gbar_m - beta_m (hbar_m - E[h_m]), and the heatmaps show the variance over draws of each term "
         "(trace over the value dimension) for every query n and key m, under the shared coefficient (one beta per "
         f"query: exactly RFA), the {chunked_label} coefficient (one beta per chunk of {int(r['chunk_size'])} "

@@ -69,6 +69,23 @@ def _frames(frames):
     return rows, theory, kernel
 
 
+def _clipped_line(ax, x, y, top, color):
+    """A dotted prediction line up to where it leaves the plot through ``top`` (interpolated in log y), which is
+    marked with an upward triangle on the top edge."""
+    above = np.flatnonzero(y > top)
+    if not len(above):
+        ax.plot(x, y, color=color, linestyle=":", linewidth=2)
+        return
+    i = above[0]
+    if i == 0:
+        x_out = x[0]
+    else:
+        t = (np.log(top) - np.log(y[i - 1])) / (np.log(y[i]) - np.log(y[i - 1]))
+        x_out = x[i - 1] + t * (x[i] - x[i - 1])
+    ax.plot(np.r_[x[:i], x_out], np.r_[y[:i], top], color=color, linestyle=":", linewidth=2)
+    ax.plot([x_out], [top], marker="^", color=color, markersize=8, clip_on=False, zorder=5)
+
+
 def plot(frames):
     rows, theory, kernel = _frames(frames)
     fig, (ax, ax_robust, ax_kernel) = plt.subplots(1, 3, figsize=(16, 4.6))
@@ -79,10 +96,11 @@ def plot(frames):
         fg.errorbar(ax_robust, group, "norm", "rel_error_median", name)
         fg.errorbar(ax_robust, group, "norm", "rel_error_p90", name, linestyle="--", markerfacecolor="white",
                     label="_nolegend_")
+    top = rows["rel_mse"].max() * 3  # the y-range follows the measurements, not the theory
+    ax.set_ylim(rows["rel_mse_low"][rows["rel_mse_low"] > 0].min() / 2, top)
     for name, group in fg.by_variant(theory):
         group = group.sort_values("norm")
-        ax.plot(group["norm"], group["rel_mse_predicted"], color=fg.color(name), linestyle=":", linewidth=2)
-    ax.set_ylim(rows["rel_mse_low"][rows["rel_mse_low"] > 0].min() / 2, rows["rel_mse_high"].max() * 5)
+        _clipped_line(ax, group["norm"].to_numpy(float), group["rel_mse_predicted"].to_numpy(float), top, fg.color(name))
     for name, group in fg.by_variant(kernel):
         group = group.sort_values("norm")
         wide = name == "RFA hyperbolic"  # coincides with trig after averaging over angles: drawn wider, beneath
@@ -90,7 +108,7 @@ def plot(frames):
                        linestyle=":", linewidth=5 if wide else 2, markersize=9 if wide else 5, alpha=0.55 if wide else 1,
                        zorder=1 if wide else 2)
     s = int(rows.query("estimator == 'rfa'")["num_features"].iloc[0])
-    ax.set_title("(a) rel_mse (mean) and delta-method prediction")
+    ax.set_title("(a) rel_mse (mean) and delta-method prediction", pad=12)  # clear of the cut markers
     ax_robust.set_title("(b) rel_error: median (solid), p90 (dashed)")
     ax_kernel.set_title(f"(c) kernel closed form, S = {s}")
     ax.set_ylabel("rel_mse")
@@ -113,7 +131,8 @@ def caption(frames):
         f"Error against the scaled input norm |x| = |y| (x = sqrt(scale) q) for RFA with S = {s} features (positive "
         "iid and orthogonal, hyperbolic, trig) and EVA (window 32, chunk_size 8), on synthetic Gaussian inputs "
         f"({fg.sizes(rows)}). (a) rel_mse with 95% intervals; dotted: the delta-method prediction for RFA iid and "
-        "hyperbolic on the same inputs. (b) robust statistics of the per-replicate relative error: median (solid) "
+        "hyperbolic on the same inputs, cut where it leaves the plot (a triangle on the top edge marks the "
+        "norm; the y-range follows the measurements). (b) robust statistics of the per-replicate relative error: median (solid) "
         "and 90th percentile (dashed), with order-statistic 95% intervals. (c) the closed-form relative MSE of one "
         "kernel entry exp(x.y) (evalab.theory.kernel_mse / exp(x.y)^2) for |x| = |y| = norm, averaged over the "
         "angle between uniformly random directions in R^d (|x + y|^2 = 2 norm^2 (1 + cos)); averaged over a "

@@ -124,8 +124,9 @@ def plot(frames):
                             wspace=0.22, hspace=0.35)
     axes = [fig.add_subplot(grid[0, i]) for i in range(len(variants))]
     cbar_ax = fig.add_subplot(grid[0, len(variants)])
-    ax_norm = fig.add_subplot(grid[1, : max(1, len(variants) - 1)])
-    ax_layer = fig.add_subplot(grid[1, len(variants) - 1 :])
+    bottom = grid[1, :].subgridspec(1, 2, width_ratios=[2, 1], wspace=0.28)  # room for the right panel's y-label
+    ax_norm = fig.add_subplot(bottom[0])
+    ax_layer = fig.add_subplot(bottom[1])
     positive = heads["rel_mse"][heads["rel_mse"] > 0]
     norm = LogNorm(vmin=positive.min(), vmax=positive.max())
     for ax, name in zip(axes, variants):
@@ -183,9 +184,11 @@ def caption(frames):
         f"(mean over queries of |Yhat - Y|^2 over the head's mean |Y|^2; {reps} replicates) for EVA (window "
         f"{WINDOW}, chunk_size {CHUNK}, one sample per chunk), RFA iid with the num_features whose FLOPs per head "
         "match EVA's, and window-only local attention; titles give the aggregate over all heads (its 95% interval "
-        "is in the stored table). Right: the ECDF of |x + y|^2 (scaled q_n + k_m, over random head, query and key "
-        "triples) per layer, beside the synthetic Gaussian inputs of the other figures at the same d (dashed; "
-        "|x| = |y| = norm, so |x + y|^2 = 2 norm^2 (1 + cos)). RFA's kernel variance grows like exp(|x + y|^2).",
+        "is in the stored table). Bottom left: the ECDF of |x + y|^2 (scaled q_n + k_m, over random head, query and "
+        "key triples) per layer, beside the synthetic Gaussian inputs of the other figures at the same d (dashed; "
+        "|x| = |y| = norm, so |x + y|^2 = 2 norm^2 (1 + cos)). RFA's kernel variance grows like exp(|x + y|^2). "
+        "Bottom right: per layer, the median over its 12 heads of each head's rel_mse, for the same three "
+        "estimators (RFA and EVA at matched cost), log scale.",
     ]
     findings = []
     for name, part in heads.groupby("variant"):
