@@ -84,13 +84,14 @@ def key_variance(
     B, N, M, dv = math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], v.shape[-1]
     queries, reps = _blocks(B, N, M, dv, num_features, min(batch, replicates), max_memory)
     draws = list(iter_draws(base, q, k, replicates, seed, reps))
+    params = base.gerf_params(q, k)  # oprf/sderf/saderf: parameters from all queries, shared by the blocks
     variance = {label: torch.empty(*q.shape[:-1], M, dtype=torch.float64) for label in sizes}
     values = v.to(_checks.compute_dtype(q, k, v))
     for n0 in range(0, N, queries):
         qb = q[..., n0:n0 + queries, :]
         sums = {label: _Sums(values, size) for label, size in sizes.items()}
         for _, draw in draws:
-            _, hbar, expected_h = base._kernel(qb, k, v, draw)
+            _, hbar, expected_h = base._kernel(qb, k, v, draw, params)
             for sum_ in sums.values():
                 sum_.add(hbar, hbar - expected_h)
         for label, sum_ in sums.items():

@@ -420,3 +420,17 @@ def test_rfa_first_order_terms_match_monte_carlo(feature_map):
     quad = -resid * (den - z) / z
     z_bias = (quad.mean(0) - pred.bias) / (quad.std(0) / math.sqrt(len(quad)))
     assert z_bias.abs().max() < 5, z_bias
+
+
+@pytest.mark.parametrize("feature_map", ["sderf", "saderf"])
+def test_key_variance_blocks_of_queries_share_the_parameters(feature_map):
+    """key_variance over blocks of queries (a small max_memory) equals one block: the map's parameters come from
+    all queries, not from each block's."""
+    import evalab as ev
+    from conftest import make_qkv
+    q, k, v = make_qkv(N=24, M=16, d=4, dv=2, norm=1.2, seed=5)
+    kw = dict(num_features=8, chunk_size=4, replicates=8, seed=0, feature_map=feature_map)
+    whole = ev.key_variance(q, k, v, **kw).to_frame()
+    blocks = ev.key_variance(q, k, v, max_memory=60_000, **kw).to_frame()
+    torch.testing.assert_close(torch.tensor(blocks["variance"].to_numpy()), torch.tensor(whole["variance"].to_numpy()),
+                               rtol=1e-9, atol=1e-14)

@@ -17,7 +17,7 @@ from .. import _checks
 from .base import Cost
 from .draw import Draw
 from .features import SAMPLERS, OmegaDraws, gerf_log_features, log_features, num_columns
-from .gerf import GERF_MAPS, GerfMap, check_a, parameter_flops
+from .gerf import GERF_MAPS, GerfMap, GerfParams, check_a, parameter_flops
 from .scaled import Scaled
 
 COEFFICIENTS = ("shared", "optimal", "chunked")
@@ -75,10 +75,22 @@ class ControlVariates(OmegaDraws):
         """The draw's omega (R, S, d) or (R, *b, S, d), checked, on the inputs' device and dtype."""
         return draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
 
-    def _hbar(self, inp: Scaled, omega: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
-        """hbar (R, *b, N, M) for log Z_n (*b, N, 1)."""
+    def gerf_params(self, q: torch.Tensor, k: torch.Tensor) -> GerfParams | None:
+        """The parameters of an oprf/sderf/saderf map from all of q (*b, N, d) and k (*b, M, d) (None for the other
+        maps): callers that work on blocks of queries (key_variance) pass them on, so every block uses the call's."""
+        if self.feature_map not in GERF_MAPS:
+            return None
+        root = math.sqrt(_checks.resolve_scale(self.scale, q.shape[-1]))
+        ct = _checks.compute_dtype(q, k)
+        return GerfParams.of(self.feature_map, q.to(ct) * root, k.to(ct) * root, self.gerf_a)
+
+    def _hbar(self, inp: Scaled, omega: torch.Tensor, log_z: torch.Tensor,
+              params: GerfParams | None = None) -> torch.Tensor:
+        """hbar (R, *b, N, M) for log Z_n (*b, N, 1); ``params``: the map's parameters (default: from inp)."""
         if self.feature_map in GERF_MAPS:
-            lx, ly = gerf_log_features(GerfMap.of(self.feature_map, inp.x, inp.y, self.gerf_a), omega)
+            if params is None:
+                params = GerfParams.of(self.feature_map, inp.x, inp.y, self.gerf_a)
+            lx, ly = gerf_log_features(GerfMap.build(inp.x, inp.y, params), omega)
         else:
             lx, ly = log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map)
         a, b = lx.amax(-1, keepdim=True), ly.amax((-2, -1), keepdim=True)
@@ -147,11 +159,13 @@ class ControlVariates(OmegaDraws):
         ghat = hbar.unsqueeze(-1) * vals - beta * (hbar - expected_h).unsqueeze(-1)
         return ControlVariateTerms(hbar, expected_h, beta, ghat)
 
-    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw):
-        """(scaled inputs, hbar (R, *b, N, M), E[h] (*b, N, M) in hbar's dtype) of one call."""
+    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw,
+                params: GerfParams | None = None):
+        """(scaled inputs, hbar (R, *b, N, M), E[h] (*b, N, M) in hbar's dtype) of one call (``params``: see
+        :meth:`gerf_params`)."""
         inp = Scaled.of(q, k, v, self.scale)
         expected_h, log_z = _expected_h(inp)
-        hbar = self._hbar(inp, self._omega(q, k, inp, draw), log_z)
+        hbar = self._hbar(inp, self._omega(q, k, inp, draw), log_z, params)
         return inp, hbar, expected_h.to(hbar.dtype)
 
 
