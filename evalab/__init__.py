@@ -12,7 +12,9 @@ from .attribution import Attribution, key_variance
 from .cost import estimate_cost
 from .estimators import (EVA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax, features,
                          softmax_attention)
+from .gradient_gap import GradientGap, gradient_gap
 from .intervals import Estimate
+from .model_gap import ModelGap, error_propagation, gap_correlation, model_gap
 from .monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
 from .sweep import load_results, load_spec, run_sweep
 
@@ -28,17 +30,23 @@ __all__ = [
     "EVA",
     "Estimate",
     "Estimator",
+    "GradientGap",
     "MCResult",
+    "ModelGap",
     "RFA",
     "Softmax",
     "attention_matrix",
     "compare",
+    "error_propagation",
     "estimate_cost",
     "features",
+    "gap_correlation",
+    "gradient_gap",
     "inputs",
     "key_variance",
     "load_results",
     "load_spec",
+    "model_gap",
     "monte_carlo",
     "run_sweep",
     "softmax_attention",
