@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -232,13 +233,21 @@ def _eager_attention(module, query, key, value, attention_mask, scaling=None, dr
 # --- running the model ------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    """all-MiniLM-L6-v2 and its tokenizer, loaded once per process (runs never change the weights)."""
+    from .inputs.minilm import _load_model
+
+    return _load_model()
+
+
 def _load(model, tokenizer):
     if isinstance(model, str):
         if model != "minilm":
             raise ValueError(f"model={model!r} is not a known model name; expected 'minilm' or a loaded transformers model")
-        from .inputs.minilm import MODEL_NAME, _load_model
+        from .inputs.minilm import MODEL_NAME
 
-        tok, module = _load_model()
+        tok, module = _minilm()
         return MODEL_NAME, module, tok if tokenizer is None else tokenizer
     if not hasattr(model, "set_attn_implementation") or not hasattr(getattr(model, "config", None), "_attn_implementation"):
         raise TypeError(f"model must be 'minilm' or a transformers PreTrainedModel whose attention goes through "
@@ -519,3 +528,16 @@ def gap_correlation(frame: pd.DataFrame, *, per_call: str = "call_rel_mse",
         rows.append({"per_call": per_call, "end_to_end": metric, "spearman": float(rho), "p_value": float(p),
                      "cells": len(part)})
     return pd.DataFrame(rows)
+
+
+# --- sweeps -----------------------------------------------------------------------------------------------
+
+
+def sweep_row(estimator, cell) -> dict:
+    """The row of a sweep cell of inputs kind "model": model_gap's to_frame() row, on the CPU."""
+    from .inputs.model import model_inputs
+
+    settings = model_inputs(**cell.inputs)
+    res = model_gap(estimator, settings["model"], settings["texts"], layers=settings["layers"],
+                    replicates=cell.replicates, seed=cell.mc_seed, call_replicates=settings["call_replicates"])
+    return res.to_frame().iloc[0].to_dict()

@@ -7,11 +7,12 @@ from .estimators.control_variates import ControlVariates
 from .estimators.eva import EVA
 from .inputs import gaussian
 from .inputs.minilm import minilm_head
+from .inputs.model import model_inputs
 from .estimators.rfa import RFA
 from .estimators.softmax import Softmax
 
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates}
-INPUTS = {"gaussian": gaussian, "minilm": minilm_head}
+INPUTS = {"gaussian": gaussian, "minilm": minilm_head, "model": model_inputs}
 
 
 def make_estimator(name: str, **params):

