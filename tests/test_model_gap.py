@@ -36,8 +36,8 @@ def tiny_bert(implementation="sdpa"):
 
 def tiny_gpt2(implementation="sdpa"):
     torch.manual_seed(1)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0,
-                                     attn_implementation=implementation)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
+                                     eos_token_id=0, attn_implementation=implementation)
     return transformers.GPT2Model(config).eval()
 
 

