@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -180,11 +181,10 @@ def _register() -> None:
 
 
 def _own_attention(implementation: str) -> Callable:
+    """The attention function of a model's own implementation (eager: the function in its modeling module)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if implementation == "eager":
-        return None
-    return ALL_ATTENTION_FUNCTIONS[implementation]
+    return _eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 @contextlib.contextmanager
@@ -200,10 +200,8 @@ def substitute(model, estimator=None, *, layers: Sequence[int] | None = None, se
     original = model.config._attn_implementation
     if original == IMPLEMENTATION:
         raise RuntimeError("substitute() blocks cannot be nested on one model")
-    fallback = _own_attention(original)
-    if fallback is None:
-        fallback = _eager_attention
-    run = _Run(estimator, None if layers is None else frozenset(layers), seed, text, first_replicate, fallback, record)
+    run = _Run(estimator, None if layers is None else frozenset(layers), seed, text, first_replicate,
+               _own_attention(original), record)
     token = _ACTIVE.set(run)
     model.set_attn_implementation(IMPLEMENTATION)
     try:
@@ -216,8 +214,6 @@ def substitute(model, estimator=None, *, layers: Sequence[int] | None = None, se
 def _eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The model's eager attention (its own module's eager_attention_forward). The "evalab" mask builder leaves
     out a plain causal mask, which eager attention needs spelled out: it is added back here."""
-    import sys
-
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise ValueError(f"{type(module).__name__}: its module has no eager_attention_forward; load the model with "
@@ -448,7 +444,8 @@ def _measure(estimator, name, module, ids, layers, replicates, seed, block, call
     for r in range(replicates):
         sim_r = _similarity(approx_emb[r])
         agreement.append(float((_neighbours(sim_r) == nearest).double().mean()))
-        spearman.append(float(stats.spearmanr(sim[upper[0], upper[1]].numpy(), sim_r[upper[0], upper[1]].numpy()).statistic))
+        pairs = sim[upper[0], upper[1]].numpy(), sim_r[upper[0], upper[1]].numpy()
+        spearman.append(float(stats.spearmanr(*pairs).statistic))
     samples = {
         "embedding_cosine": cosine.mean(1).numpy(),
         "embedding_cosine_worst": cosine.min(1).values.numpy(),
