@@ -275,9 +275,10 @@ def _token_ids(texts, tokenizer) -> list[torch.Tensor]:
 
 
 def _hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    """Hidden states (B, L + 1, N, D) of one forward pass: the embeddings, then every layer's output."""
-    out = model(input_ids=ids, output_hidden_states=True)
-    return torch.stack(out.hidden_states, dim=1)
+    """Hidden states (B, L + 1, N, D) of one forward pass, float64 on the CPU: the embeddings, then every
+    layer's output. The ids move to the model's device."""
+    out = model(input_ids=ids.to(next(model.parameters()).device), output_hidden_states=True)
+    return torch.stack(out.hidden_states, dim=1).double().cpu()
 
 
 def _layer_list(layers, count: int) -> frozenset | None:
@@ -415,7 +416,7 @@ def _measure(estimator, name, module, ids, layers, replicates, seed, block, call
     chosen, count = "all", None
     for t, tokens in enumerate(ids):
         record: list = []
-        exact = _hidden(module, tokens[None])[0].double()  # (L + 1, N, D): the model as it is
+        exact = _hidden(module, tokens[None])[0]  # (L + 1, N, D): the model as it is
         with substitute(module, None, record=record):  # the same pass through "evalab": q, k, v of every call
             _hidden(module, tokens[None])
         if count is None:
@@ -428,7 +429,7 @@ def _measure(estimator, name, module, ids, layers, replicates, seed, block, call
         for start in range(0, replicates, block):
             b = min(block, replicates - start)
             with substitute(module, estimator, layers=chosen, seed=seed, text=t, first_replicate=start):
-                hidden.append(_hidden(module, tokens[None].expand(b, -1)).double())
+                hidden.append(_hidden(module, tokens[None].expand(b, -1)))
         hidden = torch.cat(hidden)  # (R, L + 1, N, D)
         err_sq += ((hidden - exact) ** 2)[:, 1:].sum((-2, -1))
         ref_sq += (exact**2)[1:].sum((-2, -1))
