@@ -382,6 +382,7 @@ def model_gap(
     tokenizer=None,
     call_replicates: int = 0,
     replicate_block: int = 8,
+    threads: int | None = None,
 ) -> ModelGap:
     """Run ``model`` exactly and with ``estimator`` in place of softmax attention in ``layers``; compare outputs.
 
@@ -391,7 +392,8 @@ def model_gap(
     layer indices (call order). replicates >= 2 forward passes with independent noise (``replicate_block`` of
     them stacked per forward pass; the numbers do not depend on it). call_replicates > 0 adds call_rel_mse:
     monte_carlo's rel_mse of the estimator on the exact model's own q, k, v of every substituted call, averaged
-    over calls (interval over calls).
+    over calls (interval over calls). threads: torch intra-op threads during the run (None: as set); short
+    texts make many small ops, which run fastest on one thread when the CPU is busy.
     """
     _checks.integer("replicates", replicates, minimum=2)
     _checks.integer("seed", seed, minimum=0)
@@ -402,13 +404,16 @@ def model_gap(
     # replicates share a forward pass only where each batch element can get its own noise
     batched = _has_field(estimator, "shared_noise") or getattr(estimator, "noise_kind", None) == "none"
     block = replicate_block if batched else 1
-    training = module.training
+    training, previous = module.training, torch.get_num_threads()
     module.eval()
+    if threads is not None:
+        torch.set_num_threads(_checks.integer("threads", threads))
     try:
         with torch.no_grad():
             return _measure(estimator, name, module, ids, layers, replicates, seed, block, call_replicates)
     finally:
         module.train(training)
+        torch.set_num_threads(previous)
 
 
 def _measure(estimator, name, module, ids, layers, replicates, seed, block, call_replicates) -> ModelGap:
@@ -489,14 +494,15 @@ def _call_rel_mse(estimator, calls, replicates: int, seed: int) -> np.ndarray:
 
 
 def error_propagation(estimator, model="minilm", texts=None, *, replicates: int = 8, seed: int = 0,
-                      tokenizer=None, replicate_block: int = 8) -> pd.DataFrame:
+                      tokenizer=None, replicate_block: int = 8, threads: int | None = None) -> pd.DataFrame:
     """How a per-layer error grows through the layers: hidden_rel_error after layer l (with ``_low``/``_high``)
     when only layer l is approximated (``approximated="only"``) and when layers 0..l are (``"through"``; one
     all-layers run gives them all, since the hidden state after layer l depends on layers 0..l only and every
     layer's noise is seeded by its own index). ``"only"`` rows also carry the last hidden state's error, the
     error of layer l's approximation once it has passed through the rest of the model."""
     name, module, tokenizer = _load(model, tokenizer)
-    kwargs = dict(texts=_token_ids(texts, tokenizer), replicates=replicates, seed=seed, replicate_block=replicate_block)
+    kwargs = dict(texts=_token_ids(texts, tokenizer), replicates=replicates, seed=seed, replicate_block=replicate_block,
+                  threads=threads)
     through = model_gap(estimator, module, layers="all", **kwargs)
     rows = []
     for layer, e in enumerate(through.layer_errors):
@@ -532,10 +538,11 @@ def gap_correlation(frame: pd.DataFrame, *, per_call: str = "call_rel_mse",
 
 
 def sweep_row(estimator, cell) -> dict:
-    """The row of a sweep cell of inputs kind "model": model_gap's to_frame() row, on the CPU."""
+    """The row of a sweep cell of inputs kind "model": model_gap's to_frame() row, on the CPU, one intra-op
+    thread (a sentence's forward pass is many small ops; on a busy 2-core CPU, 2 threads ran them 10-50x slower)."""
     from .inputs.model import model_inputs
 
     settings = model_inputs(**cell.inputs)
     res = model_gap(estimator, settings["model"], settings["texts"], layers=settings["layers"],
-                    replicates=cell.replicates, seed=cell.mc_seed, call_replicates=settings["call_replicates"])
+                    replicates=cell.replicates, seed=cell.mc_seed, call_replicates=settings["call_replicates"], threads=1)
     return res.to_frame().iloc[0].to_dict()

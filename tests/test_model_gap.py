@@ -155,7 +155,9 @@ def test_metrics_match_hand_computation_and_do_not_depend_on_batching():
     one_by_one = model_gap(est, model, ids, replicates=3, seed=5, replicate_block=1)
     for name, value in res.samples.items():
         np.testing.assert_allclose(value, one_by_one.samples[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    other_seed = model_gap(est, model, ids, replicates=3, seed=6)
+    threads = torch.get_num_threads()
+    other_seed = model_gap(est, model, ids, replicates=3, seed=6, threads=2)
+    assert torch.get_num_threads() == threads  # restored
     assert not np.allclose(other_seed.samples["last_hidden_rel_error"], res.samples["last_hidden_rel_error"], rtol=1e-2)
 
 

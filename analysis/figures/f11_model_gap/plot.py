@@ -52,7 +52,7 @@ def compute(ctx, frames):
 
     def propagation(num_features, texts, replicates, seed):
         estimators = [evalab.EVA(**EVA_SETTING), evalab.RFA(num_features=num_features)]
-        return pd.concat([evalab.error_propagation(e, "minilm", texts, replicates=replicates, seed=seed)
+        return pd.concat([evalab.error_propagation(e, "minilm", texts, replicates=replicates, seed=seed, threads=1)
                           for e in estimators], ignore_index=True)
 
     table = ctx.table("propagation", propagation, num_features=num_features, texts=texts, replicates=replicates, seed=0)
