@@ -13,7 +13,9 @@ from .cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
+from .gradient_gap import GradientGap, gradient_gap
 from .intervals import Estimate
+from .model_gap import ModelGap, error_propagation, gap_correlation, model_gap
 from .monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
 from .registry import register_estimator
 from .sweep import load_results, load_spec, run_sweep
@@ -30,9 +32,11 @@ __all__ = [
     "EVA",
     "Estimate",
     "Estimator",
+    "GradientGap",
     "LARA",
     "LinearAttention",
     "MCResult",
+    "ModelGap",
     "Nystrom",
     "RA",
     "RFA",
@@ -40,12 +44,16 @@ __all__ = [
     "Softmax",
     "attention_matrix",
     "compare",
+    "error_propagation",
     "estimate_cost",
     "features",
+    "gap_correlation",
+    "gradient_gap",
     "inputs",
     "key_variance",
     "load_results",
     "load_spec",
+    "model_gap",
     "monte_carlo",
     "register_estimator",
     "run_sweep",

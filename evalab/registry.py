@@ -14,22 +14,16 @@ import importlib
 import importlib.metadata
 import inspect
 
-from .estimators.control_variates import ControlVariates
-from .estimators.eva import EVA
-from .estimators.linear import LinearAttention
-from .estimators.nystrom import Nystrom
-from .estimators.lara import LARA
-from .estimators.ra import RA
+from .estimators import (EVA, LARA, RA, RFA, ControlVariates, LinearAttention, Nystrom, Scatterbrain,
+                         Softmax)
 from .inputs import gaussian
 from .inputs.minilm import minilm_head
-from .estimators.rfa import RFA
-from .estimators.scatterbrain import Scatterbrain
-from .estimators.softmax import Softmax
+from .inputs.model import model_inputs
 
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
                "ra": RA, "lara": LARA,
                "nystrom": Nystrom, "linear_attention": LinearAttention, "scatterbrain": Scatterbrain}
-INPUTS = {"gaussian": gaussian, "minilm": minilm_head}
+INPUTS = {"gaussian": gaussian, "minilm": minilm_head, "model": model_inputs}
 ENTRY_POINTS = "evalab.estimators"
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
 

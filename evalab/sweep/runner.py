@@ -115,6 +115,17 @@ def _input_columns(cell: Cell) -> dict:
     return columns
 
 
+def _monte_carlo_row(cell: Cell, options: RunOptions) -> dict:
+    qkv = _make_inputs(cell, options.device)
+    params = dict(cell.params)
+    if "scale" in params and params["scale"] is None:
+        params["scale"] = qkv.scale
+    est = registry.make_estimator(_buildable_name(cell), **params)
+    res = monte_carlo(est, qkv.q, qkv.k, qkv.v, replicates=cell.replicates, seed=cell.mc_seed,
+                      max_memory=options.max_memory, matrix=cell.matrix)
+    return {**res.to_frame().iloc[0].to_dict(), "estimator": cell.estimator, "input_scale": qkv.scale}
+
+
 def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
     """Compute one cell; never raises for a failing cell: returns its row with status "failed" instead."""
     if options.threads is not None and torch.get_num_threads() != options.threads:
@@ -125,15 +136,12 @@ def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
     status, error = "ok", cell.error
     if error is None:
         try:
-            qkv = _make_inputs(cell, options.device)
-            params = dict(cell.params)
-            if "scale" in params and params["scale"] is None:
-                params["scale"] = qkv.scale
-            est = registry.make_estimator(_buildable_name(cell), **params)
-            res = monte_carlo(est, qkv.q, qkv.k, qkv.v, replicates=cell.replicates, seed=cell.mc_seed,
-                              max_memory=options.max_memory, matrix=cell.matrix)
-            row.update(res.to_frame().iloc[0].to_dict(), estimator=cell.estimator)
-            row["input_scale"] = qkv.scale
+            if cell.kind == "model":  # the estimator inside a pretrained model, end to end (evalab.model_gap)
+                from ..model_gap import sweep_row
+
+                row.update(sweep_row(registry.make_estimator(_buildable_name(cell), **cell.params), cell))
+            else:
+                row.update(_monte_carlo_row(cell, options))
         except Exception as err:  # noqa: BLE001 -- failure isolation: record and go on
             error = f"{type(err).__name__}: {err}"
     if error is not None:

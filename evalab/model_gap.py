@@ -1,0 +1,548 @@
+"""The model-level gap (docs/theory.md section 14): a pretrained model run with an estimator in place of its
+softmax attention, measured downstream against the exact model.
+
+    res = ev.model_gap(ev.RFA(num_features=64), texts=16, replicates=8)   # all-MiniLM-L6-v2, offline
+    res                  # embedding_cosine, last_hidden_rel_error, neighbour_agreement, ... with 95% intervals
+    res.to_frame()       # one tidy row; res.layer_frame(): hidden-state error after every layer
+
+Substitution goes through transformers' own extension point: the attention function of this module is
+registered as ``transformers.AttentionInterface`` implementation ``"evalab"`` (with sdpa's mask builder) and the
+model is switched to it with ``model.set_attn_implementation`` for the duration of a run; weights and model code
+are untouched. Any Hugging Face model whose attention goes through that interface (BERT, RoBERTa, GPT-2, ...)
+works. ``torch.nn.MultiheadAttention`` calls its kernel directly, not through a registered interface, so
+models built on it are not supported here.
+
+Layers are numbered by the order of the attention calls in one forward pass. Texts run unpadded, one text per
+forward pass (its replicates stacked as the batch), so no padding mask exists; a mask that hides keys the
+estimator cannot hide (anything but a causal mask in a causal layer) is refused. Causal layers use the
+estimator's ``causal=True`` variant. Noise: the estimator gets ``shared_noise=False`` when it has that field
+(every head its own noise), and the noise of replicate r in layer l on text t comes from
+``seeded_generator(seed, MODEL_PURPOSE, r, l, t)``: results depend on the seed only, not on how replicates are
+batched. One replicate is one forward pass of the model over every text with fresh noise in every layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import math
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from . import _checks
+from .cost import estimate_cost
+from .estimators.draw import Draw, seeded_generator
+from .intervals import Estimate, mean_interval
+from .monte_carlo import estimator_params, monte_carlo
+from .registry import estimator_name
+
+IMPLEMENTATION = "evalab"
+MODEL_PURPOSE = 0x6D6F64  # "mod": keeps model-level noise apart from monte_carlo's streams
+DEFAULT_TEXTS = 100
+METRICS = ("embedding_cosine", "embedding_cosine_worst", "last_hidden_rel_error", "neighbour_agreement",
+           "similarity_spearman")
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("evalab_model_gap", default=None)
+
+
+# --- texts ------------------------------------------------------------------------------------------------
+
+
+def default_texts(count: int | None = DEFAULT_TEXTS) -> list[str]:
+    """The first ``count`` sentences (verses) of the shipped public-domain text (Genesis 1-4, 109 sentences);
+    ``None`` gives all of them."""
+    from .inputs.minilm import default_text
+
+    body = " ".join(line for line in default_text().splitlines() if line.strip() and not line.startswith("Genesis "))
+    sentences = re.split(r"(?<=[.?!])\s+", body.strip())
+    if count is None:
+        return sentences
+    _checks.integer("texts", count)
+    if count > len(sentences):
+        raise ValueError(f"texts={count} is more than the {len(sentences)} sentences of the shipped text")
+    return sentences[:count]
+
+
+# --- the registered attention function --------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the registered attention function does during one forward pass (held in a context variable)."""
+
+    estimator: object | None  # None: every call exact
+    layers: frozenset | None  # substituted layers; None = all
+    seed: int
+    text: int
+    first_replicate: int
+    fallback: Callable  # the model's own attention function
+    record: list | None = None  # exact pass: (q, k, v, scaling, causal) per call
+    calls: int = 0
+    variants: dict = field(default_factory=dict)
+
+    def substitutes(self, layer: int) -> bool:
+        return self.estimator is not None and (self.layers is None or layer in self.layers)
+
+
+def _has_field(estimator, name: str) -> bool:
+    return dataclasses.is_dataclass(estimator) and any(f.name == name for f in dataclasses.fields(estimator))
+
+
+def adapt(estimator, *, scaling: float, causal: bool):
+    """The estimator as one attention layer uses it: the layer's logit scale, ``causal=True`` in causal layers,
+    ``shared_noise=False`` (every head its own noise) where the estimator has that field."""
+    changes = {}
+    if _has_field(estimator, "shared_noise"):
+        changes["shared_noise"] = False
+    if _has_field(estimator, "scale"):
+        changes["scale"] = scaling
+    if causal:
+        if not _has_field(estimator, "causal"):
+            raise ValueError(f"the model's attention is causal but {type(estimator).__name__} has no causal field; "
+                             "expected an estimator with a causal variant")
+        changes["causal"] = True
+    return dataclasses.replace(estimator, **changes) if changes else estimator
+
+
+def _allowed_keys(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean 'may attend' from a boolean or additive float mask."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def _check_mask(mask: torch.Tensor | None, n: int, m: int, causal: bool, layer: int) -> None:
+    """Refuse a mask the estimators cannot honour: anything but no mask, or the causal mask in a causal layer."""
+    if mask is None:
+        return
+    expected = torch.ones(n, m, dtype=torch.bool, device=mask.device)
+    if causal:
+        expected = expected.tril(m - n)
+    if not bool((_allowed_keys(mask) == expected).all()):
+        raise ValueError(
+            f"attention layer {layer} got an attention mask that hides keys (padding or a custom pattern); evalab's "
+            "estimators take no mask: run unpadded, one text (or one length bucket) per forward pass"
+        )
+
+
+def _is_causal(module, kwargs: dict) -> bool:
+    flag = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", False) if flag is None else flag)
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function ``"evalab"``: query (B, H, N, d), key/value (B, H, M, d) ->
+    (output (B, N, H, dv), None). Calls outside a run (or in layers not substituted) use the model's own function."""
+    run = _ACTIVE.get()
+    if run is None:
+        raise RuntimeError(f"attention implementation {IMPLEMENTATION!r} runs only inside evalab.model_gap.substitute()")
+    layer = run.calls
+    run.calls += 1
+    causal = _is_causal(module, kwargs)
+    n, m, d = query.shape[-2], key.shape[-2], query.shape[-1]
+    scaling = d**-0.5 if scaling is None else float(scaling)
+    _check_mask(attention_mask, n, m, causal, layer)
+    if run.record is not None:
+        run.record.append((query.detach(), key.detach(), value.detach(), scaling, causal))
+    if not run.substitutes(layer):
+        return run.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if dropout:
+        raise ValueError(f"attention dropout {dropout} is on (training mode); run the model in eval mode")
+    if key.shape[1] != query.shape[1]:
+        raise ValueError(f"layer {layer}: {query.shape[1]} query heads but {key.shape[1]} key heads; grouped-query "
+                         "attention is not supported")
+    est = run.variants.get((scaling, causal))
+    if est is None:
+        est = run.variants[(scaling, causal)] = adapt(run.estimator, scaling=scaling, causal=causal)
+    if not _has_field(est, "scale"):
+        query = query * (scaling * d**0.5)  # the estimator's default d**-0.5 then gives the layer's logits
+    pieces = [est.draw(query[b : b + 1], key[b : b + 1], replicates=1,
+                       generator=seeded_generator(run.seed, MODEL_PURPOSE, run.first_replicate + b, layer, run.text))
+              for b in range(query.shape[0])]
+    noise = pieces[0].noise if len(pieces) == 1 else torch.cat([p.noise for p in pieces], dim=1)
+    out = est(query, key, value, Draw(noise, pieces[0].kind))[0]  # (B, H, N, dv)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    if AttentionInterface._global_mapping.get(IMPLEMENTATION) is not attention:
+        AttentionInterface.register(IMPLEMENTATION, attention)
+    if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # None when nothing is masked
+
+
+def _own_attention(implementation: str) -> Callable:
+    """The attention function of a model's own implementation (eager: the function in its modeling module)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return _eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+@contextlib.contextmanager
+def substitute(model, estimator=None, *, layers: Sequence[int] | None = None, seed: int = 0, text: int = 0,
+               first_replicate: int = 0, record: list | None = None) -> Iterator[None]:
+    """Within the block, ``model``'s attention calls go through :func:`attention`: layers in ``layers`` (all when
+    None) use ``estimator`` (None: none), the others the model's own implementation; ``record`` (a list) receives
+    (q, k, v, scaling, causal) of every call. The model's attention implementation is restored afterwards."""
+    if not hasattr(model, "set_attn_implementation") or not hasattr(getattr(model, "config", None), "_attn_implementation"):
+        raise TypeError(f"model must be a transformers PreTrainedModel whose attention goes through AttentionInterface, "
+                        f"got {type(model).__name__}")
+    _register()
+    original = model.config._attn_implementation
+    if original == IMPLEMENTATION:
+        raise RuntimeError("substitute() blocks cannot be nested on one model")
+    run = _Run(estimator, None if layers is None else frozenset(layers), seed, text, first_replicate,
+               _own_attention(original), record)
+    token = _ACTIVE.set(run)
+    model.set_attn_implementation(IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+        _ACTIVE.reset(token)
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The model's eager attention (its own module's eager_attention_forward). The "evalab" mask builder leaves
+    out a plain causal mask, which eager attention needs spelled out: it is added back here."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"{type(module).__name__}: its module has no eager_attention_forward; load the model with "
+                         "attn_implementation='sdpa'")
+    if attention_mask is None and _is_causal(module, kwargs):
+        n, m = query.shape[-2], key.shape[-2]
+        future = ~torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
+        attention_mask = torch.zeros(n, m, dtype=query.dtype, device=query.device).masked_fill(
+            future, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+# --- running the model ------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    """all-MiniLM-L6-v2 and its tokenizer, loaded once per process (runs never change the weights)."""
+    from .inputs.minilm import _load_model
+
+    return _load_model()
+
+
+def _load(model, tokenizer):
+    if isinstance(model, str):
+        if model != "minilm":
+            raise ValueError(f"model={model!r} is not a known model name; expected 'minilm' or a loaded transformers model")
+        from .inputs.minilm import MODEL_NAME
+
+        tok, module = _minilm()
+        return MODEL_NAME, module, tok if tokenizer is None else tokenizer
+    if not hasattr(model, "set_attn_implementation") or not hasattr(getattr(model, "config", None), "_attn_implementation"):
+        raise TypeError(f"model must be 'minilm' or a transformers PreTrainedModel whose attention goes through "
+                        f"AttentionInterface, got {type(model).__name__}")
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    return name, model, tokenizer
+
+
+def _token_ids(texts, tokenizer) -> list[torch.Tensor]:
+    if texts is None:
+        texts = DEFAULT_TEXTS
+    if isinstance(texts, int) and not isinstance(texts, bool):
+        texts = default_texts(texts)
+    if isinstance(texts, (str, torch.Tensor)) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be an int (that many shipped sentences), a list of str or a list of 1-D token-id "
+                        f"tensors, got {type(texts).__name__}")
+    ids = []
+    for i, text in enumerate(texts):
+        if isinstance(text, str):
+            if tokenizer is None:
+                raise ValueError("texts are strings but there is no tokenizer; pass tokenizer= or token-id tensors")
+            text = tokenizer(text, return_tensors="pt", truncation=True)["input_ids"][0]
+        if not isinstance(text, torch.Tensor) or text.dim() != 1 or text.dtype != torch.long:
+            raise TypeError(f"texts[{i}] must be a str or a 1-D torch.long tensor of token ids, got {text!r:.60}")
+        ids.append(text)
+    if len(ids) < 3:
+        raise ValueError(f"texts has {len(ids)} texts; the similarity metrics need at least 3")
+    return ids
+
+
+def _hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states (B, L + 1, N, D) of one forward pass, float64 on the CPU: the embeddings, then every
+    layer's output. The ids move to the model's device."""
+    out = model(input_ids=ids.to(next(model.parameters()).device), output_hidden_states=True)
+    return torch.stack(out.hidden_states, dim=1).double().cpu()
+
+
+def _layer_list(layers, count: int) -> frozenset | None:
+    if isinstance(layers, str):
+        _checks.choice("layers", layers, ["all"])
+        return None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    chosen = []
+    for layer in layers:
+        _checks.integer("layers", layer, minimum=0)
+        if layer >= count:
+            raise ValueError(f"layers contains {layer}; the model has {count} attention layers (0..{count - 1})")
+        chosen.append(layer)
+    if not chosen:
+        raise ValueError("layers is empty; expected 'all' or a list of layer indices")
+    return frozenset(chosen)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def _similarity(embeddings: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity (T, T) of sentence embeddings (T, D)."""
+    unit = torch.nn.functional.normalize(embeddings, dim=-1)
+    return unit @ unit.T
+
+
+def _neighbours(similarity: torch.Tensor) -> torch.Tensor:
+    """Index of each sentence's most similar other sentence."""
+    return similarity.clone().fill_diagonal_(-math.inf).argmax(-1)
+
+
+@dataclass(frozen=True)
+class ModelGap:
+    """End-to-end metrics of an estimator substituted for a model's attention, against the exact model.
+
+    metrics: name -> Estimate (95% t interval over replicates): embedding_cosine (mean over texts of the cosine
+    between mean-pooled last hidden states), embedding_cosine_worst (the lowest text's), last_hidden_rel_error
+    (|H_hat - H|_F / |H|_F over every token of every text), neighbour_agreement (fraction of texts whose most
+    similar other text is unchanged), similarity_spearman (Spearman correlation of the upper triangles of the
+    pairwise cosine-similarity matrices), and call_rel_mse when per-call metrics were asked for.
+    layer_errors: Estimate per layer of the hidden-state relative error after that layer.
+    samples: name -> (R,) per-replicate values; flops: attention FLOPs of the substituted calls of one replicate.
+    """
+
+    estimator: object
+    model: str
+    texts: int
+    tokens: int
+    layers: str
+    replicates: int
+    seed: int
+    flops: float
+    metrics: dict
+    layer_errors: tuple
+    samples: dict = field(repr=False)
+
+    def __getattr__(self, name: str) -> Estimate:
+        metrics = self.__dict__.get("metrics", {})
+        if name in metrics:
+            return metrics[name]
+        raise AttributeError(f"ModelGap has no metric {name!r}; metrics: {', '.join(metrics)}")
+
+    def _base(self) -> dict:
+        row = {"estimator": estimator_name(self.estimator), **estimator_params(self.estimator)}
+        row.update(model=self.model, texts=self.texts, tokens=self.tokens, layers=self.layers,
+                   replicates=self.replicates, seed=self.seed)
+        return row
+
+    def to_frame(self) -> pd.DataFrame:
+        """One tidy row: estimator and hyper-parameters, model, sizes, metrics with ``_low``/``_high``, flops."""
+        row = self._base()
+        for name, est in self.metrics.items():
+            row.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})
+        row["flops"] = self.flops
+        return pd.DataFrame([row])
+
+    def layer_frame(self) -> pd.DataFrame:
+        """One row per layer: hidden_rel_error (with ``_low``/``_high``) of the hidden state after that layer."""
+        rows = [{**self._base(), "layer": layer, "hidden_rel_error": e.value, "hidden_rel_error_low": e.low,
+                 "hidden_rel_error_high": e.high} for layer, e in enumerate(self.layer_errors)]
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        lines = [f"ModelGap({type(self.estimator).__name__}, model={self.model!r}, texts={self.texts}, "
+                 f"layers={self.layers}, replicates={self.replicates}, seed={self.seed})"]
+        lines += [f"  {name:<22} {est!r}" for name, est in self.metrics.items()]
+        return "\n".join(lines)
+
+
+def model_gap(
+    estimator,
+    model="minilm",
+    texts=None,
+    *,
+    layers="all",
+    replicates: int = 8,
+    seed: int = 0,
+    tokenizer=None,
+    call_replicates: int = 0,
+    replicate_block: int = 8,
+    threads: int | None = None,
+) -> ModelGap:
+    """Run ``model`` exactly and with ``estimator`` in place of softmax attention in ``layers``; compare outputs.
+
+    model: "minilm" (all-MiniLM-L6-v2, offline) or a loaded transformers model (its tokenizer as ``tokenizer``
+    when texts are strings). texts: None (the first 100 sentences of the shipped text), an int (that many), or a
+    list of str or of 1-D token-id tensors; each runs unpadded. layers: "all", an int or a list of attention
+    layer indices (call order). replicates >= 2 forward passes with independent noise (``replicate_block`` of
+    them stacked per forward pass; the numbers do not depend on it). call_replicates > 0 adds call_rel_mse:
+    monte_carlo's rel_mse of the estimator on the exact model's own q, k, v of every substituted call, averaged
+    over calls (interval over calls). threads: torch intra-op threads during the run (None: as set); short
+    texts make many small ops, which run fastest on one thread when the CPU is busy.
+    """
+    _checks.integer("replicates", replicates, minimum=2)
+    _checks.integer("seed", seed, minimum=0)
+    _checks.integer("call_replicates", call_replicates, minimum=0)
+    _checks.integer("replicate_block", replicate_block)
+    name, module, tokenizer = _load(model, tokenizer)
+    ids = _token_ids(texts, tokenizer)
+    # replicates share a forward pass only where each batch element can get its own noise
+    batched = _has_field(estimator, "shared_noise") or getattr(estimator, "noise_kind", None) == "none"
+    block = replicate_block if batched else 1
+    training, previous = module.training, torch.get_num_threads()
+    module.eval()
+    if threads is not None:
+        torch.set_num_threads(_checks.integer("threads", threads))
+    try:
+        with torch.no_grad():
+            return _measure(estimator, name, module, ids, layers, replicates, seed, block, call_replicates)
+    finally:
+        module.train(training)
+        torch.set_num_threads(previous)
+
+
+def _measure(estimator, name, module, ids, layers, replicates, seed, block, call_replicates) -> ModelGap:
+    exact_emb, approx_emb, err_sq, ref_sq, calls = [], [], None, None, []
+    chosen, count = "all", None
+    for t, tokens in enumerate(ids):
+        record: list = []
+        exact = _hidden(module, tokens[None])[0]  # (L + 1, N, D): the model as it is
+        with substitute(module, None, record=record):  # the same pass through "evalab": q, k, v of every call
+            _hidden(module, tokens[None])
+        if count is None:
+            count = len(record)
+            chosen = _layer_list(layers, count)
+            err_sq = torch.zeros(replicates, exact.shape[0] - 1, dtype=torch.float64)
+            ref_sq = torch.zeros(exact.shape[0] - 1, dtype=torch.float64)
+        calls.append([c for i, c in enumerate(record) if chosen is None or i in chosen])
+        hidden = []
+        for start in range(0, replicates, block):
+            b = min(block, replicates - start)
+            with substitute(module, estimator, layers=chosen, seed=seed, text=t, first_replicate=start):
+                hidden.append(_hidden(module, tokens[None].expand(b, -1)))
+        hidden = torch.cat(hidden)  # (R, L + 1, N, D)
+        err_sq += ((hidden - exact) ** 2)[:, 1:].sum((-2, -1))
+        ref_sq += (exact**2)[1:].sum((-2, -1))
+        exact_emb.append(exact[-1].mean(0))
+        approx_emb.append(hidden[:, -1].mean(1))
+    exact_emb, approx_emb = torch.stack(exact_emb), torch.stack(approx_emb, dim=1)  # (T, D), (R, T, D)
+    layer_rel = (err_sq / ref_sq).sqrt()  # (R, L)
+    cosine = _cosine(approx_emb, exact_emb)  # (R, T)
+    sim = _similarity(exact_emb)
+    upper = torch.triu_indices(len(ids), len(ids), 1)
+    nearest = _neighbours(sim)
+    agreement, spearman = [], []
+    for r in range(replicates):
+        sim_r = _similarity(approx_emb[r])
+        agreement.append(float((_neighbours(sim_r) == nearest).double().mean()))
+        pairs = sim[upper[0], upper[1]].numpy(), sim_r[upper[0], upper[1]].numpy()
+        spearman.append(float(stats.spearmanr(*pairs).statistic))
+    samples = {
+        "embedding_cosine": cosine.mean(1).numpy(),
+        "embedding_cosine_worst": cosine.min(1).values.numpy(),
+        "last_hidden_rel_error": layer_rel[:, -1].numpy(),
+        "neighbour_agreement": np.array(agreement),
+        "similarity_spearman": np.array(spearman),
+    }
+    metrics = {key: mean_interval(value) for key, value in samples.items()}
+    if call_replicates:
+        per_call = _call_rel_mse(estimator, calls, call_replicates, seed)
+        samples["call_rel_mse"] = per_call
+        metrics["call_rel_mse"] = mean_interval(per_call)
+    flops = sum(_call_flops(estimator, q, k, v, scaling, causal) for text in calls for q, k, v, scaling, causal in text)
+    return ModelGap(
+        estimator=estimator, model=name, texts=len(ids), tokens=int(sum(len(i) for i in ids)),
+        layers="all" if chosen is None else ",".join(map(str, sorted(chosen))), replicates=replicates, seed=seed,
+        flops=float(flops), metrics=metrics,
+        layer_errors=tuple(mean_interval(layer_rel[:, layer].numpy()) for layer in range(layer_rel.shape[1])),
+        samples=samples,
+    )
+
+
+def _call_flops(estimator, q, k, v, scaling, causal) -> float:
+    est = adapt(estimator, scaling=scaling, causal=causal)
+    return estimate_cost(est, N=q.shape[-2], M=k.shape[-2], d=q.shape[-1], dv=v.shape[-1],
+                         batch=math.prod(q.shape[:-2])).flops()
+
+
+def _call_rel_mse(estimator, calls, replicates: int, seed: int) -> np.ndarray:
+    """monte_carlo's rel_mse of every recorded (text, layer) call, with that layer's adapted estimator."""
+    values = []
+    for t, text in enumerate(calls):
+        for layer, (q, k, v, scaling, causal) in enumerate(text):
+            est = adapt(estimator, scaling=scaling, causal=causal)
+            if not _has_field(est, "scale"):
+                q = q * (scaling * q.shape[-1] ** 0.5)
+            res = monte_carlo(est, q, k, v, replicates=replicates, seed=seed, matrix=False)
+            values.append(res.rel_mse.value)
+    return np.array(values)
+
+
+def error_propagation(estimator, model="minilm", texts=None, *, replicates: int = 8, seed: int = 0,
+                      tokenizer=None, replicate_block: int = 8, threads: int | None = None) -> pd.DataFrame:
+    """How a per-layer error grows through the layers: hidden_rel_error after layer l (with ``_low``/``_high``)
+    when only layer l is approximated (``approximated="only"``) and when layers 0..l are (``"through"``; one
+    all-layers run gives them all, since the hidden state after layer l depends on layers 0..l only and every
+    layer's noise is seeded by its own index). ``"only"`` rows also carry the last hidden state's error, the
+    error of layer l's approximation once it has passed through the rest of the model."""
+    name, module, tokenizer = _load(model, tokenizer)
+    kwargs = dict(texts=_token_ids(texts, tokenizer), replicates=replicates, seed=seed, replicate_block=replicate_block,
+                  threads=threads)
+    through = model_gap(estimator, module, layers="all", **kwargs)
+    rows = []
+    for layer, e in enumerate(through.layer_errors):
+        only = model_gap(estimator, module, layers=[layer], **kwargs)
+        last = only.last_hidden_rel_error
+        rows.append({"approximated": "only", "layer": layer, "hidden_rel_error": only.layer_errors[layer].value,
+                     "hidden_rel_error_low": only.layer_errors[layer].low,
+                     "hidden_rel_error_high": only.layer_errors[layer].high, "last_hidden_rel_error": last.value,
+                     "last_hidden_rel_error_low": last.low, "last_hidden_rel_error_high": last.high})
+        rows.append({"approximated": "through", "layer": layer, "hidden_rel_error": e.value,
+                     "hidden_rel_error_low": e.low, "hidden_rel_error_high": e.high})
+    base = {"estimator": estimator_name(estimator), **estimator_params(estimator), "model": name,
+            "texts": through.texts, "replicates": replicates, "seed": seed}
+    return pd.DataFrame([{**base, **row} for row in rows])
+
+
+def gap_correlation(frame: pd.DataFrame, *, per_call: str = "call_rel_mse",
+                    end_to_end: Sequence[str] = ("last_hidden_rel_error", "embedding_cosine", "neighbour_agreement",
+                                                 "similarity_spearman")) -> pd.DataFrame:
+    """Does the per-call gap predict the model gap? Spearman correlation across the rows of ``frame`` (one per
+    estimator setting, from :meth:`ModelGap.to_frame`) between ``per_call`` and each end-to-end metric, with
+    the number of rows and the two-sided p-value."""
+    rows = []
+    for metric in end_to_end:
+        part = frame[[per_call, metric]].dropna()
+        rho, p = stats.spearmanr(part[per_call], part[metric]) if len(part) > 2 else (math.nan, math.nan)
+        rows.append({"per_call": per_call, "end_to_end": metric, "spearman": float(rho), "p_value": float(p),
+                     "cells": len(part)})
+    return pd.DataFrame(rows)
+
+
+# --- sweeps -----------------------------------------------------------------------------------------------
+
+
+def sweep_row(estimator, cell) -> dict:
+    """The row of a sweep cell of inputs kind "model": model_gap's to_frame() row, on the CPU, one intra-op
+    thread (a sentence's forward pass is many small ops; on a busy 2-core CPU, 2 threads ran them 10-50x slower)."""
+    from .inputs.model import model_inputs
+
+    settings = model_inputs(**cell.inputs)
+    res = model_gap(estimator, settings["model"], settings["texts"], layers=settings["layers"],
+                    replicates=cell.replicates, seed=cell.mc_seed, call_replicates=settings["call_replicates"], threads=1)
+    return res.to_frame().iloc[0].to_dict()
