@@ -189,7 +189,7 @@ def test_call_rel_mse_is_monte_carlo_on_the_models_own_qkv():
         with torch.no_grad(), substitute(model, None, record=record):
             model(t[None])
         q, k, v, scaling, _ = record[1]
-        values.append(ev.monte_carlo(ev.RFA(num_features=8, scale=scaling), q, k, v, replicates=16, seed=2).rel_mse.value)
+        values.append(ev.monte_carlo(ev.RFA(num_features=8, scale=scaling, shared_noise=False), q, k, v, replicates=16, seed=2).rel_mse.value)
     np.testing.assert_allclose(res.samples["call_rel_mse"], values, rtol=1e-6)
 
 
