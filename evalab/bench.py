@@ -4,7 +4,8 @@ Sections: (a) the vectorised Monte-Carlo engine against the natural per-replicat
 achieved FLOP/s (by the cost model) against a plain matmul measured in the same run; (c) forward time and peak
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
 on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
-memory. Prints a markdown table, writes bench.json and bench.png into ``out``.
+memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses. Prints a markdown table, writes bench.json and
+bench.png into ``out``.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ class Plan:
     matmul_n: int = 2048
     memory: bool = True  # peak memory per forward (a fresh process per point on CPU)
     attribution_seq_len: int = 256  # (e): key_variance at N = M = this, d = 64, S = 64, chunk_size 16, R = 256
+    model_texts: int = 100  # (f): model_gap over this many verses (0: skip)
 
 
 PLANS = {
@@ -70,7 +72,7 @@ PLANS = {
     "quick": Plan(engine=((128, 1000, 200), (2048, 100, 10)), lengths=(1024, 2048, 4096, 8192), slope_from=1024,
                   performer_seq_len=1024),
     "tiny": Plan(engine=((16, 8, 4),), lengths=(64, 128), slope_from=64, performer_seq_len=64, matmul_n=64,
-                 memory=False, attribution_seq_len=16),
+                 memory=False, attribution_seq_len=16, model_texts=0),
 }
 
 
@@ -252,6 +254,23 @@ def bench_attribution(device, plan: Plan) -> dict:
     return row
 
 
+def bench_model(plan: Plan) -> dict | None:
+    """(f): ``model_gap`` of EVA(window=8, chunk_size=4) in all-MiniLM-L6-v2 over ``plan.model_texts`` verses,
+    2 replicates, on the CPU (one exact and two approximate forward passes per verse, each verse unpadded);
+    None without the optional model packages or with model_texts = 0."""
+    if not plan.model_texts:
+        return None
+    try:
+        from .model_gap import model_gap
+        model_gap(EVA(window=8, chunk_size=4), texts=3, replicates=2)  # loads the model (timed apart)
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    res = model_gap(EVA(window=8, chunk_size=4), texts=plan.model_texts, replicates=2)
+    return {"texts": plan.model_texts, "replicates": 2, "seconds": time.perf_counter() - start,
+            "embedding_cosine": res.embedding_cosine.value}
+
+
 def markdown(report: dict) -> str:
     """The report as markdown tables."""
     lines = [f"# evalab bench ({report['device']}, torch {report['torch']}, plan {report['plan']})", "",
@@ -278,6 +297,10 @@ def markdown(report: dict) -> str:
         peak = "" if a["peak_rss_bytes"] is None else f", peak RSS {a['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
         lines.append(f"\nkey_variance, N={a['seq_len']}, d={a['d']}, S={a['num_features']}, chunk_size={a['chunk_size']}, "
                      f"R={a['replicates']} (CPU): {a['seconds']:.3g}s wall, {a['cpu_seconds']:.3g}s CPU{peak}")
+    if report.get("model"):
+        m = report["model"]
+        lines.append(f"\nmodel_gap, EVA(window=8, chunk_size=4) in all-MiniLM-L6-v2, {m['texts']} verses, "
+                     f"{m['replicates']} replicates (CPU): {m['seconds']:.3g}s (embedding cosine {m['embedding_cosine']:.3f})")
     return "\n".join(lines)
 
 
@@ -314,6 +337,7 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path = "ben
     report["scaling"], report["scaling_fit"] = bench_scaling(dev, sizes)
     report["performer"] = bench_performer(dev, sizes)
     report["attribution"] = bench_attribution(dev, sizes)
+    report["model"] = bench_model(sizes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))

@@ -158,7 +158,7 @@ Each figure is a folder analysis/figures/fNN_name/ (spec.toml, spec_quick.toml, 
 tables go to results/<quick|full>/<figure>/ (for --out DIR elsewhere: DIR/../results/<quick|full>/) and reruns
 resume from them. Writes <out>/<figure>.png, <out>/<figure>.pdf and <out>/README.md (one caption per figure).
 The default --out, results/figures, is ignored by git; the committed gallery is refreshed with --out figures.
-Timing on an idle 2-core CPU: --quick about 30 s from scratch, the full sizes about 12 minutes. A figure that fails does not stop the others;
+Timing on an idle 2-core CPU: --quick about 80 s from scratch (F1-F11), the full sizes longer (F1-F8 about 12 minutes, F9 7, F11 5, F10 not timed yet). A figure that fails does not stop the others;
 the exit status is 1 when some figure failed (skipped figures, e.g. without the optional model packages, do
 not count), 2 for bad arguments or when the figure definitions are not found.
 """
@@ -172,7 +172,7 @@ def add_reproduce_command(commands) -> None:
         epilog=REPRODUCE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="small sizes: about 30 s on an idle 2-core CPU")
+    p.add_argument("--quick", action="store_true", help="small sizes: about 80 s on an idle 2-core CPU")
     p.add_argument("--out", default="results/figures", metavar="DIR",
                    help="output folder for the figures (default: results/figures, ignored by git; "
                         "--out figures refreshes the committed gallery)")

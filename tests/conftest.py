@@ -1,6 +1,17 @@
 import math
 
+import pytest
 import torch
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test (tiny tensors, many small ops: thread hand-offs cost more than
+    they give on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_qkv(N=12, M=None, d=4, dv=3, batch=(), norm=0.8, seed=0, dtype=torch.float64):

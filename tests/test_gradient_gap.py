@@ -12,13 +12,7 @@ from evalab.monte_carlo import iter_draws, NOISE_BLOCK
 from conftest import make_qkv
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors, one backward pass per replicate: one intra-op thread avoids hand-off costs on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one intra-op thread is fastest
 
 
 def rfa_by_hand(q, k, v, omega, scale):

@@ -17,13 +17,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB, LENGTHS = 50, (7, 9, 5, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many small ops: one intra-op thread avoids thread hand-off costs on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one intra-op thread is fastest
 
 
 def tiny_bert(implementation="sdpa"):

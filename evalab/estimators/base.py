@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .. import _checks
 from .draw import Draw
 
 
@@ -71,3 +72,22 @@ class Cost:
     def as_dict(self) -> dict[str, float]:
         """Columns for result tables: flops and bytes per replicate (the deterministic part amortised once)."""
         return {"flops": self.fixed_flops + self.replicate_flops, "peak_bytes": self.fixed_bytes + self.replicate_bytes}
+
+
+class NoDraws:
+    """The noise of a deterministic estimator (softmax, Nystromformer, linear attention): kind "none", an empty
+    draw (R, 0) per call, so the Monte-Carlo engine treats it like any other and measures variance 0."""
+
+    noise_kind = "none"
+
+    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
+        return (0,)
+
+    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
+        """An empty draw: (R, 0)."""
+        _checks.integer("replicates", replicates)
+        return Draw(torch.zeros(replicates, 0, dtype=torch.float64), self.noise_kind)
+
+    def check_draw(self, draw: Draw, like: torch.Tensor) -> None:
+        """Refuse a draw of another kind or layout (another estimator's noise)."""
+        draw.as_tensor((0,), self.noise_kind, device=like.device, dtype=like.dtype)

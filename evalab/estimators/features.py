@@ -114,8 +114,12 @@ def stacked_projection(x: torch.Tensor, omega: torch.Tensor, feature_map: str, *
     if feature_map == "positive":
         return folded_projection(x, -0.5 * (x * x).sum(-1, keepdim=True), omega) if minus_half_norm else project(x, omega)
     proj = project(x, omega)
-    stacked = torch.cat([proj, proj.neg()], dim=-1)
-    return stacked.sub_(0.5 * (x * x).sum(-1)[..., None, None]) if minus_half_norm else stacked
+    S = proj.shape[-1]
+    half = 0.5 * (x * x).sum(-1)[..., None, None] if minus_half_norm else torch.zeros((), dtype=x.dtype, device=x.device)
+    stacked = torch.empty(*proj.shape[:-1], 2 * S, dtype=proj.dtype, device=proj.device)
+    torch.sub(proj, half, out=stacked[..., :S])  # each half written once, no concatenated copy
+    torch.sub(half.neg(), proj, out=stacked[..., S:])
+    return stacked
 
 
 def log_features(x: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:

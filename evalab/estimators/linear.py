@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .base import Cost
+from .base import Cost, NoDraws
 from .draw import Draw
 from .rfa import CAUSAL_BLOCK, _causal_linear, _linear
 from .scaled import Scaled
@@ -29,7 +29,7 @@ RELU_EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class LinearAttention:
+class LinearAttention(NoDraws):
     """Linear attention with ``feature`` = elu (elu(x) + 1) | relu; deterministic.
 
     Call: est(q, k, v, draw) -> (R, *b, N, dv), every replicate the same; draw noise (R, 0).
@@ -39,19 +39,10 @@ class LinearAttention:
     causal: bool = False
     scale: float | None = None
 
-    noise_kind = "none"
 
     def __post_init__(self) -> None:
         _checks.choice("feature", self.feature, FEATURES)
         _checks.real("scale", self.scale, allow_none=True, strict=True)
-
-    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
-        return (0,)
-
-    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """An empty draw: (R, 0)."""
-        _checks.integer("replicates", replicates)
-        return Draw(torch.zeros(replicates, 0, dtype=torch.float64), self.noise_kind)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) for scaled x (*b, L, d): (*b, L, d) (elu) or (*b, L, d + 1) (relu, with the eps column)."""
@@ -61,7 +52,7 @@ class LinearAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
-        draw.as_tensor((0,), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+        self.check_draw(draw, inp.x)
         qf, kf = self.features(inp.x), self.features(inp.y)
         if self.causal:
             out = _causal_linear(qf, kf, inp.v)

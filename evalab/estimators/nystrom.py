@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks
-from .base import Cost
+from .base import Cost, NoDraws
 from .draw import Draw
 from .scaled import Scaled
 
@@ -65,7 +65,7 @@ def iterative_pinv(a: torch.Tensor, iterations: int, init: str) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Nystrom:
+class Nystrom(NoDraws):
     """Nystromformer with ``num_landmarks`` = m segment-mean landmarks (non-causal, deterministic).
 
     pinv: iterative (the reference's, ``pinv_iterations`` steps from ``init`` = exact | original, see
@@ -82,7 +82,6 @@ class Nystrom:
     causal: bool = False
     scale: float | None = None
 
-    noise_kind = "none"
 
     def __post_init__(self) -> None:
         _checks.integer("num_landmarks", self.num_landmarks)
@@ -93,17 +92,9 @@ class Nystrom:
         if self.causal:
             raise ValueError("Nystrom is non-causal (its landmarks average over future positions); got causal=True")
 
-    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
-        return (0,)
-
-    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """An empty draw: (R, 0)."""
-        _checks.integer("replicates", replicates)
-        return Draw(torch.zeros(replicates, 0, dtype=torch.float64), self.noise_kind)
-
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale)
-        draw.as_tensor((0,), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+        self.check_draw(draw, inp.x)
         m = self.num_landmarks
         if m > min(q.shape[-2], k.shape[-2]):
             raise ValueError(f"num_landmarks={m} must be at most N={q.shape[-2]} and M={k.shape[-2]}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .base import Cost
+from .base import Cost, NoDraws
 from .draw import Draw
 
 #: Logit elements per query block where logits are materialised (float32: 8 MiB, cache-friendly).
@@ -55,25 +55,16 @@ def softmax_attention(
 
 
 @dataclass(frozen=True)
-class Softmax:
+class Softmax(NoDraws):
     """Exact softmax attention as an estimator (no randomness), so sweeps and costs treat it like the others."""
 
     causal: bool = False
     scale: float | None = None
 
-    noise_kind = "none"
-
-    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
-        return (0,)
-
-    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """An empty draw: (R, 0)."""
-        _checks.integer("replicates", replicates)
-        return Draw(torch.zeros(replicates, 0, dtype=torch.float64), self.noise_kind)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         out = softmax_attention(q, k, v, scale=self.scale, causal=self.causal)
-        draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=q.device, dtype=q.dtype)  # refuse others' draws
+        self.check_draw(draw, q)
         return out.expand(draw.replicates, *out.shape)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
