@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import evalab as ev
-from conftest import make_qkv
+from conftest import assert_independent_noise_per_element, make_qkv
 from evalab.estimators.lara import segment_means
 
 TOL = 1e-10
@@ -149,17 +149,9 @@ def test_finite_in_float32_at_norm_10(weights, proposal, antithetic):
 @pytest.mark.parametrize("weights", ["balance", "optimal"])
 def test_independent_noise_is_per_element_calls(weights):
     q, k, v = make_qkv(N=10, d=4, dv=2, batch=(2, 3), norm=1.0)
-    shared = ev.LARA(num_proposals=3, samples_per_proposal=2, weights=weights, antithetic=True)
     own = ev.LARA(num_proposals=3, samples_per_proposal=2, weights=weights, antithetic=True, shared_noise=False)
-    draw = own.draw(q, k, replicates=2, generator=5)
-    assert draw.noise.shape == (2, 2, 3, 3, 2, 4)
-    out = own(q, k, v, draw)
-    common = shared(q, k, v, ev.Draw(draw.noise[:, 0, 1]))
-    for i in range(2):
-        for j in range(3):
-            alone = shared(q[i, j], k[i, j], v[i, j], ev.Draw(draw.noise[:, i, j]))
-            assert (out[:, i, j] - alone).abs().max() < TOL
-            assert (common[:, i, j] - shared(q[i, j], k[i, j], v[i, j], ev.Draw(draw.noise[:, 0, 1]))).abs().max() < TOL
+    assert own.noise_layout(q, k) == (2, 3, 3, 2, 4)
+    assert_independent_noise_per_element(own, q, k, v, tol=TOL)
 
 
 @pytest.mark.parametrize("batch", [(), (3,)])

@@ -8,7 +8,7 @@ from scipy.stats import norm
 from torch.utils.flop_counter import FlopCounterMode
 
 import evalab as ev
-from conftest import make_qkv
+from conftest import assert_independent_noise_per_element, make_qkv
 from evalab.estimators.ra import _sample_keys
 
 TOL = 1e-10
@@ -124,18 +124,9 @@ def test_finite_in_float32_at_norm_10(causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_independent_noise_is_per_element_calls(causal):
     q, k, v = make_qkv(N=7, d=4, dv=2, batch=(2, 3), norm=1.0)
-    shared = ev.RA(samples_per_query=2, causal=causal)
     own = ev.RA(samples_per_query=2, causal=causal, shared_noise=False)
-    draw = own.draw(q, k, replicates=2, generator=5)
-    assert draw.noise.shape == (2, 2, 3, 7, 2, 5)
-    out = own(q, k, v, draw)
-    common = shared(q, k, v, ev.Draw(draw.noise[:, 1, 2]))
-    for i in range(2):
-        for j in range(3):
-            alone = shared(q[i, j], k[i, j], v[i, j], ev.Draw(draw.noise[:, i, j]))
-            assert (out[:, i, j] - alone).abs().max() < TOL
-            # shared noise: every element sees the same draw
-            assert (common[:, i, j] - shared(q[i, j], k[i, j], v[i, j], ev.Draw(draw.noise[:, 1, 2]))).abs().max() < TOL
+    assert own.noise_layout(q, k) == (2, 3, 7, 2, 5)
+    assert_independent_noise_per_element(own, q, k, v, tol=TOL)
 
 
 @pytest.mark.parametrize("causal", [False, True])
