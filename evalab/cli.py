@@ -158,7 +158,7 @@ Each figure is a folder analysis/figures/fNN_name/ (spec.toml, spec_quick.toml, 
 tables go to results/<quick|full>/<figure>/ (for --out DIR elsewhere: DIR/../results/<quick|full>/) and reruns
 resume from them. Writes <out>/<figure>.png, <out>/<figure>.pdf and <out>/README.md (one caption per figure).
 The default --out, results/figures, is ignored by git; the committed gallery is refreshed with --out figures.
-Timing on an idle 2-core CPU: --quick about 80 s from scratch (F1-F11), the full sizes longer (F1-F8 about 12 minutes, F9 7, F11 5, F10 not timed yet). A figure that fails does not stop the others;
+Timing on an idle 2-core CPU: --quick about 80 s from scratch (F1-F11), the full sizes about 37 minutes (F1-F8 12, F9 7, F10 13, F11 5). A figure that fails does not stop the others;
 the exit status is 1 when some figure failed (skipped figures, e.g. without the optional model packages, do
 not count), 2 for bad arguments or when the figure definitions are not found.
 """
