@@ -10,7 +10,6 @@ bench.png into ``out``.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import platform
 import statistics

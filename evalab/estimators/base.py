@@ -88,6 +88,3 @@ class NoDraws:
         _checks.integer("replicates", replicates)
         return Draw(torch.zeros(replicates, 0, dtype=torch.float64), self.noise_kind)
 
-    def check_draw(self, draw: Draw, like: torch.Tensor) -> None:
-        """Refuse a draw of another kind or layout (another estimator's noise)."""
-        draw.as_tensor((0,), self.noise_kind, device=like.device, dtype=like.dtype)

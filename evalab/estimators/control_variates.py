@@ -16,8 +16,8 @@ import torch
 from .. import _checks
 from .base import Cost
 from .draw import Draw
-from .features import SAMPLERS, OmegaDraws, gerf_log_features, log_features, num_columns
-from .gerf import GERF_MAPS, GerfMap, GerfParams, check_a, parameter_flops
+from .features import OmegaDraws, gerf_log_features, log_features, num_columns
+from .gerf import GERF_MAPS, GerfMap, GerfParams, parameter_flops
 from .scaled import Scaled
 
 COEFFICIENTS = ("shared", "optimal", "chunked")
@@ -54,15 +54,8 @@ class ControlVariates(OmegaDraws):
     gerf_a: float | None = None
 
     def __post_init__(self) -> None:
-        _checks.integer("num_features", self.num_features)
-        _checks.boolean("shared_noise", self.shared_noise)
+        self._check_omega_fields(("positive", "hyperbolic", *GERF_MAPS))
         _checks.choice("coefficient", self.coefficient, COEFFICIENTS)
-        _checks.choice("feature_map", self.feature_map, ("positive", "hyperbolic", *GERF_MAPS))
-        if self.gerf_a is not None:
-            if self.feature_map not in GERF_MAPS:
-                raise ValueError(f"gerf_a applies to the maps {', '.join(GERF_MAPS)}, got feature_map={self.feature_map!r}")
-            check_a(self.gerf_a)
-        _checks.choice("sampler", self.sampler, SAMPLERS)
         _checks.real("scale", self.scale, allow_none=True, strict=True)
         if self.coefficient == "chunked":
             if self.chunk_size is None:
@@ -70,10 +63,6 @@ class ControlVariates(OmegaDraws):
             _checks.integer("chunk_size", self.chunk_size)
         elif self.chunk_size is not None:
             raise ValueError(f"chunk_size applies to coefficient='chunked' only, got chunk_size={self.chunk_size!r}")
-
-    def _omega(self, q: torch.Tensor, k: torch.Tensor, inp: Scaled, draw: Draw) -> torch.Tensor:
-        """The draw's omega (R, S, d) or (R, *b, S, d), checked, on the inputs' device and dtype."""
-        return draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
 
     def gerf_params(self, q: torch.Tensor, k: torch.Tensor) -> GerfParams | None:
         """The parameters of an oprf/sderf/saderf map from all of q (*b, N, d) and k (*b, M, d) (None for the other
@@ -102,7 +91,7 @@ class ControlVariates(OmegaDraws):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale)
-        omega = self._omega(q, k, inp, draw)
+        omega = draw.for_estimator(self, q, k, inp.x)
         expected_h, log_z = _expected_h(inp)
         if self.coefficient == "optimal":  # ghat_m = E[h_m] v_m whatever the draw: no features needed
             out = (expected_h @ inp.v).expand(omega.shape[0], *expected_h.shape[:-1], inp.v.shape[-1])
@@ -165,7 +154,7 @@ class ControlVariates(OmegaDraws):
         :meth:`gerf_params`)."""
         inp = Scaled.of(q, k, v, self.scale)
         expected_h, log_z = _expected_h(inp)
-        hbar = self._hbar(inp, self._omega(q, k, inp, draw), log_z, params)
+        hbar = self._hbar(inp, draw.for_estimator(self, q, k, inp.x), log_z, params)
         return inp, hbar, expected_h.to(hbar.dtype)
 
 

@@ -56,6 +56,11 @@ class Draw:
             raise ValueError(f"draw holds {self.kind!r} noise, this estimator needs {kind!r}")
         return self.noise.to(device=device, dtype=dtype)
 
+    def for_estimator(self, estimator, q: torch.Tensor, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The noise checked against ``estimator``'s layout for q, k and its noise kind, on ``like``'s device and
+        dtype: the one way every estimator reads its draw."""
+        return self.as_tensor(estimator.noise_layout(q, k), estimator.noise_kind, device=like.device, dtype=like.dtype)
+
 
 def gaussian_noise(*shape: int, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise on the generator's device, sampled in float32 (torch's fast vectorised sampler)

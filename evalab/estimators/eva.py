@@ -150,7 +150,7 @@ class EVA:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
         self._check_lengths(q.shape[-2], k.shape[-2])
-        eps = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+        eps = draw.for_estimator(self, q, k, inp.x)
         R, S, batch, (N, dv) = eps.shape[0], self.samples_per_chunk, inp.x.shape[:-2], (q.shape[-2], v.shape[-1])
 
         window = _Window(inp, self.window, self.causal) if self.window else None

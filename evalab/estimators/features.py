@@ -25,7 +25,7 @@ from scipy.stats import qmc
 
 from .. import _checks
 from .draw import Draw, gaussian_noise, make_generator, noise_batch
-from .gerf import GERF_MAPS, GerfMap, oprf_a, saderf_psi, sderf_params  # noqa: F401  (public helpers)
+from .gerf import GERF_MAPS, GerfMap, check_a, oprf_a, saderf_psi, sderf_params  # noqa: F401  (public helpers)
 
 FEATURE_MAPS = ("positive", "hyperbolic", "trig", *GERF_MAPS)
 SAMPLERS = ("iid", "orthogonal", "qmc")
@@ -74,6 +74,18 @@ class OmegaDraws:
     """Draws of omega for estimators with ``num_features``, ``sampler`` and ``shared_noise`` fields (RFA,
     ControlVariates): (R, S, d) shared by every batch element, or (R, *b, S, d) with ``shared_noise=False``.
     Estimators with the same sampler, num_features and sharing share draws."""
+
+    def _check_omega_fields(self, feature_maps: tuple[str, ...]) -> None:
+        """Check num_features, sampler, shared_noise, feature_map (one of ``feature_maps``) and, on estimators that
+        have it, gerf_a (a fixed A of a generalised exponential map)."""
+        _checks.integer("num_features", self.num_features)
+        _checks.choice("sampler", self.sampler, SAMPLERS)
+        _checks.boolean("shared_noise", self.shared_noise)
+        _checks.choice("feature_map", self.feature_map, feature_maps)
+        if getattr(self, "gerf_a", None) is not None:
+            if self.feature_map not in GERF_MAPS:
+                raise ValueError(f"gerf_a applies to the maps {', '.join(GERF_MAPS)}, got feature_map={self.feature_map!r}")
+            check_a(self.gerf_a)
 
     @property
     def noise_kind(self) -> str:

@@ -111,7 +111,7 @@ class LARA:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale)
         self._check_lengths(q.shape[-2], k.shape[-2])
-        eps = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+        eps = draw.for_estimator(self, q, k, inp.x)
         batch, R, sigma = inp.x.shape[:-2], eps.shape[0], self.noise_scale
         C, d = eps.shape[-3], eps.shape[-1]
         if self.shared_noise:

@@ -52,7 +52,7 @@ class LinearAttention(NoDraws):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
-        self.check_draw(draw, inp.x)
+        draw.for_estimator(self, q, k, inp.x)  # refuses another estimator's draw
         qf, kf = self.features(inp.x), self.features(inp.y)
         if self.causal:
             out = _causal_linear(qf, kf, inp.v)

@@ -94,7 +94,7 @@ class Nystrom(NoDraws):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale)
-        self.check_draw(draw, inp.x)
+        draw.for_estimator(self, q, k, inp.x)  # refuses another estimator's draw
         m = self.num_landmarks
         if m > min(q.shape[-2], k.shape[-2]):
             raise ValueError(f"num_landmarks={m} must be at most N={q.shape[-2]} and M={k.shape[-2]}")

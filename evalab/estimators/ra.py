@@ -74,7 +74,7 @@ class RA:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
-        noise = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+        noise = draw.for_estimator(self, q, k, inp.x)
         batch, (N, M), S = inp.x.shape[:-2], (q.shape[-2], k.shape[-2]), self.samples_per_query
         R = noise.shape[0]
         if self.shared_noise:

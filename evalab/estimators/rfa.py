@@ -17,9 +17,9 @@ import torch
 from .. import _checks
 from .base import Cost
 from .draw import Draw
-from .features import (FEATURE_MAPS, SAMPLERS, OmegaDraws, folded_projection, gerf_log_features, log_features,
+from .features import (FEATURE_MAPS, OmegaDraws, folded_projection, gerf_log_features, log_features,
                        num_columns, stacked_projection, trig_features)
-from .gerf import GERF_MAPS, GerfMap, check_a, parameter_flops
+from .gerf import GERF_MAPS, GerfMap, parameter_flops
 from .scaled import Scaled
 
 #: Positions per block of the causal prefix sums (memory R x block x block x F per step).
@@ -56,23 +56,16 @@ class RFA(OmegaDraws):
     gerf_a: float | None = None
 
     def __post_init__(self) -> None:
-        _checks.integer("num_features", self.num_features)
-        _checks.boolean("shared_noise", self.shared_noise)
-        _checks.choice("feature_map", self.feature_map, FEATURE_MAPS)
-        _checks.choice("sampler", self.sampler, SAMPLERS)
+        self._check_omega_fields(FEATURE_MAPS)
         _checks.real("eps", self.eps)
         _checks.real("scale", self.scale, allow_none=True, strict=True)
         if self.eps > 0 and self.feature_map not in ("positive", "hyperbolic"):
             raise ValueError(f"eps > 0 applies to positive-type features without parameters (positive, hyperbolic) only, "
                              f"got feature_map={self.feature_map!r}")
-        if self.gerf_a is not None:
-            if self.feature_map not in GERF_MAPS:
-                raise ValueError(f"gerf_a applies to the maps {', '.join(GERF_MAPS)}, got feature_map={self.feature_map!r}")
-            check_a(self.gerf_a)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
-        omega = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+        omega = draw.for_estimator(self, q, k, inp.x)
         if self.feature_map in GERF_MAPS:
             gmap = GerfMap.of(self.feature_map, inp.x, inp.y, self.gerf_a)
             if self.causal:

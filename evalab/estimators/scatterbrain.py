@@ -28,7 +28,7 @@ import torch
 from .. import _checks
 from .base import Cost
 from .draw import Draw
-from .features import SAMPLERS, OmegaDraws, log_features, num_columns
+from .features import OmegaDraws, log_features, num_columns
 from .scaled import Scaled
 
 SUPPORTS = ("block", "sliding")
@@ -59,10 +59,7 @@ class Scatterbrain(OmegaDraws):
     def __post_init__(self) -> None:
         _checks.integer("window", self.window, minimum=0)
         _checks.choice("support", self.support, SUPPORTS)
-        _checks.integer("num_features", self.num_features)
-        _checks.choice("feature_map", self.feature_map, ("positive", "hyperbolic"))
-        _checks.choice("sampler", self.sampler, SAMPLERS)
-        _checks.boolean("shared_noise", self.shared_noise)
+        self._check_omega_fields(("positive", "hyperbolic"))
         _checks.real("scale", self.scale, allow_none=True, strict=True)
 
     def bounds(self, N: int, M: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +78,7 @@ class Scatterbrain(OmegaDraws):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
-        omega = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=inp.x.device, dtype=inp.x.dtype)
+        omega = draw.for_estimator(self, q, k, inp.x)
         N, M = q.shape[-2], k.shape[-2]
         lo, hi = self.bounds(N, M)
         if self.causal:

@@ -64,7 +64,7 @@ class Softmax(NoDraws):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         out = softmax_attention(q, k, v, scale=self.scale, causal=self.causal)
-        self.check_draw(draw, q)
+        draw.for_estimator(self, q, k, q)  # refuses another estimator's draw
         return out.expand(draw.replicates, *out.shape)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
