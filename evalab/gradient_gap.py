@@ -51,11 +51,10 @@ def _softmax_reference(q, k, v, scale, causal):
 
 
 def _gradients(fn, loss, inputs) -> tuple[torch.Tensor, ...]:
-    """d loss(fn(*inputs)) / d inputs. The estimators work in place where they can (softmax-style
-    normalisations of their own intermediates); autograd's allow_mutation_on_saved_tensors keeps a copy of a
-    saved tensor before it is overwritten, so the gradient is exact."""
+    """d loss(fn(*inputs)) / d inputs by plain autograd: the estimators keep the intermediates autograd saves
+    whenever it records the call."""
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-    with torch.enable_grad(), torch.autograd.graph.allow_mutation_on_saved_tensors(), warnings.catch_warnings():
+    with torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
         value = loss(fn(*leaves))
         if not isinstance(value, torch.Tensor) or value.numel() != 1:

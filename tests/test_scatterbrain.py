@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import evalab as ev
 from conftest import make_qkv, scaled
 from evalab.estimators.eva import CHUNK_LOGITS
-from evalab.estimators.scatterbrain import QUERY_BLOCK, support_span
+from evalab.estimators import scatterbrain
+from evalab.estimators.scatterbrain import QUERY_BLOCK, outside_geometry, support_span
 
 
 def rf_kernel(x, y, omega, feature_map):
@@ -160,10 +161,9 @@ def test_cost_counts_the_matrix_products(support, window, causal, feature_map):
     first, span = support_span(lo, hi, block)
     elementwise += 4 * len(first) * block * span
     for bound in [lo] if causal else [lo, (M - hi)[::-1]]:
-        for t0 in range(0, N, block):
-            t1 = min(N, t0 + block)
-            elementwise += 3 * (t1 - t0) * int(bound[t1 - 1] - bound[t0]) * F + 4 * (t1 - t0) * F
-        elementwise += 3 * int(bound[(N - 1) // block * block]) * F  # the state's keys
+        starts, reach, length = outside_geometry(bound, block)
+        B = len(starts)  # blocks padded to B x block queries, segments to the longest, pairs to the furthest reach
+        elementwise += B * block * (3 * reach * F + 4 * F) + 3 * B * length * F + 12 * B * F * dv
     assert est.cost(N=N, M=M, d=d, dv=dv).flops() - elementwise == counter.get_total_flops()
 
 
@@ -177,3 +177,57 @@ def test_checks():
     with pytest.raises(ValueError, match="window=2 needs self-attention"):
         est(q, k, v, est.draw(q, k))
     assert math.isfinite(float(ev.Scatterbrain(window=0, num_features=3)(q, k, v, est.draw(q, k)).sum()))
+
+
+#: Outputs of the per-block loop Scatterbrain once had (float64), on the inputs of test_matches_the_block_loop
+#: with QUERY_BLOCK = 3: several blocks, pairs inside them, states carried across them.
+LOOP_REFERENCE = {
+    (2, "block", False, "positive"): [
+        [0.1461817858395681, 0.03362197290146495], [-0.24611990246826226, 0.07679216246243266],
+        [-0.33173703511377706, -0.11852739035108151], [0.2962180278954026, 0.2961689244977362],
+        [-0.022396893273278127, 0.23022808619492413], [-0.2978951014431573, -0.2201455441505217],
+        [-0.0999969332529152, -0.39507162881131974]],
+    (4, "sliding", True, "hyperbolic"): [
+        [-0.479425538604203, 0.3894183423086505], [-0.2070367155466478, 0.31585247382285436],
+        [-0.3761472616910703, -0.1657418222441751], [0.5694942589638243, 0.2952578405503165],
+        [-0.022448049209577506, 0.05624383898892578], [-0.20794821667134814, -0.12812835731063899],
+        [-0.07047306517011594, -0.34118926982987413]],
+    (0, "block", True, "positive"): [
+        [-0.479425538604203, 0.3894183423086505], [0.11359470145497608, 0.22925740582121334],
+        [-0.48895054024077667, -0.15221428471244738], [-0.2518035732078405, 0.0025386334431425064],
+        [-0.36182585268770373, -0.20678845261512654], [-0.21525604398487896, 0.014122420528575179],
+        [-0.19487882177528543, -0.05822155953682931]],
+    (3, "sliding", False, "positive"): [
+        [0.1461817858395681, 0.033621972901464944], [-0.2785929833729308, 0.0529160776130322],
+        [-0.1761693966766915, -0.09668306372817094], [0.1113229417366991, 0.07452734274771444],
+        [0.15039686100702646, 0.329379826174195], [-0.27817702505947667, -0.2561320111334406],
+        [-0.0808536961795071, -0.34475995519877584]],
+}
+
+
+@pytest.mark.parametrize("window,support,causal,feature_map", list(LOOP_REFERENCE))
+def test_matches_the_block_loop(monkeypatch, window, support, causal, feature_map):
+    """The blocks-at-once prefix/suffix sums equal the former per-block loop to float64 rounding (relative
+    1e-12 of max |v|), on closed-form inputs and omega (N = 7, d = 3, S = 2, QUERY_BLOCK = 3)."""
+    monkeypatch.setattr(scatterbrain, "QUERY_BLOCK", 3)
+    i = torch.arange(21, dtype=torch.float64).reshape(7, 3)
+    q, k, v = torch.sin(0.7 * i + 0.3), torch.cos(1.3 * i), torch.sin(0.9 * i[:, :2] - 0.5)
+    omega = torch.cos(2.1 * torch.arange(6, dtype=torch.float64) + 1.0).reshape(1, 2, 3)
+    est = ev.Scatterbrain(window=window, support=support, causal=causal, feature_map=feature_map, num_features=2)
+    out = est(q, k, v, ev.Draw(omega, est.noise_kind))[0]
+    reference = torch.tensor(LOOP_REFERENCE[window, support, causal, feature_map], dtype=torch.float64)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-12 * float(v.abs().max()))
+
+
+def test_float32_large_norm_stays_finite_and_matches_float64():
+    """At norm 4 (d = 64, logits in the hundreds) the log-space running sums stay finite in float32 and agree
+    with float64 on the same draw to float32 accuracy."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (4 * torch.randn(1, 200, 64, generator=g, dtype=torch.float64) for _ in range(3))
+    for window in (0, 16):
+        est = ev.Scatterbrain(window=window, num_features=32)
+        draw = est.draw(q, k, replicates=2, generator=0)
+        exact = est(q, k, v, draw)
+        fast = est(q.float(), k.float(), v.float(), draw)
+        assert torch.isfinite(fast).all()
+        torch.testing.assert_close(fast.double(), exact, rtol=0, atol=1e-4 * float(v.abs().max()))

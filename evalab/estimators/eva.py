@@ -179,11 +179,13 @@ class EVA:
             logits = chunk_logits(x)  # (*b, rows, C); "rf": (R, *b, rows, S C), sample-major
             if hidden is not None:
                 block = hidden[start // group : -(-stop // group)].repeat_interleave(group, dim=0)[: stop - start]
-                logits.masked_fill_(block.repeat(1, S) if rf else block, -math.inf)
+                block = block.repeat(1, S) if rf else block
+                logits = logits.masked_fill_(block, -math.inf) if inp.inplace else logits.masked_fill(block, -math.inf)
             block_lse = torch.logsumexp(logits, dim=-1)
             if window is not None:
                 block_lse = torch.logaddexp(block_lse, window.lse[..., start:stop])
-            weights = logits.sub_(block_lse.unsqueeze(-1)).exp_()
+            shift = block_lse.unsqueeze(-1)
+            weights = logits.sub_(shift).exp_() if inp.inplace else (logits - shift).exp()
             out[..., start:stop, :] = values.output(x, weights)
             lse[..., start:stop] = block_lse
         if window is not None:

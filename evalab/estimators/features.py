@@ -26,6 +26,7 @@ from scipy.stats import qmc
 from .. import _checks
 from .draw import Draw, gaussian_noise, make_generator, noise_batch
 from .gerf import GERF_MAPS, GerfMap, check_a, oprf_a, saderf_psi, sderf_params  # noqa: F401  (public helpers)
+from .scaled import records_grad
 
 FEATURE_MAPS = ("positive", "hyperbolic", "trig", *GERF_MAPS)
 SAMPLERS = ("iid", "orthogonal", "qmc")
@@ -128,6 +129,8 @@ def stacked_projection(x: torch.Tensor, omega: torch.Tensor, feature_map: str, *
     proj = project(x, omega)
     S = proj.shape[-1]
     half = 0.5 * (x * x).sum(-1)[..., None, None] if minus_half_norm else torch.zeros((), dtype=x.dtype, device=x.device)
+    if records_grad(x, omega):  # autograd does not follow out=: the same numbers through a concatenation
+        return torch.cat([proj - half, half.neg() - proj], dim=-1)
     stacked = torch.empty(*proj.shape[:-1], 2 * S, dtype=proj.dtype, device=proj.device)
     torch.sub(proj, half, out=stacked[..., :S])  # each half written once, no concatenated copy
     torch.sub(half.neg(), proj, out=stacked[..., S:])

@@ -71,14 +71,14 @@ class RFA(OmegaDraws):
             if self.causal:
                 out = _causal_log(*gerf_log_features(gmap, omega), inp.v)
             else:
-                out = _log(gmap.x, gmap.y, inp.v, omega, "positive", gerf=gmap)
+                out = _log(gmap.x, gmap.y, inp.v, omega, "positive", gerf=gmap, inplace=inp.inplace)
         elif self.feature_map == "trig" or self.eps > 0:
             qf, kf = self._linear_features(inp, omega)
             out = _causal_linear(qf.movedim(-2, 0), kf.movedim(-2, 0), inp.v) if self.causal else _linear(qf, kf, inp.v)
         elif self.causal:
             out = _causal_log(log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map), inp.v)
         else:
-            out = _log(inp.x, inp.y, inp.v, omega, self.feature_map)
+            out = _log(inp.x, inp.y, inp.v, omega, self.feature_map, inplace=inp.inplace)
         return out.to(inp.out_dtype)
 
     @property
@@ -125,19 +125,21 @@ class RFA(OmegaDraws):
         pq = stacked_projection(inp.x, omega, self.feature_map, minus_half_norm=False)  # (*b, N, R, F)
         pk = stacked_projection(inp.y, omega, self.feature_map, minus_half_norm=False)
         key_max = pk.amax(-1, keepdim=True) if self.causal else pk.amax((-3, -1), keepdim=True)
-        qf = pq.sub_(pq.amax(-1, keepdim=True) + half_x.unsqueeze(-1)).exp_().add_(self.eps)
-        kf = pk.sub_(key_max + half_y.unsqueeze(-1)).exp_().add_(self.eps)
-        return qf, kf
+        query_shift, key_shift = pq.amax(-1, keepdim=True) + half_x.unsqueeze(-1), key_max + half_y.unsqueeze(-1)
+        if inp.inplace:
+            return pq.sub_(query_shift).exp_().add_(self.eps), pk.sub_(key_shift).exp_().add_(self.eps)
+        return (pq - query_shift).exp() + self.eps, (pk - key_shift).exp() + self.eps
 
 
 def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor, feature_map: str,
-         gerf: GerfMap | None = None) -> torch.Tensor:
+         gerf: GerfMap | None = None, *, inplace: bool = True) -> torch.Tensor:
     """Non-causal RFA in log space: out_n = softmax_f(log phi_f(x_n) + log sum_m phi_f(y_m)) @ kv_f, where kv_f is
     the phi_f(y)-weighted average of v. Works in the (*b, N, R, F) layout so every pass is contiguous; on CPU over
     blocks of at most LOG_BLOCK_ELEMENTS log-features (keys with a running per-column maximum), so long sequences
     stay in cache. ``gerf``: a generalised exponential map, whose transformed inputs x, y are passed with
     feature_map "positive"; its key row terms are folded into the key GEMM, and its per-column term (the same for
-    queries and keys) joins the column shift twice. Query row terms cancel in the softmax over f."""
+    queries and keys) joins the column shift twice. Query row terms cancel in the softmax over f.
+    ``inplace``: overwrite the intermediates (False when autograd records the call; the same numbers)."""
     R, F = omega.shape[0], num_columns(feature_map, omega.shape[-2])
     per_row = math.prod(x.shape[:-2]) * R * F
     rows = max(1, LOG_BLOCK_ELEMENTS // per_row) if x.device.type == "cpu" else max(x.shape[-2], y.shape[-2])
@@ -153,13 +155,22 @@ def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor,
         else:  # a higher maximum rescales what was summed so far
             new_top = torch.maximum(top, block_top)
             rescale = (top - new_top).exp_()
-            mass.mul_(rescale)
-            kv.mul_(rescale.squeeze(-3).unsqueeze(-1))
+            if inplace:
+                mass.mul_(rescale)
+                kv.mul_(rescale.squeeze(-3).unsqueeze(-1))
+            else:
+                mass, kv = mass * rescale, kv * rescale.squeeze(-3).unsqueeze(-1)
             top = new_top
-        weights = lk.sub_(top).exp_()
+        weights = lk.sub_(top).exp_() if inplace else (lk - top).exp()
         block_mass = weights.sum(-3, keepdim=True)
         block_kv = torch.einsum("...mrf,...mv->...rfv", weights, v[..., start : start + rows, :])
-        mass, kv = (block_mass, block_kv) if mass is None else (mass.add_(block_mass), kv.add_(block_kv))
+        if mass is None:
+            mass, kv = block_mass, block_kv
+        elif inplace:
+            mass.add_(block_mass)
+            kv.add_(block_kv)
+        else:
+            mass, kv = mass + block_mass, kv + block_kv
     kv = kv / mass.squeeze(-3).unsqueeze(-1)
     shift = top + mass.log()
     if gerf is not None:
@@ -167,8 +178,12 @@ def _log(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, omega: torch.Tensor,
     out = torch.empty(R, *x.shape[:-1], v.shape[-1], dtype=v.dtype, device=v.device)
     for start in range(0, x.shape[-2], rows):
         lq = stacked_projection(x[..., start : start + rows, :], omega, feature_map, minus_half_norm=False)
-        logits = lq.add_(shift)  # (*b, rows, R, F), in place: the softmax over f without extra copies
-        mix = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        if inplace:  # (*b, rows, R, F): the softmax over f without extra copies
+            logits = lq.add_(shift)
+            mix = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        else:
+            logits = lq + shift
+            mix = (logits - logits.amax(-1, keepdim=True)).exp()
         block = torch.einsum("...nrf,...rfv->...nrv", mix, kv) / mix.sum(-1, keepdim=True)
         out[..., start : start + rows, :] = block.movedim(-2, 0)
     return out

@@ -28,3 +28,15 @@ class Scaled:
         root = math.sqrt(_checks.resolve_scale(scale, q.shape[-1]))
         out_dtype = reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype))
         return cls(q.to(ct) * root, k.to(ct) * root, v.to(ct), out_dtype)
+
+    @property
+    def inplace(self) -> bool:
+        """Whether the estimator may overwrite its intermediates: True unless autograd records this call (grad
+        mode on and x, y or v requiring a gradient). Both paths give identical numbers; the in-place one saves
+        memory."""
+        return not records_grad(self.x, self.y, self.v)
+
+
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """True when autograd records operations on ``tensors``: grad mode is on and one of them requires a gradient."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

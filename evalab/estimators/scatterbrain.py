@@ -11,7 +11,8 @@ support cut at n and the random features over the past keys before it. window = 
 every key gives softmax.
 
 The complement of an interval is a prefix [0, lo_n) and a suffix [hi_n, M); both are summed in log space over
-blocks of queries with a carried state (the suffix on the reversed sequence), so no mass is ever subtracted
+blocks of queries, each block with the running sums of the keys before it (the suffix on the reversed
+sequence), all blocks at once, so no mass is ever subtracted
 (the reference codes compute log(total - window) and guard it with eps or a clamp; here float32 stays finite
 and exact at any norm). The draws are RFA's (noise kind "omega:<sampler>", layout (R, S, d), or (R, *b, S, d)
 without shared noise): ev.compare runs
@@ -32,9 +33,13 @@ from .features import OmegaDraws, log_features, num_columns
 from .scaled import Scaled
 
 SUPPORTS = ("block", "sliding")
-#: Queries per block of the prefix/suffix sums (memory R x block x block x F per step); the block support uses
-#: its window blocks instead when they are 8 to 128 positions long (then no pairs are formed at all).
+#: Queries per block of the prefix/suffix sums (each block: a state over the keys before it, pairs for the rest);
+#: the block support uses its window blocks instead when they are 8 to 128 positions long (then no pairs are
+#: formed at all).
 QUERY_BLOCK = 32
+#: Elements of the pairwise log-kernel (replicates x batch x queries x keys x feature columns) per group of
+#: query blocks in the prefix/suffix sums.
+PAIR_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -111,11 +116,13 @@ class Scatterbrain(OmegaDraws):
         2 P (d + dv) with P = blocks x T x span, plus 4 elementwise per pair. Per replicate, matrix products as
         performed: the log-features of queries and keys (positive: 2 (N + M) S (d + 1), the half norm folded
         into the product; hyperbolic: 2 (N + M) S d, plus 2 (N + M) F elementwise to negate and subtract), and
-        for the prefix (and, non-causal, the suffix) sums per block the carried state's mix (2 T F dv), the p
-        pairs inside the block (2 T p dv) and the state update (2 F dv per key taken in). Elementwise terms
-        added: 3 per pair-feature inside the blocks (add, exp, sum; T p F), 4 per query-feature for the mix
-        with the state (4 T F) and 3 per key-feature taken into the state, per pass. Memory: the support's
-        logits and gathered keys, the log-features, one block's pairs, the state and the output."""
+        for the prefix (and, non-causal, the suffix) sums, over B blocks of T queries padded to B T: the state's
+        mix (2 B T F dv), the p pair keys of the block reaching furthest, for every block (2 B T p dv), and the
+        segment sums over B segments padded to the longest, L keys (2 B L F dv). Elementwise terms added: 3 per
+        pair-feature (add, exp, sum; B T p F), 4 per query-feature for the mix with the state (4 B T F), 3 per
+        segment key-feature and 12 per state entry for the running sums (B F dv), per pass. Memory: the
+        support's logits and gathered keys, the log-features, per pass the gathered segments, the states, the
+        padded logits and weights, one group's pairs, and the output."""
         F = self.columns
         lo, hi = self.bounds(N, M)
         if self.causal:
@@ -126,16 +133,14 @@ class Scatterbrain(OmegaDraws):
         fixed = 2 * pairs * (d + dv) + 4 * pairs
         S = self.num_features
         rep = 2 * (N + M) * S * (d + 1) if self.feature_map == "positive" else 2 * (N + M) * (S * d + F)
-        passes = [lo] if self.causal else [lo, (M - hi)[::-1]]
-        for bound in passes:
-            for t0 in range(0, N, block):
-                t1 = min(N, t0 + block)
-                T, p = t1 - t0, int(bound[t1 - 1] - bound[t0])
-                rep += 2 * T * F * dv + 2 * T * p * dv + 3 * T * p * F + 4 * T * F
-            rep += int(bound[(N - 1) // block * block]) * F * (2 * dv + 3)  # keys the state took in
-        T = min(block, N)
+        memory = 2 * (N + M) * F + 3 * N * dv
+        for bound in [lo] if self.causal else [lo, (M - hi)[::-1]]:
+            starts, reach, length = outside_geometry(bound, block)
+            B = len(starts)
+            rep += B * block * (2 * F * dv + 2 * reach * dv + 3 * reach * F + 4 * F) + B * length * F * (2 * dv + 3)
+            rep += 12 * B * F * dv
+            memory += 2 * B * length * F + 4 * B * F * dv + 3 * B * block * (F + reach) + min(B * block * reach * F, PAIR_ELEMENTS)
         memory_fixed = 2 * pairs + len(first) * span * (d + dv) + N * dv
-        memory = 2 * (N + M) * F + 2 * T * T * F + F * dv + 3 * N * dv
         return Cost.per_element(fixed, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
 
 
@@ -146,6 +151,16 @@ def support_span(lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[np.ndarray
     first = lo[::block]
     last = hi[np.minimum(np.arange(block, N + block, block), N) - 1]
     return first, int((last - first).max(initial=0))
+
+
+def outside_geometry(lo: np.ndarray, block: int) -> tuple[np.ndarray, int, int]:
+    """The layout of the random-feature sums over the prefixes [0, lo_n), lo non-decreasing, for blocks of
+    ``block`` queries: (a_j, the first bound of each block (B,); p, the most pair keys a block takes past a_j;
+    L, the longest segment [a_{j-1}, a_j) of keys summed into the states)."""
+    N = len(lo)
+    first = lo[::block]
+    reach = int((lo[np.minimum(np.arange(block, N + block, block), N) - 1] - first).max(initial=0))
+    return first, reach, int(np.diff(first, prepend=0).max(initial=0))
 
 
 def _support(inp: Scaled, lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,8 +179,9 @@ def _support(inp: Scaled, lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[t
     key = key.clamp_(max=M - 1)
     x = torch.nn.functional.pad(inp.x, (0, 0, 0, pad)).unflatten(-2, (B, block))  # (*b, B, block, d)
     logits = (x @ inp.y[..., key, :].transpose(-1, -2)).masked_fill_(~inside, -math.inf)  # (*b, B, block, span)
-    lse = torch.logsumexp(logits, dim=-1)
-    weights = logits.sub_(_finite(lse).unsqueeze(-1)).exp_()
+    lse = _logsumexp(logits)
+    shift = _finite(lse).unsqueeze(-1)
+    weights = logits.sub_(shift).exp_() if inp.inplace else (logits - shift).exp()
     out = weights @ inp.v[..., key, :]  # (*b, B, block, dv)
     return lse.flatten(-2)[..., :N], out.flatten(-3, -2)[..., :N, :]
 
@@ -175,38 +191,87 @@ def _outside(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, lo: np.ndarray
     (log sum_{m < lo_n} phi(x_n).phi(y_m) (R, *b, N), the matching average of v (R, *b, N, dv)); -inf and 0
     where the prefix is empty.
 
-    lq (R, *b, N, F), lk (R, *b, M, F) log-features, v (*b, M, dv). Blocks of ``block`` queries: a carried
-    state (per column f: log_mass_f = log sum e^{lk_mf} and kv_f, the matching average of v) over the keys
-    before the block's first bound, and the pairwise log-kernel logsumexp_f(lq_nf + lk_mf) for the keys from
-    there to each query's own bound.
+    lq (R, *b, N, F), lk (R, *b, M, F) log-features, v (*b, M, dv). Blocks of ``block`` queries, all at once:
+    block j mixes a state over the keys before its first bound a_j (per column f: log_mass_f = log sum e^{lk_mf}
+    and kv_f, the matching average of v; see ``_prefix_states``) with the pairwise log-kernel
+    logsumexp_f(lq_nf + lk_mf) for the keys from a_j to each query's own bound; groups of blocks keep the pairs
+    within PAIR_ELEMENTS.
     """
-    N, F = lq.shape[-2], lq.shape[-1]
-    log_mass = torch.full_like(lk[..., :1, :], -math.inf)  # (R, *b, 1, F)
-    kv = torch.zeros(*lk.shape[:-2], F, v.shape[-1], dtype=v.dtype, device=v.device)
-    lse = torch.empty(lq.shape[:-1], dtype=lq.dtype, device=lq.device)
-    out = torch.empty(*lq.shape[:-1], v.shape[-1], dtype=v.dtype, device=v.device)
-    end = 0  # the state holds keys [0, end)
-    for t0 in range(0, N, block):
-        t1 = min(N, t0 + block)
-        a, b = int(lo[t0]), int(lo[t1 - 1])
-        if a > end:  # advance the state to the block's first bound
-            lk_new, v_new = lk[..., end:a, :], v[..., end:a, :]
-            new_mass = torch.logaddexp(log_mass, torch.logsumexp(lk_new, dim=-2, keepdim=True))
-            kv = torch.exp(log_mass - new_mass).transpose(-1, -2) * kv + torch.exp(lk_new - new_mass).transpose(-1, -2) @ v_new
-            log_mass, end = new_mass, a
-        lq_b = lq[..., t0:t1, :]
-        logits = lq_b + log_mass  # (R, *b, T, F)
-        if b > a:
-            pair = torch.logsumexp(lq_b.unsqueeze(-2) + lk[..., a:b, :].unsqueeze(-3), dim=-1)  # (R, *b, T, b - a)
-            beyond = torch.arange(a, b, device=lq.device) >= torch.from_numpy(lo[t0:t1]).to(lq.device).unsqueeze(-1)
-            logits = torch.cat([logits, pair.masked_fill_(beyond, -math.inf)], dim=-1)
-        block_lse = torch.logsumexp(logits, dim=-1)
-        weights = (logits - _finite(block_lse).unsqueeze(-1)).exp_()
-        block_out = weights[..., :F] @ kv
-        if b > a:
-            block_out += weights[..., F:] @ v[..., a:b, :]
-        lse[..., t0:t1], out[..., t0:t1, :] = block_lse, block_out
-    return lse, out
+    N, F, device = lq.shape[-2], lq.shape[-1], lq.device
+    B, pad = -(-N // block), -N % block
+    first, reach, _ = outside_geometry(lo, block)
+    log_mass, kv = _prefix_states(lk, v, first)  # (R, *b, B, F), (R, *b, B, F, dv)
+    lq = torch.nn.functional.pad(lq, (0, 0, 0, pad)).unflatten(-2, (B, block))  # (R, *b, B, T, F)
+    if reach:
+        key = torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(reach, device=device)  # (B, p)
+        bound = torch.from_numpy(np.pad(lo, (0, pad))).to(device).view(B, block, 1)
+        beyond = key.unsqueeze(-2) >= bound  # (B, T, p): keys at or past the query's bound (padding: all)
+        key = key.clamp_(max=lk.shape[-2] - 1)
+    groups = max(1, PAIR_ELEMENTS // max(1, math.prod(lq.shape[:-3]) * block * reach * F))
+    lse, out = [], []
+    for j0 in range(0, B, groups):  # one group unless the pairs would exceed PAIR_ELEMENTS
+        j1 = min(B, j0 + groups)
+        lq_g = lq[..., j0:j1, :, :]
+        logits = lq_g + log_mass[..., j0:j1, :].unsqueeze(-2)  # (R, *b, G, T, F)
+        if reach:
+            keys = key[j0:j1]
+            pair = torch.logsumexp(lq_g.unsqueeze(-2) + lk[..., keys, :].unsqueeze(-3), dim=-1)  # (R, *b, G, T, p)
+            logits = torch.cat([logits, pair.masked_fill(beyond[j0:j1], -math.inf)], dim=-1)
+        group_lse = _logsumexp(logits)
+        weights = (logits - _finite(group_lse).unsqueeze(-1)).exp_()
+        group_out = weights[..., :F] @ kv[..., j0:j1, :, :]
+        if reach:
+            group_out = group_out + weights[..., F:] @ v[..., keys, :]
+        lse.append(group_lse)
+        out.append(group_out)
+    lse, out = torch.cat(lse, dim=-2), torch.cat(out, dim=-3)
+    return lse.flatten(-2)[..., :N], out.flatten(-3, -2)[..., :N, :]
+
+
+def _prefix_states(lk: torch.Tensor, v: torch.Tensor, first: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column f, over the keys [0, a_j) for every bound a_j of ``first`` (B,), non-decreasing: log_mass
+    log sum_m e^{lk_mf} (R, *b, B, F) and kv, the matching average of v (R, *b, B, F, dv); -inf and 0 for no key.
+
+    The keys fall into segments [a_{j-1}, a_j) (a_{-1} = 0), each summed with its own maximum as shift; the
+    running sums over segments run in log space (logcumsumexp), the signed value sums as their positive and
+    negative parts, so no shift ever overflows or cancels a whole prefix at any norm.
+    """
+    M, F, dv, device = lk.shape[-2], lk.shape[-1], v.shape[-1], lk.device
+    bounds = np.concatenate([[0], first])
+    length = int(np.diff(bounds).max(initial=0))
+    if length == 0:
+        shape = (*lk.shape[:-2], len(first), F)
+        return (torch.full(shape, -math.inf, dtype=lk.dtype, device=device),
+                torch.zeros(*shape, dv, dtype=v.dtype, device=device))
+    key = torch.from_numpy(bounds[:-1]).to(device).unsqueeze(-1) + torch.arange(length, device=device)  # (B, L)
+    outside = (key >= torch.from_numpy(first).to(device).unsqueeze(-1)).unsqueeze(-1)  # (B, L, 1)
+    key = key.clamp_(max=M - 1)
+    lk_s = lk[..., key, :].masked_fill_(outside, -math.inf)  # (R, *b, B, L, F), a gathered copy
+    top = _finite(lk_s.amax(-2, keepdim=True))  # (R, *b, B, 1, F)
+    weights = (lk_s - top).exp_()
+    top = top.squeeze(-2)
+    segment_mass = weights.sum(-2)  # (R, *b, B, F), relative to top
+    segment_kv = torch.einsum("...blf,...blv->...bfv", weights, v[..., key, :])  # (R, *b, B, F, dv), relative to top
+    empty = segment_mass == 0
+    log_mass = torch.logcumsumexp(_log_positive(segment_mass, empty, top), dim=-2)
+    scale = _finite(log_mass).unsqueeze(-1)
+    shift = top.unsqueeze(-1)
+    kv = sum(sign * torch.exp(torch.logcumsumexp(_log_positive(sign * segment_kv, sign * segment_kv <= 0, shift), dim=-3) - scale)
+             for sign in (1.0, -1.0))
+    return log_mass, kv
+
+
+def _log_positive(t: torch.Tensor, nonpositive: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """log t + shift where t > 0, -inf at ``nonpositive``, with a zero gradient there (also for the nan that
+    logcumsumexp's backward gives at -inf)."""
+    return torch.where(nonpositive, -math.inf, torch.where(nonpositive, 1.0, t).log() + shift)
+
+
+def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last axis, -inf for a row of -inf (an empty set), with a zero gradient there instead
+    of torch's nan."""
+    empty = (logits == -math.inf).all(-1, keepdim=True)
+    return torch.logsumexp(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty.squeeze(-1), -math.inf)
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
