@@ -1,9 +1,11 @@
 """Monte-Carlo metrics of an estimator against exact attention (docs/theory.md section 6), with 95% intervals.
 
-Replicates are drawn in fixed blocks of ``NOISE_BLOCK``, each from a generator seeded by (seed, block), so the
-numbers depend on the seed only, not on the batch size, the device or the run order; estimators whose draws
+Replicates are drawn in fixed blocks of ``NOISE_BLOCK``, each from a generator seeded by (seed, block) on the
+inputs' device, so the numbers depend on the seed and the device type only, not on the batch size, the memory
+budget or the run order (reproducibility contract: ``evalab.estimators.draw``); estimators whose draws
 have the same kind and layout see the same noise for the same seed (common random numbers). Replicates are
-evaluated in vectorised batches sized to a memory budget and accumulated in float64 per jackknife group.
+evaluated in vectorised batches sized to a memory budget (noise included) and accumulated in float64 per
+jackknife group.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ from .registry import estimator_name
 from .estimators.softmax import softmax_attention
 
 NOISE_BLOCK = 64
+#: Noise kinds drawn as one stream of standard normals (one ``draw.gaussian_noise`` call per draw): on the CPU a
+#: block of them can be drawn in consecutive pieces with the same numbers.
+STREAM_KINDS = ("eps", "omega:iid")
 GROUPS = 20
 DEFAULT_MAX_MEMORY = 2 * 2**30
 CPU_WORKING_SET = 32 * 2**20  # batches aim at this many bytes: cache-sized tensors run faster on CPU,
@@ -109,19 +114,61 @@ def estimator_params(estimator) -> dict:
     return {f.name: getattr(estimator, f.name) for f in dataclasses.fields(estimator)}
 
 
+def draws_in_pieces(estimator, q: torch.Tensor, k: torch.Tensor, batch: int) -> bool:
+    """Whether ``iter_draws`` draws each batch of ``batch`` replicates as its own piece of a noise block (memory:
+    the batch's noise only) rather than caching the whole NOISE_BLOCK block: for batches that divide the block,
+    noise that is one stream of standard normals (STREAM_KINDS) drawn on the CPU, and pieces of a multiple of
+    16 numbers, the pieces hold exactly the numbers of the whole block (see ``draw.gaussian_noise``)."""
+    numbers = math.prod(estimator.noise_layout(q, k))
+    return (batch < NOISE_BLOCK and NOISE_BLOCK % batch == 0 and estimator.noise_kind in STREAM_KINDS
+            and q.device.type == "cpu" and (batch * numbers) % 16 == 0)
+
+
 def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Iterator[tuple[int, Draw]]:
-    """Yield (first replicate index, Draw) for consecutive batches; noise is fixed per NOISE_BLOCK block."""
+    """Yield (first replicate index, Draw) for consecutive batches; noise is fixed per NOISE_BLOCK block, drawn
+    on q's device from the generator of (seed, block) (``draw.seeded_generator``), whole or, where
+    ``draws_in_pieces``, one batch at a time with the same numbers."""
+    if draws_in_pieces(estimator, q, k, batch):
+        generator = None
+        for start in range(0, replicates, batch):
+            if start % NOISE_BLOCK == 0:
+                generator = seeded_generator(seed, start // NOISE_BLOCK, device=q.device)
+            yield start, estimator.draw(q, k, replicates=min(batch, replicates - start), generator=generator)
+        return
     cached: tuple[int, Draw] | None = None
     for start in range(0, replicates, batch):
         stop = min(replicates, start + batch)
         pieces = []
         for block in range(start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK + 1):
             if cached is None or cached[0] != block:
-                cached = (block, estimator.draw(q, k, replicates=NOISE_BLOCK, generator=seeded_generator(seed, block)))
+                cached = None  # let the previous block go before drawing the next
+                generator = seeded_generator(seed, block, device=q.device)
+                cached = (block, estimator.draw(q, k, replicates=NOISE_BLOCK, generator=generator))
             lo = max(start - block * NOISE_BLOCK, 0)
             hi = min(stop - block * NOISE_BLOCK, NOISE_BLOCK)
             pieces.append(cached[1][lo:hi].noise)
         yield start, Draw(torch.cat(pieces) if len(pieces) > 1 else pieces[0], cached[1].kind)
+
+
+def noise_batch_size(cost: Cost, estimator, q, k, replicates: int, max_memory: float, extra_per_replicate: float = 0.0,
+                     itemsize: int = 4) -> int:
+    """``batch_size`` with the noise counted: per replicate its float64 draw and its copy in the compute dtype
+    (``itemsize`` bytes); and, unless the batches are drawn in pieces (``draws_in_pieces``), the whole cached
+    NOISE_BLOCK block beside them."""
+    numbers = math.prod(estimator.noise_layout(q, k))
+    per = extra_per_replicate + numbers * (8 + itemsize)
+    whole = dataclasses.replace(cost, fixed_bytes=cost.fixed_bytes + min(replicates, NOISE_BLOCK) * numbers * 8)
+    device = q.device.type
+    b = batch_size(cost, replicates, max_memory, per, device)
+    if draws_in_pieces(estimator, q, k, b):
+        return b
+    try:
+        return batch_size(whole, replicates, max_memory, per, device)
+    except MemoryError:
+        raise MemoryError(
+            f"a block of {NOISE_BLOCK} replicates of {estimator.noise_kind!r} noise ({NOISE_BLOCK * numbers * 8 / 2**30:.3g} "
+            f"GiB float64) is drawn whole and does not fit max_memory={max_memory / 2**30:.3g} GiB with a batch; "
+            "raise max_memory or shrink the inputs") from None
 
 
 def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replicate: float = 0.0, device: str = "cpu") -> int:
@@ -313,14 +360,14 @@ def monte_carlo(
         fixed = cost.fixed_bytes + matrix_cost.fixed_bytes + batch_elems * N * M * (8 + itemsize)
         extra = matrix_cost.replicate_bytes + 3 * batch_elems * N * M * 8
         try:
-            b = batch_size(dataclasses.replace(cost, fixed_bytes=fixed), replicates, max_memory, out_bytes + extra,
-                           q.device.type)
+            b = noise_batch_size(dataclasses.replace(cost, fixed_bytes=fixed), estimator, q, k, replicates, max_memory,
+                                 out_bytes + extra, itemsize)
         except MemoryError as err:
             if requested:
                 raise MemoryError(f"{err} (with the matrix metrics; pass matrix=False to skip them)") from None
             matrix, skipped = False, "over max_memory"
     if b is None:
-        b = batch_size(cost, replicates, max_memory, out_bytes, q.device.type)
+        b = noise_batch_size(cost, estimator, q, k, replicates, max_memory, out_bytes, itemsize)
 
     acc = _Accumulator(reference, replicates)
     matrix_rows = []

@@ -8,7 +8,8 @@ import torch
 
 import evalab as ev
 from conftest import make_qkv
-from evalab.monte_carlo import iter_draws
+from evalab.estimators.draw import seeded_generator
+from evalab.monte_carlo import NOISE_BLOCK, iter_draws
 
 
 @dataclass(frozen=True)
@@ -212,3 +213,62 @@ def test_batch_size_rules():
     assert batch_size(Cost(0.0, 1e6, 0.0, quarter), 1000, 2**40, device="cuda") == 128  # 1 GiB on accelerators
     with pytest.raises(MemoryError, match="one replicate needs"):
         batch_size(Cost(0.0, 1e6, 0.0, quarter), 10, quarter / 2)
+
+
+class _RecordingDraws:
+    """An estimator wrapper recording the bytes of every noise tensor it draws (the engine's noise blocks)."""
+
+    def __init__(self, est):
+        self.est, self.drawn, self.used = est, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.est, name)
+
+    def draw(self, q, k, *, replicates=1, generator=None):
+        d = self.est.draw(q, k, replicates=replicates, generator=generator)
+        self.drawn.append(d.noise.numel() * d.noise.element_size())
+        return d
+
+    def __call__(self, q, k, v, draw):
+        self.used.append(draw.noise.clone())
+        return self.est(q, k, v, draw)
+
+
+
+@pytest.mark.parametrize("est", [ev.EVA(window=8, chunk_size=4, shared_noise=False),
+                                 ev.RFA(num_features=16, shared_noise=False)], ids=["eva", "rfa"])
+def test_noise_blocks_stay_inside_max_memory(est):
+    """72 heads with their own noise: a whole block of 64 replicates of noise is over the budget, so the engine
+    draws pieces that fit; the estimators see the noise of a large-budget run bit for bit (same process), and
+    the errors and metrics agree to the rounding of computing and summing in other batches (float64)."""
+    q, k, v = make_qkv(N=32, d=8, dv=4, batch=(72,), norm=1.0, seed=2)
+    numbers = math.prod(est.noise_layout(q, k))
+    budget = 40 * numbers * 8  # 40 replicates' float64 noise: less than a block of 64
+    small, large = _RecordingDraws(est), _RecordingDraws(est)
+    a = ev.monte_carlo(small, q, k, v, replicates=70, seed=5, max_memory=budget, matrix=False)
+    b = ev.monte_carlo(large, q, k, v, replicates=70, seed=5, matrix=False)
+    assert max(small.drawn) <= budget / 2
+    # the noise of whole blocks of 64, as drawn before noise counted in the budget (over it here)
+    blocks = [est.draw(q, k, replicates=NOISE_BLOCK, generator=seeded_generator(5, block)).noise for block in (0, 1)]
+    assert blocks[0].numel() * 8 > budget
+    assert torch.equal(torch.cat(small.used), torch.cat(blocks)[:70])
+    assert torch.equal(torch.cat(small.used), torch.cat(large.used))
+    np.testing.assert_allclose(a.replicate_error, b.replicate_error, rtol=1e-12)
+    for name in ("mse", "variance", "bias2"):
+        torch.testing.assert_close(a.per_query[name], b.per_query[name], rtol=1e-12, atol=0)
+
+
+def test_noise_batch_size_at_72_heads():
+    """EVA at N = 4096, chunk 8, d = 64, 72 heads with their own noise: a block of 64 replicates is about 1.2 GB
+    of float64 noise; under a 1 GiB budget the engine's batches and their noise stay inside it."""
+    from evalab.cost import estimate_cost
+    from evalab.monte_carlo import draws_in_pieces, noise_batch_size
+
+    est = ev.EVA(window=64, chunk_size=8, shared_noise=False)
+    q = torch.zeros(()).expand(72, 4096, 64)  # the shapes only
+    numbers = math.prod(est.noise_layout(q, q))
+    assert NOISE_BLOCK * numbers * 8 > 2**30
+    cost = estimate_cost(est, N=4096, M=4096, d=64, dv=64, batch=72, itemsize=4)
+    b = noise_batch_size(cost, est, q, q, 256, 2**30, itemsize=4)
+    assert b < NOISE_BLOCK and draws_in_pieces(est, q, q, b)
+    assert cost.fixed_bytes + b * (cost.replicate_bytes + numbers * (8 + 4)) <= 2**30

@@ -64,15 +64,25 @@ class Draw:
 
 def gaussian_noise(*shape: int, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise on the generator's device, sampled in float32 (torch's fast vectorised sampler)
-    and returned as float64, so float32 and float64 estimates of the same draw see identical noise."""
+    and returned as float64, so float32 and float64 estimates of the same draw see identical noise.
+
+    On the CPU the numbers form one stream: consecutive calls of r and r' leading rows on one generator give the
+    rows of one call of r + r' when each call holds a multiple of 16 numbers (torch fills 16 at a time); the
+    Monte-Carlo engine draws noise blocks in such pieces when a whole block would not fit its memory budget."""
     return torch.randn(*shape, generator=generator, device=generator.device, dtype=torch.float32).double()
 
 
-def seeded_generator(seed: int, *purpose: int) -> torch.Generator:
-    """A CPU generator for (seed, *purpose) through numpy's SeedSequence: the same seed used for different
-    purposes (inputs, draws, noise blocks) gives unrelated streams."""
+def seeded_generator(seed: int, *purpose: int, device: torch.device | str | None = None) -> torch.Generator:
+    """A generator on ``device`` (default the CPU) for (seed, *purpose) through numpy's SeedSequence: the same seed
+    used for different purposes (inputs, draws, noise blocks) gives unrelated streams.
+
+    Reproducibility contract: the same (seed, purpose) on the same device type gives the same numbers (on CUDA,
+    with the same torch version; torch's CUDA generator is not its CPU one, so CUDA noise differs from CPU noise,
+    and CPU numbers are those of a CPU generator whatever device the estimates run on elsewhere). Noise drawn
+    on the device needs no host-to-device copy."""
     state = np.random.SeedSequence([seed, *purpose]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator(device=torch.device("cpu" if device is None else device)).manual_seed(
+        int(state[0]) << 32 | int(state[1]))
 
 
 def noise_batch(q: torch.Tensor, shared_noise: bool) -> tuple[int, ...]:
