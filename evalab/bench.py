@@ -4,7 +4,9 @@ Sections: (a) the vectorised Monte-Carlo engine against the natural per-replicat
 achieved FLOP/s (by the cost model) against a plain matmul measured in the same run; (c) forward time and peak
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
 on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
-memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses. Prints a markdown table, writes bench.json and
+memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) Scatterbrain against RFA of the same
+features, forward time ratio; (h) RFA and EVA no-grad forward peak memory at N = 16384; (i) small-N
+Monte-Carlo throughput on CUDA. Prints a markdown table, writes bench.json and
 bench.png into ``out``.
 """
 from __future__ import annotations
@@ -270,6 +272,75 @@ def bench_model(plan: Plan) -> dict | None:
             "embedding_cosine": res.embedding_cosine.value}
 
 
+#: (g): Scatterbrain against RFA of the same features (S = 64, window 64), forward time, at these lengths
+#: (those the plan's scaling lengths reach).
+RATIO_LENGTHS = (4096, 16384)
+#: (h): the lengths of the no-grad forward peak memory of RFA and EVA (the ``SCALING`` configurations).
+NO_GRAD_MEMORY_LENGTH = 16384
+#: (i): Monte-Carlo throughput at small N on CUDA (noise drawn on the device): (N, replicates).
+SMALL_N_GPU = ((128, 1024), (512, 1024))
+
+
+def bench_scatterbrain_ratio(device, plan: Plan) -> list[dict]:
+    """(g): forward seconds of Scatterbrain(window=64, num_features=64) and RFA(num_features=64) on one draw,
+    measured interleaved in one run (each the best of three alternating calls), and their ratio."""
+    rows = []
+    for N in [n for n in RATIO_LENGTHS if n <= plan.lengths[-1]] or list(plan.lengths[-1:]):
+        q, k, v = _inputs(N, device, batch=(1, 1))
+        rfa, sb = RFA(num_features=64), Scatterbrain(window=64, num_features=64)
+        draw = rfa.draw(q, k, replicates=1, generator=0)
+        draw = Draw(draw.noise.to(device), draw.kind)
+        times = {"rfa": [], "scatterbrain": []}
+        for name, est in (("rfa", rfa), ("scatterbrain", sb)):  # warm-up
+            est(q, k, v, draw)
+        for _ in range(3):
+            for name, est in (("rfa", rfa), ("scatterbrain", sb)):
+                times[name].append(_time(lambda: est(q, k, v, draw), device, 1))
+        rfa_s, sb_s = min(times["rfa"]), min(times["scatterbrain"])
+        rows.append({"seq_len": N, "num_features": 64, "window": 64, "rfa_s": rfa_s, "scatterbrain_s": sb_s,
+                     "ratio": sb_s / rfa_s})
+    return rows
+
+
+def bench_no_grad_memory(device, plan: Plan) -> list[dict]:
+    """(h): peak memory of one no-grad forward pass (the in-place path) of the ``SCALING`` RFA and EVA at
+    NO_GRAD_MEMORY_LENGTH (skipped without ``plan.memory``)."""
+    if not plan.memory:
+        return []
+    N = NO_GRAD_MEMORY_LENGTH
+    return [{"method": name, "seq_len": N, "peak_bytes": peak_memory(name, N, device)} for name in ("rfa", "eva")]
+
+
+def bench_small_n_gpu(device, plan: Plan) -> list[dict] | None:
+    """(i): replicates per second of ``monte_carlo`` at small N on CUDA, where drawing the noise on the device
+    (no host draw and copy per block) sets the pace; None without CUDA."""
+    if device.type != "cuda":
+        return None
+    rows = []
+    for N, R in SMALL_N_GPU:
+        q, k, v = _inputs(N, device)
+        exact = softmax_attention(q, k, v)
+        for label, est in (("rfa S=64", RFA(num_features=64)), ("eva w=32 c=8", EVA(window=32, chunk_size=8))):
+            seconds = _time(lambda: monte_carlo(est, q, k, v, replicates=R, reference=exact, matrix=False), device, 1)
+            rows.append({"case": label, "seq_len": N, "replicates": R, "seconds": seconds,
+                         "replicates_per_s": R / seconds})
+    return rows
+
+
+def markdown_rows(report: dict) -> list[str]:
+    """Markdown lines of sections (g), (h) and (i)."""
+    lines = []
+    for r in report.get("scatterbrain_ratio") or []:
+        lines.append(f"\nScatterbrain / RFA forward (S={r['num_features']}, window={r['window']}, N={r['seq_len']}, "
+                     f"interleaved): {r['scatterbrain_s']:.3g}s / {r['rfa_s']:.3g}s = {r['ratio']:.2f}x")
+    for r in report.get("no_grad_memory") or []:
+        lines.append(f"\nno-grad forward peak memory, {r['method']} N={r['seq_len']}: {r['peak_bytes'] / 2**20:.0f} MiB")
+    for r in report.get("small_n_gpu") or []:
+        lines.append(f"\nmonte_carlo on the device, {r['case']} N={r['seq_len']} R={r['replicates']}: "
+                     f"{r['seconds']:.3g}s ({r['replicates_per_s']:.0f} replicates/s)")
+    return lines
+
+
 def markdown(report: dict) -> str:
     """The report as markdown tables."""
     lines = [f"# evalab bench ({report['device']}, torch {report['torch']}, plan {report['plan']})", "",
@@ -300,6 +371,7 @@ def markdown(report: dict) -> str:
         m = report["model"]
         lines.append(f"\nmodel_gap, EVA(window=8, chunk_size=4) in all-MiniLM-L6-v2, {m['texts']} verses, "
                      f"{m['replicates']} replicates (CPU): {m['seconds']:.3g}s (embedding cosine {m['embedding_cosine']:.3f})")
+    lines += markdown_rows(report)
     return "\n".join(lines)
 
 
@@ -337,6 +409,9 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path = "ben
     report["performer"] = bench_performer(dev, sizes)
     report["attribution"] = bench_attribution(dev, sizes)
     report["model"] = bench_model(sizes)
+    report["scatterbrain_ratio"] = bench_scatterbrain_ratio(dev, sizes)
+    report["no_grad_memory"] = bench_no_grad_memory(dev, sizes)
+    report["small_n_gpu"] = bench_small_n_gpu(dev, sizes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
