@@ -94,7 +94,7 @@ def test_minilm_captures_on_passages(tmp_path):
     assert qkv.info["split"] == "heldout" and qkv.info["passages"] == 3 and qkv.info["seq_len"] == 64
     assert qkv.scale == pytest.approx(1 / math.sqrt(32))
     # passage 1 alone is the same capture (cached per passage; the second call reads the cache)
-    tokenizer, model = minilm_module._load_model()
+    tokenizer, model = minilm_module.load_model()
     ids = ev.inputs.passages(64, "heldout", 3)[1]
     single = ev.inputs.capture(model, input_ids=ids[None]).stack()
     torch.testing.assert_close(qkv.q[:, 1], single.q[:, 0], rtol=0, atol=1e-5)

