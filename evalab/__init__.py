@@ -13,6 +13,7 @@ from .cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
+from .estimators import LocalWindow
 from .gradient_gap import GradientGap, gradient_gap
 from .intervals import Estimate
 from .model_gap import ModelGap, error_propagation, gap_correlation, model_gap
@@ -35,6 +36,7 @@ __all__ = [
     "GradientGap",
     "LARA",
     "LinearAttention",
+    "LocalWindow",
     "MCResult",
     "ModelGap",
     "Nystrom",
