@@ -28,7 +28,7 @@ import seaborn as sns
 __all__ = [
     "VARIANTS", "variant", "with_variant", "by_variant", "color", "marker", "palette", "ordered", "style",
     "require_columns", "require_frame", "save", "interval", "errorbar", "band", "pareto_front", "legend",
-    "log_positive", "sizes", "value_ticks", "tidy_log", "DPI",
+    "log_positive", "sizes", "value_ticks", "tidy_log", "mark_softmax_cost", "DPI",
 ]
 
 DPI = 150
@@ -88,12 +88,14 @@ def _derived(row) -> str:
         return "EVA"
     if est == "control_variates":
         return f"CV {_value(row, 'coefficient', 'shared')}"
+    if est == "local_window":
+        return "local window"
     return str(_value(row, "label", est) or "unknown")
 
 
 def variant(row) -> str:
     """Display name of a result row's estimator variant: "RFA iid", "RFA orthogonal", "RFA qmc", "RFA hyperbolic",
-    "RFA trig", "EVA", "local window" (EVA with chunk_size 0), "softmax", "CV shared|chunked|optimal".
+    "RFA trig", "EVA", "local window" (local_window, or EVA with chunk_size 0), "softmax", "CV shared|chunked|optimal".
 
     A sweep ``label`` is used as the name when it is specific: labels that only repeat the estimator family
     ("rfa", "RFA", "eva", "EVA", ...) give the derived name, so "RFA" rows still split into their samplers.
@@ -337,3 +339,11 @@ def _tick_label(value: float, _pos=None) -> str:
     exponent = math.floor(math.log10(value) + 1e-9)
     mantissa = round(value / 10**exponent)
     return f"$10^{{{exponent}}}$" if mantissa == 1 else f"${mantissa}\\times10^{{{exponent}}}$"
+
+
+def mark_softmax_cost(ax) -> None:
+    """On an x axis of flops_fraction (FLOPs / exact softmax attention's FLOPs), a dotted vertical line at 1:
+    where the estimator costs as much as the softmax it replaces."""
+    ax.axvline(1.0, color="0.35", linestyle=":", linewidth=1.2, zorder=0)
+    ax.annotate("softmax's own cost", (1.0, 0.02), xycoords=("data", "axes fraction"), rotation=90,
+                xytext=(-3, 0), textcoords="offset points", ha="right", va="bottom", fontsize=7, color="0.35")
