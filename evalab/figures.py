@@ -53,11 +53,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "RFA hyperbolic orthogonal": ("#117733", "v"),
     "EVA, samples per chunk": ("#a6761d", "X"),
     "Scatterbrain": ("#6a3d9a", ">"),
-    "Nystromformer": ("#008080", "<"),
-    "Nystromformer, exact pinv": ("#80cdc1", "d"),
+    "Nystromformer": ("#88ccee", "<"),
+    "Nystromformer, exact pinv": ("#882255", "d"),
     "elu+1": ("#999999", "H"),
     "RA": ("#e7298a", "p"),
-    "LARA": ("#66a61e", "8"),
+    "LARA": ("#999933", "8"),
 }
 _EXTRA_COLORS = ("#8c564b", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#843c39", "#7b4173")
 _EXTRA_MARKERS = ("p", "<", ">", "d", "H", "8")
@@ -335,7 +335,7 @@ def ratio_text(num: float, den: float, *, high: float | None = None, percent: bo
         return show(num / den)
     if high is not None and np.isfinite(high) and high > 0:
         bound = show(high / den)
-        return f"{bound if bound.startswith('<') else '< ' + bound} (not resolved from 0)"
+        return f"< {bound.lstrip('<')} (not resolved from 0)"
     return f"{show(0.0)} (not resolved from 0)"
 
 
