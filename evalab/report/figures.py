@@ -286,8 +286,8 @@ def legend(target, names: Iterable[str], *, extra: Iterable = (), **kwargs):
 def softmax_flops(frame: pd.DataFrame) -> np.ndarray:
     """The cost model's FLOPs of one exact softmax attention call (evalab.Softmax) on each row's inputs, from the
     size columns seq_len, key_len, d, dv and batch (key_len and dv default to seq_len and d, batch to 1): (rows,)."""
-    from .cost import estimate_cost
-    from .estimators.softmax import Softmax
+    from ..measure.cost import estimate_cost
+    from ..estimators.softmax import Softmax
 
     require_columns(frame, ["seq_len", "d"], "softmax_flops")
 
