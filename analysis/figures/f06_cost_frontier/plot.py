@@ -73,7 +73,7 @@ def caption(frames):
         "step line. RFA runs over num_features; EVA over window {16, 32, 64} x chunk_size {4, 8, 16} x "
         "samples_per_chunk {1, 4}; local window over window. The dash-dot vertical line is exact softmax's own cost "
         "(the cost model's FLOPs of one exact call; its rel_mse is 0): a point to its right costs more than the "
-        "attention it approximates, which at this small seq_len is true of many of them. "
+        "attention it approximates (counts per variant in the findings). "
         f"Synthetic Gaussian inputs ({fg.sizes(rows)}).",
     ]
     if uncosted:
