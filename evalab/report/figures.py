@@ -34,8 +34,9 @@ __all__ = [
 
 DPI = 150
 
-# Display name -> (colour, marker), in legend order. Colours from seaborn's colour-blind palette; RFA samplers
-# are cool colours, EVA and local attention warm, exact softmax black.
+# Display name -> (colour, marker), in legend order. Colours from seaborn's colour-blind palette (the field of F10
+# partly from Paul Tol's muted one, so that no two of its series share a hue); RFA samplers are cool colours, EVA
+# and local attention warm, exact softmax black.
 VARIANTS: dict[str, tuple[str, str]] = {
     "RFA iid": ("#0173b2", "o"),
     "RFA orthogonal": ("#56b4e9", "s"),
