@@ -32,8 +32,13 @@ def test_bench_tiny_plan_writes_report(tmp_path):
             assert t["repeats"] == 2 and t["min"] <= t["q1"] <= row[key] <= t["q3"] <= t["max"]
             assert t["spread"] == pytest.approx((t["max"] - t["min"]) / row[key], rel=1e-12)
     assert set(saved["load"]) == {"cores", "load_before", "others_share", "busy", "reason"}
-    wide = [w for w in saved["wide_timings"]]
-    assert all(w.split(" ")[0].startswith(("engine[", "scaling[", "performer.")) for w in wide)
+    wide = saved["wide_timings"]  # "path (spread%)", each path naming a timing of the report
+    for entry in wide:
+        path, spread = entry.rsplit(" (", 1)
+        node = saved
+        for part in path.replace("]", "").replace("[", ".").split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert isinstance(node, float) and float(spread.rstrip("%)")) > 100 * bench.WIDE_SPREAD - 1
     text = (tmp_path / "bench.md").read_text()
     assert "Timings: median over repeats" in text and (("**Warning:**" in text) == bool(wide or saved["load"]["busy"]))
     assert "key_variance, N=16" in (tmp_path / "bench.md").read_text()
