@@ -63,7 +63,7 @@ def plot(frames):
             for name, group in fg.by_variant(part):
                 fg.errorbar(ax, group, "flops_fraction", metric, name)
             ax.set_xscale("log")
-            fg.mark_softmax_cost(ax)
+            fg.mark_softmax_cost(ax, 1.0, text="softmax's own cost")
             ax.set_title(f"({next(letters)}) seq_len {n}: {'cosine' if row == 0 else 'last hidden error'}")
             ax.set_xlabel("FLOPs / softmax attention's FLOPs")
             ax.set_ylabel(label)
