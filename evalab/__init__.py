@@ -13,7 +13,7 @@ from .cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
-from .estimators import LocalWindow
+from .estimators import T2R, Hedgehog, LocalWindow
 from .gradient_gap import GradientGap, gradient_gap
 from .intervals import Estimate
 from .model_gap import ModelGap, error_propagation, gap_correlation, model_gap
@@ -34,6 +34,7 @@ __all__ = [
     "Estimate",
     "Estimator",
     "GradientGap",
+    "Hedgehog",
     "LARA",
     "LinearAttention",
     "LocalWindow",
@@ -44,6 +45,7 @@ __all__ = [
     "RFA",
     "Scatterbrain",
     "Softmax",
+    "T2R",
     "attention_matrix",
     "compare",
     "error_propagation",
