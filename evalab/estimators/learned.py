@@ -118,6 +118,14 @@ class LearnedMap(FeatureAttention):
         """q_weight, q_bias, k_weight, k_bias in ``like``'s dtype and device; ``like`` (*b, L, d) must have d = self.d."""
         if like.shape[-1] != self.d:
             raise ValueError(f"q and k have head size {like.shape[-1]}, but {type(self).__name__} has d={self.d}")
+        batch = tuple(like.shape[:-2])
+        try:
+            fits = tuple(torch.broadcast_shapes(self.heads, batch)) == batch
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"the parameters' leading axes heads={self.heads} must broadcast against q's batch axes "
+                             f"{batch} without enlarging them")
         return [t.to(device=like.device, dtype=like.dtype) for t in (self.q_weight, self.q_bias, self.k_weight, self.k_bias)]
 
     def map_flops(self, N: int, M: int, d: int) -> tuple[float, float]:

@@ -139,7 +139,7 @@ class FeatureAttention(NoDraws):
 
     def mixing_weight(self, like: torch.Tensor) -> torch.Tensor:
         """g = sigmoid(gamma) in ``like``'s dtype and device: a scalar tensor, or (*heads) for a per-head gamma."""
-        return torch.sigmoid(torch.as_tensor(self.gamma).to(device=like.device, dtype=like.dtype))
+        return torch.sigmoid(torch.as_tensor(self.gamma, dtype=like.dtype, device=like.device))
 
     def _hybrid(self, inp: Scaled, qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor:
         """Exact window + features outside it, one normaliser (module docstring)."""
