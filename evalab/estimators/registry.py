@@ -103,11 +103,12 @@ def is_builtin(name: str) -> bool:
 
 def estimator_parameters(cls: type) -> dict:
     """The parameters a spec may set on ``cls`` -> their defaults (``REQUIRED`` when there is none): its dataclass
-    fields that ``__init__`` takes, or the keyword parameters of its constructor."""
+    fields that ``__init__`` takes and its repr shows (fields left out of the repr, e.g. learned tensors, are not
+    spec parameters), or the keyword parameters of its constructor."""
     if dataclasses.is_dataclass(cls):
         out = {}
         for f in dataclasses.fields(cls):
-            if not f.init:
+            if not f.init or not f.repr:
                 continue
             if f.default is not dataclasses.MISSING:
                 out[f.name] = f.default
