@@ -225,7 +225,7 @@ def test_checks():
         ev.LinearAttention(feature="gelu")
     with pytest.raises(ValueError, match="shift='max'"):
         ev.LinearAttention(shift="max")
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="window_kind='dilated'"):
         ev.LinearAttention(window=4, window_kind="dilated")
     with pytest.raises(ValueError, match="nu must be >= 1"):
         ev.LinearAttention(feature="dpfp", nu=0)

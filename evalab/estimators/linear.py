@@ -114,7 +114,7 @@ class FeatureAttention(NoDraws):
     def _check_window_fields(self) -> None:
         _checks.boolean("causal", self.causal)
         _checks.real("scale", self.scale, allow_none=True, strict=True)
-        check_window(self.window, self.window_kind)
+        check_window(self.window, self.window_kind, kind_name="window_kind")
         _checks.choice("shift", self.shift, SHIFTS)
         _checks.boolean("affine", self.affine)
         if not isinstance(self.gamma, torch.Tensor):
