@@ -225,7 +225,8 @@ class LinearAttention(FeatureAttention):
     def columns(self, d: int) -> int:
         """Feature columns F: d (elu), d + 1 (relu), 1 + d + d (d + 1) / 2 (taylor), 2 d nu + 1 (dpfp); the + 1 is
         the guard column of maps that can vanish."""
-        return {"elu": d, "relu": d + 1, "taylor": feature_maps.taylor_columns(d), "dpfp": 2 * d * self.nu + 1}[self.feature]
+        columns = {"elu": d, "relu": d + 1, "taylor": feature_maps.taylor_columns(d), "dpfp": 2 * d * self.nu + 1}
+        return columns[self.feature]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) for scaled x (*b, L, d): (*b, L, columns(d)), the guard column included."""
