@@ -212,6 +212,17 @@ def test_hybrid_cost_counts_the_matrix_products(est):
     assert est.cost(N=N, M=M, d=d, dv=dv).flops() - elementwise == counter.get_total_flops()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_hybrid_finite_at_large_logits(causal):
+    """Logits up to 100 (e^100 overflows float32): the log-space combination stays finite and matches float64."""
+    q, k, v = make_qkv(N=40, d=8, dv=4, norm=10.0, seed=10)
+    for est in (ev.LinearAttention(feature="elu", window=8, causal=causal),
+                ev.Hedgehog(d=8, feature_dim=8, window=8, window_kind="block", causal=causal, init="uniform")):
+        ref = est(q, k, v, est.draw(q, k))
+        out = est(q.float(), k.float(), v.float(), est.draw(q, k))
+        assert torch.isfinite(out).all() and (out.double() - ref).abs().max() < 1e-4
+
+
 def test_half_inputs_compute_in_float32():
     q, k, v = make_qkv(N=24, d=8, dv=4, norm=1.5, seed=9)
     for est in (ev.LinearAttention(feature="taylor", window=8), ev.Hedgehog(d=8, feature_dim=8, window=8),

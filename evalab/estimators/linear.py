@@ -20,8 +20,9 @@ with g = sigmoid(gamma) per head, a = 1 - g (``affine=True``, evalab's default) 
 affine_attention_factors=False), and c_n = 0 (``shift="none"``, evalab's: the exact terms are e^{x.y}
 themselves, and g = 1/2 with affine gives the plain sum) or the largest logit in the window (``shift="row_max"``,
 LoLCATs'). The keys outside the window are a prefix [0, lo_n) and (non-causal) a suffix [hi_n, M), summed over
-blocks of queries with a carried state, so no N x M tensor is formed. A window covering every key gives softmax;
-with shift "none", e^{x.y} must stay finite in the compute dtype (|x.y| < 88 in float32).
+blocks of queries with a carried state, so no N x M tensor is formed. The two sums are combined in log space
+(the window's as its logsumexp), so float32 stays finite at any logit size. A window covering every key gives
+softmax.
 """
 from __future__ import annotations
 
@@ -137,10 +138,6 @@ class FeatureAttention(NoDraws):
                              f"{tuple(out.shape[:-2])}; expected them to broadcast against (*b) without enlarging it")
         return out.to(inp.out_dtype).expand(draw.replicates, *out.shape)
 
-    def mixing_weight(self, like: torch.Tensor) -> torch.Tensor:
-        """g = sigmoid(gamma) in ``like``'s dtype and device: a scalar tensor, or (*heads) for a per-head gamma."""
-        return torch.sigmoid(torch.as_tensor(self.gamma, dtype=like.dtype, device=like.device))
-
     def _hybrid(self, inp: Scaled, qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor:
         """Exact window + features outside it, one normaliser (module docstring)."""
         N, M, dv = inp.x.shape[-2], inp.y.shape[-2], inp.v.shape[-1]
@@ -151,11 +148,13 @@ class FeatureAttention(NoDraws):
         outside = prefix_sums(qf, kf, v1, lo, block)
         if not self.causal:  # the suffix [hi_n, M) is a prefix of the reversed keys, for the reversed queries
             outside = outside + prefix_sums(qf.flip(-2), kf.flip(-2), v1.flip(-2), (M - hi)[::-1].copy(), block).flip(-2)
-        g = self.mixing_weight(inp.x).unsqueeze(-1)  # (*heads, 1): broadcasts against (*b, N)
-        mass = g * torch.exp(lse - top if self.shift == "row_max" else lse)  # (*b, N)
-        rest = outside * (1 - g).unsqueeze(-1) if self.affine else outside
-        numerator = mass.unsqueeze(-1) * inside + rest[..., :dv]
-        return numerator / (mass + rest[..., dv]).unsqueeze(-1)
+        gamma = torch.as_tensor(self.gamma, dtype=inp.x.dtype, device=inp.x.device).unsqueeze(-1)  # (*heads, 1)
+        log_mass = torch.nn.functional.logsigmoid(gamma) + (lse - top if self.shift == "row_max" else lse)  # (*b, N)
+        rest = outside * torch.sigmoid(-gamma).unsqueeze(-1) if self.affine else outside  # 1 - g = sigmoid(-gamma)
+        # both sums divided by e^c, c the larger log-mass (it cancels): finite in float32 at any logit size
+        c = torch.maximum(log_mass, torch.log(rest[..., dv])).detach()
+        mass, rest = torch.exp(log_mass - c), rest * torch.exp(-c).unsqueeze(-1)
+        return (mass.unsqueeze(-1) * inside + rest[..., :dv]) / (mass + rest[..., dv]).unsqueeze(-1)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
         """All deterministic, with F = columns(d) feature columns; the maps' own FLOPs from map_flops.
