@@ -73,6 +73,17 @@ def test_hedgehog_literal(variant):
         assert out[n].tolist() == pytest.approx(literal, rel=1e-13, abs=0)
 
 
+def test_rebased_kernel_literal():
+    """(z_x.z_y)^2 / d with z = layer_norm(x) * w + b written out (biased variance, epsilon 1e-5)."""
+    x, y, w, b = gaussian(5, 6, seed=12), gaussian(7, 6, seed=13), gaussian(6, seed=14), gaussian(6, seed=15)
+
+    def z(t):
+        return (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5) * w + b
+
+    kernel = fm.rebased(x, w, b) @ fm.rebased(y, w, b).T
+    assert (kernel - (z(x) @ z(y).T) ** 2 / 6).abs().max() < 1e-12 * kernel.abs().max()
+
+
 def reference(est, q, k, v):
     """A_nm = g e^{l_nm - c_n} in the window, a phi(x_n).psi(y_m) outside it (causal: m <= n), Y = A v / A 1,
     the N x M way in float64 from the literal maps; g, a and c_n as the estimator's fields say."""
@@ -90,6 +101,10 @@ def reference(est, q, k, v):
         if isinstance(est, ev.T2R):
             phi = lambda t: torch.relu(t @ p["q_weight"].transpose(-1, -2) + p["q_bias"].unsqueeze(-2))  # noqa: E731
             psi = lambda t: torch.relu(t @ p["k_weight"].transpose(-1, -2) + p["k_bias"].unsqueeze(-2))  # noqa: E731
+            eps = RELU_EPS
+        elif isinstance(est, ev.ReBased):
+            phi = lambda t: fm.rebased(t, p["q_weight"], p["q_bias"])  # noqa: E731
+            psi = lambda t: fm.rebased(t, p["k_weight"], p["k_bias"])  # noqa: E731
             eps = RELU_EPS
         else:
             phi = lambda t: fm.hedgehog(t, p["q_weight"], p["q_bias"], est.variant)  # noqa: E731
@@ -131,6 +146,8 @@ ESTIMATORS = [
     ev.Hedgehog(d=6, feature_dim=4, init="uniform", seed=1),
     ev.Hedgehog(d=6, feature_dim=4, init="uniform", variant="joint_softmax", window=8, window_kind="block"),
     ev.Hedgehog(d=6, feature_dim=6, variant="exp", window=9, window_kind="sliding", shift="row_max"),
+    dataclasses.replace(ev.ReBased(d=6), q_weight=gaussian(6, seed=16), k_bias=gaussian(6, seed=17)),
+    ev.ReBased(d=6, window=8, window_kind="block"),
 ]
 
 

@@ -81,3 +81,12 @@ def test_fla_modules_as_estimators():
     scaled = dataclasses.replace(hh, q_weight=hh.q_weight * D**0.25, k_weight=hh.k_weight * D**0.25)
     with torch.no_grad():
         assert close(wrapped(q, k, v, wrapped.draw(q, k)), scaled(q, k, v, scaled.draw(q, k)))
+
+
+def test_rebased_equals_fla():
+    """fla's RebasedFeatureMap: layer norm (epsilon 1e-5), then [z_i^2 / sqrt d, z_i z_j sqrt(2/d)], evalab's
+    order. Its fused layer norm with learned weight and bias needs Triton on a GPU; without them it runs on CPU and
+    equals evalab's map at weight 1, bias 0 (the released initialisation)."""
+    module = feature_map.RebasedFeatureMap(D, use_gamma=False, use_beta=False)
+    x = fla_inputs(8)
+    assert close(fm.rebased(x, torch.ones(D), torch.zeros(D)), module(x))

@@ -10,7 +10,7 @@ from conftest import make_qkv
 from evalab.testing import check_estimator, check_instances
 
 
-@pytest.mark.parametrize("cls", [ev.T2R, ev.Hedgehog])
+@pytest.mark.parametrize("cls", [ev.T2R, ev.Hedgehog, ev.ReBased])
 def test_check_estimator(cls):
     for est in check_instances(cls):
         check_estimator(est)
@@ -52,6 +52,8 @@ def test_parameter_checks():
         dataclasses.replace(est, k_bias=[0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="heads="):
         ev.T2R(heads=(0,))
+    with pytest.raises(ValueError, match="feature_dim = d"):
+        ev.ReBased(d=4, feature_dim=8)
     with pytest.raises(ValueError, match="variant='relu'"):
         ev.Hedgehog(variant="relu")
     q, k, v = make_qkv(N=6, d=8)
@@ -66,7 +68,8 @@ def test_parameter_checks():
 @pytest.mark.parametrize("est", [ev.Hedgehog(d=3, feature_dim=3, init="uniform", window=3, window_kind="sliding"),
                                  ev.Hedgehog(d=3, feature_dim=2, variant="joint_softmax", causal=True),
                                  ev.T2R(d=3, feature_dim=4, window=3, window_kind="block", causal=True,
-                                        shift="row_max", affine=False)], ids=repr)
+                                        shift="row_max", affine=False),
+                                 ev.ReBased(d=3, window=3, window_kind="sliding", causal=True)], ids=repr)
 def test_differentiable_in_the_parameters(est):
     """gradcheck in float64: the call is a pure function of the parameters (no in-place op on them)."""
     q, k, v = make_qkv(N=8, d=3, dv=2, norm=1.2, seed=3)

@@ -7,7 +7,7 @@ from .control_variates import ControlVariates, ControlVariateTerms
 from .draw import Draw
 from .eva import EVA
 from .lara import LARA
-from .learned import T2R, Hedgehog
+from .learned import T2R, Hedgehog, ReBased
 from .linear import LinearAttention
 from .nystrom import Nystrom
 from .ra import RA
@@ -19,4 +19,4 @@ from .window import LocalWindow
 __all__ = ["ControlVariateTerms", "ControlVariates", "Cost", "Draw", "EVA", "Estimator", "LARA", "RA", "RFA", "Softmax",
            "features", "softmax_attention"]
 __all__ += ["LinearAttention", "Nystrom", "Scatterbrain"]
-__all__ += ["FeatureMapAttention", "Hedgehog", "LocalWindow", "T2R"]
+__all__ += ["FeatureMapAttention", "Hedgehog", "LocalWindow", "ReBased", "T2R"]

@@ -5,8 +5,8 @@ exp(x.y), so the gap it leaves does not shrink with any budget; it is the baseli
   Y_n = sum_m phi(x_n).psi(y_m) v_m / sum_m phi(x_n).psi(y_m)       (causal: m <= n)
 
 on scaled coordinates x = sqrt(scale) q, y = sqrt(scale) k; phi = psi for the fixed maps of
-evalab.estimators.feature_maps (elu + 1, relu, taylor, dpfp), separate for the learned ones (T2R, Hedgehog).
-relu, dpfp and t2r features can meet no key at all (phi(x_n).psi(y_m) = 0 for every m); their kernel is then
+evalab.estimators.feature_maps (elu + 1, relu, taylor, dpfp), separate for the learned ones (T2R, Hedgehog,
+ReBased). relu, dpfp, t2r and rebased features can meet no key at all (phi(x_n).psi(y_m) = 0 for every m); their kernel is then
 taken as phi(x).psi(y) + RELU_EPS (one constant feature column sqrt(RELU_EPS) on both sides), so such a query
 attends uniformly over its keys instead of dividing 0 by 0.
 

@@ -17,7 +17,7 @@ import inspect
 from .control_variates import ControlVariates
 from .eva import EVA
 from .lara import LARA
-from .learned import T2R, Hedgehog
+from .learned import T2R, Hedgehog, ReBased
 from .linear import LinearAttention
 from .nystrom import Nystrom
 from .ra import RA
@@ -29,7 +29,8 @@ from .window import LocalWindow
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
                "ra": RA, "lara": LARA,
                "nystrom": Nystrom, "linear_attention": LinearAttention, "scatterbrain": Scatterbrain}
-ESTIMATORS.update({"local_window": LocalWindow, "t2r": T2R, "hedgehog": Hedgehog})
+ESTIMATORS.update({"local_window": LocalWindow, "t2r": T2R, "hedgehog": Hedgehog,
+                   "rebased": ReBased})
 ENTRY_POINTS = "evalab.estimators"
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
 
