@@ -30,7 +30,7 @@ def test_key_variance_equals_the_variance_of_the_terms():
         reference = est.terms(q, k, v, draw).ghat.var(0).sum(-1)
         torch.testing.assert_close(unblocked.variance[label], reference, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(blocked.variance[label], reference, rtol=1e-10, atol=1e-14)
-    assert float(unblocked.variance["optimal"].abs().max()) == 0.0  # ghat_m = E[h_m] v_m for every draw
+    assert float(unblocked.variance["optimal"].abs().max()) < 1e-24  # ghat_m = E[h_m] v_m for every draw (zero up to rounding)
 
 
 def test_key_variance_memory_error():
