@@ -74,7 +74,7 @@ def memory(what: str, needed: float, max_memory: float, bound: str) -> None:
 def finite(name: str, value: torch.Tensor) -> None:
     """Raise if ``value`` holds nan or inf. A finite sum proves every element finite (nan and inf propagate) at
     a fraction of an elementwise check's cost; only a non-finite sum (perhaps an overflow) is looked at closely."""
-    total = value.sum(dtype=torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else None)
+    total = value.detach().sum(dtype=torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else None)
     if not math.isfinite(float(total)) and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
 
