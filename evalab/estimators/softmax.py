@@ -58,10 +58,7 @@ def softmax_attention(
     casts = sum(t.numel() for t in (q, k, v) if t.dtype != ct) * itemsize
     needed = casts + softmax_bytes(N=N, M=M, dv=dv, batch=batch, itemsize=itemsize, block_elements=block_elements,
                                    holds_logits=not fused_on_device)
-    if max_memory is None:
-        from ..monte_carlo import DEFAULT_MAX_MEMORY
-
-        max_memory = DEFAULT_MAX_MEMORY
+    max_memory = _checks.DEFAULT_MAX_MEMORY if max_memory is None else max_memory
     _checks.memory(f"softmax_attention on batch x N x M x dv = {batch} x {N} x {M} x {dv}", needed,
                    _checks.real("max_memory", max_memory, strict=True),
                    "pass fewer queries (N), keys (M) or batch elements, a smaller block_elements, or raise max_memory")

@@ -69,10 +69,7 @@ def gaussian(
         raise ValueError(f"batch must be a tuple of positive ints, got {batch!r}")
     s = _checks.resolve_scale(scale, d)
     dtype = _checks.float_dtype("dtype", dtype)
-    if max_memory is None:
-        from ..monte_carlo import DEFAULT_MAX_MEMORY
-
-        max_memory = DEFAULT_MAX_MEMORY
+    max_memory = _checks.DEFAULT_MAX_MEMORY if max_memory is None else max_memory
     needed = gaussian_bytes(seq_len=seq_len, d=d, dv=dv, batch=batch, key_len=key_len,
                             itemsize=torch.finfo(dtype).bits // 8)
     _checks.memory(f"inputs.gaussian with batch={batch!r}, seq_len={seq_len}, key_len={key_len}, d={d}, dv={dv}", needed,

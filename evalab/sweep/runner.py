@@ -22,9 +22,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import registry
+from .. import _checks
+from ..estimators import registry
+from ..inputs import kinds
 from ..inputs.synthetic import gaussian_bytes
-from ..monte_carlo import DEFAULT_MAX_MEMORY, monte_carlo, plan_batches
+from ..measure.monte_carlo import monte_carlo, plan_batches
 from . import store
 from .spec import Cell, Spec, SpecError, check_device, input_parameters, load_spec, parse_spec
 
@@ -86,7 +88,7 @@ def build_inputs(cell: Cell, device, dtype: torch.dtype, max_memory: float | Non
         params["seed"] = cell.input_seed
     if max_memory is not None and "max_memory" in input_parameters(cell.kind):
         params["max_memory"] = max_memory
-    return registry.make_inputs(cell.kind, **params).to(device=device, dtype=dtype)
+    return kinds.make_inputs(cell.kind, **params).to(device=device, dtype=dtype)
 
 
 #: Peak bytes of building an input kind's workload from a cell's inputs (kinds whose sizes a spec gives).
@@ -99,7 +101,7 @@ def check_memory(cells: list[Cell], max_memory: float | None, device: str = "cpu
     """Refuse, before any input is built, a sweep with a cell whose inputs and Monte-Carlo run (one replicate
     per batch) cannot fit in ``max_memory`` bytes (the spec's max_memory_gb; default 2 GiB): a SpecError naming
     the cell, the size and max_memory_gb. Cells of input kinds without a size model are not checked."""
-    budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
+    budget = _checks.DEFAULT_MAX_MEMORY if max_memory is None else max_memory
     limit = f"max_memory_gb={budget / 2**30:.3g}" + (" (the default)" if max_memory is None else "")
     for cell in cells:
         sizes = INPUT_BYTES.get(cell.kind)
@@ -179,7 +181,7 @@ def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
     if error is None:
         try:
             if cell.kind == "model":  # the estimator inside a pretrained model, end to end (evalab.model_gap)
-                from ..model_gap import sweep_row
+                from ..measure.model_gap import sweep_row
 
                 row.update(sweep_row(registry.make_estimator(_buildable_name(cell), **cell.params), cell))
             else:
