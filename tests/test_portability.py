@@ -39,13 +39,14 @@ def _names(target: ast.AST) -> list[str]:
     return [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]
 
 
-def _tainted_names(tree: ast.AST) -> set[str]:
-    """Names bound to float literals (directly or in literal containers), and loop variables over them."""
-    tainted: set[str] = set()
+def _tainted_names(nodes: list[ast.AST], tainted: set[str]) -> set[str]:
+    """``tainted`` plus the names the statements ``nodes`` bind to float literals (directly or in literal
+    containers), and loop variables over them."""
+    tainted = set(tainted)
     changed = True
     while changed:  # a loop over a tainted name taints its targets; repeat until nothing new
         changed = False
-        for node in ast.walk(tree):
+        for node in (n for top in nodes for n in ast.walk(top)):
             if isinstance(node, ast.Assign) and _has_float(node.value, tainted):
                 new = {n for t in node.targets for n in _names(t)} - tainted
             elif isinstance(node, (ast.For, ast.comprehension)) and _has_float(node.iter, tainted):
@@ -57,17 +58,26 @@ def _tainted_names(tree: ast.AST) -> set[str]:
     return tainted
 
 
-def float_equalities(source: str) -> list[int]:
-    """Line numbers in ``source`` where a value is held to float constants with exact equality."""
-    tree = ast.parse(source)
-    tainted = _tainted_names(tree)
-    lines = source.splitlines()
-    asserted = {id(n) for stmt in ast.walk(tree) if isinstance(stmt, ast.Assert) for n in ast.walk(stmt.test)}
+def _exempt(node: ast.AST) -> bool:
+    """An operand that makes an equality harmless: ``pytest.approx(...)``, or a literal int, string, bool or None."""
+    if isinstance(node, ast.Call):
+        func = node.func
+        return (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)) == "approx"
+    if isinstance(node, ast.UnaryOp):
+        return _exempt(node.operand)
+    return isinstance(node, ast.Constant) and not isinstance(node.value, float)
+
+
+def _offences(nodes: list[ast.AST], tainted: set[str], lines: list[str]) -> list[int]:
+    """Lines in the statements ``nodes`` (not in nested functions) that compare float constants exactly."""
+    asserted = {id(n) for top in nodes for stmt in ast.walk(top) if isinstance(stmt, ast.Assert)
+                for n in ast.walk(stmt.test)}
     found = []
-    for node in ast.walk(tree):
+    for node in (n for top in nodes for n in ast.walk(top)):
         if isinstance(node, ast.Compare) and id(node) in asserted:
             operands = [node.left, *node.comparators]
-            hit = any(isinstance(op, (ast.Eq, ast.NotEq)) and (_has_float(a, tainted) or _has_float(b, tainted))
+            hit = any(isinstance(op, (ast.Eq, ast.NotEq)) and not (_exempt(a) or _exempt(b))
+                      and (_has_float(a, tainted) or _has_float(b, tainted))
                       for op, a, b in zip(node.ops, operands, operands[1:]))
         elif isinstance(node, ast.Call):
             func = node.func
@@ -79,6 +89,23 @@ def float_equalities(source: str) -> list[int]:
             continue
         if hit and "# exact:" not in lines[node.lineno - 1]:
             found.append(node.lineno)
+    return found
+
+
+def float_equalities(source: str) -> list[int]:
+    """Line numbers in ``source`` where a value is held to float constants with exact equality. Names bound at
+    module level count everywhere; names bound in a function count in that function."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+    inner = {id(n) for f in functions for n in ast.walk(f) if n is not f}
+    module = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    module_tainted = _tainted_names(module, set())
+    found = _offences(module, module_tainted, lines)
+    for f in functions:
+        if id(f) in inner:  # nested functions are walked with their enclosing one
+            continue
+        found += _offences([f], _tainted_names([f], module_tainted), lines)
     return sorted(set(found))
 
 
@@ -90,7 +117,8 @@ def test_no_exact_float_equality_in_the_suite():
 
 
 def test_the_lint_catches_planted_comparisons():
-    """Each planted line is caught; ints, approx, same-run comparisons and marked exact lines are not."""
+    """Each planted line is caught; ints, approx, same-run comparisons, marked exact lines and names bound to
+    floats in another function are not."""
     planted = textwrap.dedent("""
         import torch, pytest
         import numpy as np
@@ -116,6 +144,10 @@ def test_the_lint_catches_planted_comparisons():
             assert item.scale == 0.5  # exact: the scale passed in, never computed
             if norm == 12.0:
                 pass
+            assert EXPECTED != pytest.approx(0.2) and recorded[0][1][0] == 22
+            assert local == other  # bound to floats in another function only
+        def helper():
+            local = [0.5]
     """)
     lines = planted.splitlines()
     caught = {lines[i - 1].strip() for i in float_equalities(planted)}
