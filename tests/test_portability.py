@@ -1,12 +1,13 @@
 """The suite passes on any CPU: no test holds a float to a recorded constant bit for bit.
 
-CPU kernels (AVX-512, AVX2, the scalar fallback, one thread or many) round differently in the last bit, so a
-float compared with ``==`` against a literal passes only where it was recorded. This lint reads every test file
-and fails on an ``assert`` that compares with ``==``/``!=`` a float literal or a name bound to float literals
-(``recorded = [(0.1, ...)]``; ``for kwargs, values in recorded``), and on a float constant passed to an
-exact-equality helper (``torch.equal``, ``np.array_equal``, ``np.testing.assert_array_equal``/``assert_equal``). Int literals
-are not flagged. A comparison that is exact by construction (a parameter passed through unchanged) says so with
-an ``# exact: <reason>`` comment on its line.
+CPU kernels (AVX-512, AVX2, the scalar fallback, one thread or many) round differently, so a float compared
+with ``==`` against a literal passes only where it was recorded. This lint reads every test file and fails on an
+``assert`` that compares with ``==``/``!=`` a float literal or a name bound to float literals
+(``recorded = [(0.1, ...)]``; ``for kwargs, values in recorded``; a name bound in a function counts in that
+function), and on a float constant passed to an exact-equality helper (``torch.equal``, ``np.array_equal``,
+``np.testing.assert_array_equal``/``assert_equal``). Comparisons with int literals or ``pytest.approx`` are not
+flagged. A comparison that is exact by construction (a value passed through or selected, never computed) says
+so with an ``# exact: <reason>`` comment on its line.
 """
 from __future__ import annotations
 
