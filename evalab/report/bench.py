@@ -4,12 +4,8 @@ Sections: (a) the vectorised Monte-Carlo engine against the natural per-replicat
 achieved FLOP/s (by the cost model) against a plain matmul measured in the same run; (c) forward time and peak
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
 on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
-<<<<<<< HEAD
 memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) ``model_gap`` over 16 held-out passages of
-512 tokens, 4 replicates, 2 threads (exact runs uncached, then cached). Prints a markdown table, writes bench.json and
-bench.png into ``out``.
-=======
-memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses. Prints a markdown table, writes bench.json,
+512 tokens, 4 replicates, 2 threads (exact runs uncached, then cached). Prints a markdown table, writes bench.json,
 bench.md and bench.png into ``out`` (default: a new folder under the user cache, :func:`default_out`).
 
 Noise and signal: every timing goes through :func:`_time`, which returns a :class:`Timing` (a float, the median
@@ -17,7 +13,6 @@ over the repeats, that carries the repeats). :func:`run_bench` finds every Timin
 next to it (``<key>_timing``: min, quartiles, max, repeats, spread) and lists the timings whose spread is too wide
 to trust; it also measures how busy the machine was (:class:`Load`). The markdown starts with these warnings, and
 :func:`time_cell` prints a timing with its spread, so a new section gets both by timing through ``_time``.
->>>>>>> main
 """
 from __future__ import annotations
 
@@ -78,11 +73,8 @@ class Plan:
     memory: bool = True  # peak memory per forward (a fresh process per point on CPU)
     attribution_seq_len: int = 256  # (e): key_variance at N = M = this, d = 64, S = 64, chunk_size 16, R = 256
     model_texts: int = 100  # (f): model_gap over this many verses (0: skip)
-<<<<<<< HEAD
     model_passages: int = 16  # (g): model_gap over this many held-out passages of 512 tokens (0: skip)
-=======
     repeats: int = 3  # timed repeats per measurement after a warm-up (2 from seq_len 16384 on in (c))
->>>>>>> main
 
 
 PLANS = {
@@ -90,11 +82,7 @@ PLANS = {
     "quick": Plan(engine=((128, 1000, 200), (2048, 100, 10)), lengths=(1024, 2048, 4096, 8192), slope_from=1024,
                   performer_seq_len=1024),
     "tiny": Plan(engine=((16, 8, 4),), lengths=(64, 128), slope_from=64, performer_seq_len=64, matmul_n=64,
-<<<<<<< HEAD
-                 memory=False, attribution_seq_len=16, model_texts=0, model_passages=0),
-=======
-                 memory=False, attribution_seq_len=16, model_texts=0, repeats=2),
->>>>>>> main
+                 memory=False, attribution_seq_len=16, model_texts=0, model_passages=0, repeats=2),
 }
 
 
@@ -451,7 +439,6 @@ def bench_model(plan: Plan) -> dict | None:
             "embedding_cosine": res.embedding_cosine.value}
 
 
-<<<<<<< HEAD
 PASSAGE_LEN = 512
 
 
@@ -480,7 +467,8 @@ def bench_model_passages(plan: Plan) -> dict | None:
     return {"passages": plan.model_passages, "seq_len": PASSAGE_LEN, "replicates": 4, "threads": 2,
             "seconds": cold, "cached_seconds": warm, "embedding_cosine": res.embedding_cosine.value,
             "flops_fraction": res.flops_fraction}
-=======
+
+
 def warnings(report: dict) -> list[str]:
     """One line per reason to distrust the report's timings: a busy machine, timings too wide to trust."""
     out = []
@@ -494,7 +482,6 @@ def warnings(report: dict) -> list[str]:
                    f"(marked !; numbers derived from them are marked ? and are noise, not signal): "
                    + ", ".join(wide[:8]) + (", ..." if len(wide) > 8 else ""))
     return out
->>>>>>> main
 
 
 def markdown(report: dict) -> str:
@@ -595,14 +582,10 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path | None
     report["performer"] = bench_performer(dev, sizes)
     report["attribution"] = bench_attribution(dev, sizes)
     report["model"] = bench_model(sizes)
-<<<<<<< HEAD
     report["model_passages"] = bench_model_passages(sizes)
-    out = Path(out)
-=======
     report["load"] = load.report()
     report["wide_timings"] = spread_report(report)
     out = default_out(plan) if out is None else Path(out)
->>>>>>> main
     out.mkdir(parents=True, exist_ok=True)
     report["out"] = str(out.resolve())
     (out / "bench.json").write_text(json.dumps(report, indent=2))
