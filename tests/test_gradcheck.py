@@ -38,13 +38,16 @@ SMALL = {
     "scatterbrain": [dict(window=w, support=s, num_features=3, feature_map=m, causal=c)
                      for w, s, m, c in ((2, "block", "positive", False), (3, "sliding", "hyperbolic", True),
                                         (0, "block", "positive", False), (3, "sliding", "positive", False))],
+    "local_window": [dict(window=2, kind="block"), dict(window=3, kind="sliding", causal=True)],
+    "t2r": [dict(d=4, feature_dim=3), dict(d=4, feature_dim=3, causal=True, window=2)],
+    "hedgehog": [dict(d=4, feature_dim=3), dict(d=4, feature_dim=3, window=3, window_kind="block")],
+    "rebased": [dict(d=4), dict(d=4, causal=True, window=2)],
 }
 
 
 def cases():
-    for name, cls in registry.ESTIMATORS.items():
-        for i, params in enumerate(SMALL.get(name, [{}])):
-            yield pytest.param(name, params, id=f"{name}-{i}")
+    return [pytest.param(name, params, id=f"{name}-{i}")
+            for name, cls in registry.ESTIMATORS.items() for i, params in enumerate(SMALL.get(name, [{}]))]
 
 
 @pytest.fixture(scope="module")

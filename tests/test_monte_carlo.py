@@ -9,7 +9,7 @@ import torch
 import evalab as ev
 from conftest import make_qkv
 from evalab.estimators.draw import seeded_generator
-from evalab.monte_carlo import NOISE_BLOCK, iter_draws
+from evalab.measure.monte_carlo import NOISE_BLOCK, iter_draws
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def test_bad_arguments(small):
         ev.monte_carlo(est, q, k, v, replicates=1)
     with pytest.raises(ValueError, match="reference must have shape"):
         ev.monte_carlo(est, q, k, v, replicates=4, reference=torch.zeros(3))
-    with pytest.raises(MemoryError, match="one replicate needs"):
+    with pytest.raises(MemoryError, match=r"monte_carlo \(N=10, .*one replicate per batch\) needs about .* raise max_memory"):
         ev.monte_carlo(est, q, k, v, replicates=4, max_memory=100)
     with pytest.raises(ValueError, match="at least two"):
         ev.compare({"a": est}, q, k, v, replicates=4)
@@ -202,8 +202,8 @@ def test_per_batch_frame_and_attention_matrix():
 
 def test_batch_size_rules():
     """Batches are cache-sized, grow to amortise per-call deterministic work, and never exceed max_memory."""
-    from evalab.cost import Cost
-    from evalab.monte_carlo import CPU_WORKING_SET, batch_size
+    from evalab.measure.cost import Cost
+    from evalab.measure.monte_carlo import CPU_WORKING_SET, batch_size
 
     quarter = CPU_WORKING_SET / 4
     assert batch_size(Cost(0.0, 1e6, 0.0, quarter), 1000, 2**40) == 4  # four replicates fill the working set
@@ -213,6 +213,23 @@ def test_batch_size_rules():
     assert batch_size(Cost(0.0, 1e6, 0.0, quarter), 1000, 2**40, device="cuda") == 128  # 1 GiB on accelerators
     with pytest.raises(MemoryError, match="one replicate needs"):
         batch_size(Cost(0.0, 1e6, 0.0, quarter), 10, quarter / 2)
+
+
+def test_progress_shows_the_reference_and_the_replicates(capsys):
+    """progress=True draws a bar for the exact reference (query blocks) and one for the replicates, each with its
+    count and a rate/ETA field from the first update; progress=False prints nothing."""
+    q, k, v = make_qkv(N=16, d=4, dv=3)
+    ev.monte_carlo(ev.RFA(num_features=4), q, k, v, replicates=70, progress=True)
+    err = capsys.readouterr().err
+    assert "exact softmax attention:   0%" in err and "exact softmax attention: 100%" in err and "16/16" in err
+    assert "monte_carlo rfa: 100%" in err and "70/70" in err and "replicate/s" in err
+    assert "<" in err.split("monte_carlo rfa")[-1]  # tqdm's [elapsed<remaining] ETA field
+    ev.monte_carlo(ev.RFA(num_features=4), q, k, v, replicates=70)
+    assert capsys.readouterr().err == ""
+    ev.softmax_attention(q, k, v, progress=True, block_elements=64)  # 4 queries per block
+    err = capsys.readouterr().err
+    assert "exact softmax attention:   0%" in err and "0/16" in err  # shown before the first block ends
+    assert "16/16" in err
 
 
 class _RecordingDraws:
@@ -262,14 +279,14 @@ def test_noise_batch_size_at_72_heads():
     """EVA at N = 4096, chunk 8, d = 64, 72 heads with their own noise: a block of 64 replicates is about 1.2 GB
     of float64 noise, which with the call's own working memory is over the default 2 GiB budget; the engine's
     batches, drawn in pieces, stay inside it with their noise."""
-    from evalab.cost import estimate_cost
-    from evalab.monte_carlo import draws_in_pieces, noise_batch_size
+    from evalab.measure.cost import estimate_cost
+    from evalab.measure.monte_carlo import draws_in_pieces, noise_batch_size
 
     est, budget = ev.EVA(window=64, chunk_size=8, shared_noise=False), 2 * 2**30
     q = torch.zeros(()).expand(72, 4096, 64)  # the shapes only
     numbers = math.prod(est.noise_layout(q, q))
     cost = estimate_cost(est, N=4096, M=4096, d=64, dv=64, batch=72, itemsize=4)
     assert NOISE_BLOCK * numbers * 8 > 2**30 and cost.fixed_bytes + NOISE_BLOCK * numbers * 8 > budget
-    b = noise_batch_size(cost, est, q, q, 256, budget, itemsize=4)
-    assert b < NOISE_BLOCK and draws_in_pieces(est, q, q, b)
+    b = noise_batch_size(cost, est, numbers, 256, budget, itemsize=4)
+    assert b < NOISE_BLOCK and draws_in_pieces(est, numbers, b, "cpu")
     assert cost.fixed_bytes + b * (cost.replicate_bytes + numbers * (8 + 4)) <= budget

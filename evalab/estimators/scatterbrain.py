@@ -4,11 +4,11 @@
   Y_n = [ sum_{m in E_n} e^{l_nm} v_m + sum_{m not in E_n} phi(x_n).phi(y_m) v_m ]
         / [ sum_{m in E_n} e^{l_nm} + sum_{m not in E_n} phi(x_n).phi(y_m) ]
 
-The support E_n is the interval of keys [lo_n, hi_n): support "block", EVA's block-local windows (the block of
-``window`` positions holding n, as in the EVA authors' re-implementation); "sliding", the keys m with
-m - n in [-floor(w/2), ceil(w/2)) (the Scatterbrain authors' SBLocalAttention). Causal: keys m <= n only, the
-support cut at n and the random features over the past keys before it. window = 0 gives RFA, a support holding
-every key gives softmax.
+The support E_n is the window of keys [lo_n, hi_n) of evalab.estimators.window: support "block", EVA's
+block-local windows (the block of ``window`` positions holding n, as in the EVA authors' re-implementation);
+"sliding", the keys m with m - n in [-floor(w/2), ceil(w/2)) (the Scatterbrain authors' SBLocalAttention), causal
+the w keys ending at n. Causal: keys m <= n only, the random features over the past keys before the support.
+window = 0 gives RFA, a support holding every key gives softmax.
 
 The complement of an interval is a prefix [0, lo_n) and a suffix [hi_n, M); both are summed in log space over
 blocks of queries, each block with the running sums of the keys before it (the suffix on the reversed
@@ -31,12 +31,9 @@ from .base import Cost
 from .draw import Draw
 from .features import OmegaDraws, log_features, num_columns
 from .scaled import Scaled
+from .window import KINDS
+from .window import bounds, finite, local_attention, query_block, span
 
-SUPPORTS = ("block", "sliding")
-#: Queries per block of the prefix/suffix sums (each block: a state over the keys before it, pairs for the rest);
-#: the block support uses its window blocks instead when they are 8 to 128 positions long (then no pairs are
-#: formed at all).
-QUERY_BLOCK = 32
 #: Elements of the pairwise log-kernel (replicates x batch x queries x keys x feature columns) per group of
 #: query blocks in the prefix/suffix sums.
 PAIR_ELEMENTS = 2**22
@@ -63,35 +60,23 @@ class Scatterbrain(OmegaDraws):
 
     def __post_init__(self) -> None:
         _checks.integer("window", self.window, minimum=0)
-        _checks.choice("support", self.support, SUPPORTS)
+        _checks.choice("support", self.support, KINDS)
         self._check_omega_fields(("positive", "hyperbolic"))
         _checks.real("scale", self.scale, allow_none=True, strict=True)
 
     def bounds(self, N: int, M: int) -> tuple[np.ndarray, np.ndarray]:
-        """The support of every query, keys [lo_n, hi_n) (before the causal cut), both non-decreasing in n: (N,) each."""
-        n = np.arange(N)
-        if self.window == 0:  # empty support, placed where the causal prefix ends
-            lo = np.minimum(n + 1, M)
-            return lo, lo
-        if self.window > 0 and N != M:
-            raise ValueError(f"window={self.window} needs self-attention (N == M), got N={N}, M={M}")
-        w = self.window
-        if self.support == "block":
-            lo = (n // w) * w
-            return lo, np.minimum(lo + w, M)
-        return np.maximum(n - w // 2, 0), np.minimum(n + (w + 1) // 2, M)
+        """The support of every query, keys [lo_n, hi_n) (causal: cut at n), both non-decreasing in n: (N,) each."""
+        return bounds(self.window, self.support, N, M, causal=self.causal)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
         omega = draw.for_estimator(self, q, k, inp.x)
         N, M = q.shape[-2], k.shape[-2]
         lo, hi = self.bounds(N, M)
-        if self.causal:
-            hi = np.minimum(hi, np.arange(N) + 1)
         # (R, *b, L, F), contiguous: every later pass runs along positions
         lq, lk = (log_features(t, omega, self.feature_map).contiguous() for t in (inp.x, inp.y))
         block = self.query_block()
-        parts = [_support(inp, lo, hi, block), _outside(lq, lk, inp.v, lo, block)]
+        parts = [local_attention(inp.x, inp.y, inp.v, lo, hi, block), _outside(lq, lk, inp.v, lo, block)]
         if not self.causal:
             # the suffix [hi_n, M) is a prefix of the reversed keys, for the reversed queries
             lse, average = _outside(lq.flip(-2), lk.flip(-2), inp.v.flip(-2), (M - hi)[::-1].copy(), block)
@@ -101,9 +86,8 @@ class Scatterbrain(OmegaDraws):
         return out.to(inp.out_dtype)
 
     def query_block(self) -> int:
-        """Queries per block of the prefix/suffix sums: the window for a block support of 8 to 128 positions (each
-        block's bound is then constant), QUERY_BLOCK otherwise."""
-        return self.window if self.support == "block" and 8 <= self.window <= 128 else QUERY_BLOCK
+        """Queries per block of the support and of the prefix/suffix sums: evalab.estimators.window.query_block."""
+        return query_block(self.window, self.support)
 
     @property
     def columns(self) -> int:
@@ -125,11 +109,9 @@ class Scatterbrain(OmegaDraws):
         padded logits and weights, one group's pairs, and the output."""
         F = self.columns
         lo, hi = self.bounds(N, M)
-        if self.causal:
-            hi = np.minimum(hi, np.arange(N) + 1)
         block = self.query_block()
-        first, span = support_span(lo, hi, block)
-        pairs = len(first) * block * span  # support logits over padded blocks of queries
+        first, width = span(lo, hi, block)
+        pairs = len(first) * block * width  # support logits over padded blocks of queries
         fixed = 2 * pairs * (d + dv) + 4 * pairs
         S = self.num_features
         rep = 2 * (N + M) * S * (d + 1) if self.feature_map == "positive" else 2 * (N + M) * (S * d + F)
@@ -140,17 +122,8 @@ class Scatterbrain(OmegaDraws):
             rep += B * block * (2 * F * dv + 2 * reach * dv + 3 * reach * F + 4 * F) + B * length * F * (2 * dv + 3)
             rep += 12 * B * F * dv
             memory += 2 * B * length * F + 4 * B * F * dv + 3 * B * block * (F + reach) + min(B * block * reach * F, PAIR_ELEMENTS)
-        memory_fixed = 2 * pairs + len(first) * span * (d + dv) + N * dv
+        memory_fixed = 2 * pairs + len(first) * width * (d + dv) + N * dv
         return Cost.per_element(fixed, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
-
-
-def support_span(lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[np.ndarray, int]:
-    """The keys each block of ``block`` queries gathers for its supports: (first key per block (B,), span), so
-    that block j holds keys [first_j, first_j + span) ⊇ every [lo_n, hi_n) of its queries."""
-    N = len(lo)
-    first = lo[::block]
-    last = hi[np.minimum(np.arange(block, N + block, block), N) - 1]
-    return first, int((last - first).max(initial=0))
 
 
 def outside_geometry(lo: np.ndarray, block: int) -> tuple[np.ndarray, int, int]:
@@ -161,29 +134,6 @@ def outside_geometry(lo: np.ndarray, block: int) -> tuple[np.ndarray, int, int]:
     first = lo[::block]
     reach = int((lo[np.minimum(np.arange(block, N + block, block), N) - 1] - first).max(initial=0))
     return first, reach, int(np.diff(first, prepend=0).max(initial=0))
-
-
-def _support(inp: Scaled, lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention on keys [lo_n, hi_n): (log sum e^l (*b, N), sum e^{l - lse} v (*b, N, dv)); -inf and 0
-    for an empty support. Over blocks of queries, each with the span of keys its supports reach (memory
-    N x span, span = window for the block support)."""
-    N, M, device = inp.x.shape[-2], inp.y.shape[-2], inp.x.device
-    first, span = support_span(lo, hi, block)
-    if span == 0:
-        return (torch.full(inp.x.shape[:-1], -math.inf, dtype=inp.x.dtype, device=device),
-                torch.zeros(*inp.x.shape[:-1], inp.v.shape[-1], dtype=inp.v.dtype, device=device))
-    B, pad = len(first), len(first) * block - N
-    key = torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(span, device=device)  # (B, span)
-    bounds = [torch.from_numpy(np.pad(t, (0, pad))).to(device).view(B, block, 1) for t in (lo, hi)]
-    inside = (key.unsqueeze(-2) >= bounds[0]) & (key.unsqueeze(-2) < bounds[1])  # (B, block, span); padding: empty
-    key = key.clamp_(max=M - 1)
-    x = torch.nn.functional.pad(inp.x, (0, 0, 0, pad)).unflatten(-2, (B, block))  # (*b, B, block, d)
-    logits = (x @ inp.y[..., key, :].transpose(-1, -2)).masked_fill_(~inside, -math.inf)  # (*b, B, block, span)
-    lse = _logsumexp(logits)
-    shift = _finite(lse).unsqueeze(-1)
-    weights = logits.sub_(shift).exp_() if inp.inplace else (logits - shift).exp()
-    out = weights @ inp.v[..., key, :]  # (*b, B, block, dv)
-    return lse.flatten(-2)[..., :N], out.flatten(-3, -2)[..., :N, :]
 
 
 def _outside(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, lo: np.ndarray, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +168,7 @@ def _outside(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, lo: np.ndarray
             pair = torch.logsumexp(lq_g.unsqueeze(-2) + lk[..., keys, :].unsqueeze(-3), dim=-1)  # (R, *b, G, T, p)
             logits = torch.cat([logits, pair.masked_fill(beyond[j0:j1], -math.inf)], dim=-1)
         group_lse = _logsumexp(logits)
-        weights = (logits - _finite(group_lse).unsqueeze(-1)).exp_()
+        weights = (logits - finite(group_lse).unsqueeze(-1)).exp_()
         group_out = weights[..., :F] @ kv[..., j0:j1, :, :]
         if reach:
             group_out = group_out + weights[..., F:] @ v[..., keys, :]
@@ -247,14 +197,14 @@ def _prefix_states(lk: torch.Tensor, v: torch.Tensor, first: np.ndarray) -> tupl
     outside = (key >= torch.from_numpy(first).to(device).unsqueeze(-1)).unsqueeze(-1)  # (B, L, 1)
     key = key.clamp_(max=M - 1)
     lk_s = lk[..., key, :].masked_fill_(outside, -math.inf)  # (R, *b, B, L, F), a gathered copy
-    top = _finite(lk_s.amax(-2, keepdim=True))  # (R, *b, B, 1, F)
+    top = finite(lk_s.amax(-2, keepdim=True))  # (R, *b, B, 1, F)
     weights = (lk_s - top).exp_()
     top = top.squeeze(-2)
     segment_mass = weights.sum(-2)  # (R, *b, B, F), relative to top
     segment_kv = torch.einsum("...blf,...blv->...bfv", weights, v[..., key, :])  # (R, *b, B, F, dv), relative to top
     empty = segment_mass == 0
     log_mass = torch.logcumsumexp(_log_positive(segment_mass, empty, top), dim=-2)
-    scale = _finite(log_mass).unsqueeze(-1)
+    scale = finite(log_mass).unsqueeze(-1)
     shift = top.unsqueeze(-1)
     kv = sum(sign * torch.exp(torch.logcumsumexp(_log_positive(sign * segment_kv, sign * segment_kv <= 0, shift), dim=-3) - scale)
              for sign in (1.0, -1.0))
@@ -274,6 +224,3 @@ def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty.squeeze(-1), -math.inf)
 
 
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """lse with -inf (an empty set) replaced by 0, so that e^{-inf - lse} gives weight 0, not nan."""
-    return lse.masked_fill(lse == -math.inf, 0.0)

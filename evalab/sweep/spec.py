@@ -2,7 +2,7 @@
 
 A spec names one input workload (``[inputs]``) and one or more estimator blocks (``[[estimators]]``); an
 estimator is a registered name, an ``evalab.estimators`` entry point or an import path ``"package.module:Class"``
-(evalab.registry), and its parameters are the class's dataclass fields. Every list-valued parameter is a grid
+(evalab.estimators.registry), and its parameters are the class's dataclass fields. Every list-valued parameter is a grid
 axis; the cells of a block are the Cartesian product of the block's axes and the inputs' axes. The format is
 documented key by key in analysis/sweeps/README.md.
 
@@ -30,15 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import registry
+from ..estimators import registry
+from ..inputs import kinds
 
 DTYPES = ("float32", "float64")
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 DEVICE_CHOICES = "'cpu', 'cuda', 'cuda:N', 'mps'"
 TOP_LEVEL = ("name", "description", "replicates", "seed", "device", "dtype", "max_memory_gb", "matrix", "inputs", "estimators")
 REQUIRED = ("name", "replicates", "inputs", "estimators")
-# Input parameters that the sweep itself supplies: set them at the top level of the spec.
-SUPPLIED = ("dtype", "device")
+# Input parameters that the sweep itself supplies: set them at the top level of the spec (under these names).
+SUPPLIED = {"dtype": "dtype", "device": "device", "max_memory": "max_memory_gb"}
 
 
 class SpecError(ValueError):
@@ -257,7 +258,7 @@ def _check_scalar(path: str, value: object) -> object:
 
 def input_parameters(kind: str) -> dict[str, inspect.Parameter]:
     """The keyword parameters of a registered inputs kind (name -> inspect.Parameter)."""
-    sig = inspect.signature(registry.INPUTS[kind])
+    sig = inspect.signature(kinds.INPUTS[kind])
     return {
         name: p for name, p in sig.parameters.items()
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -265,7 +266,7 @@ def input_parameters(kind: str) -> dict[str, inspect.Parameter]:
 
 
 def _accepts_any(kind: str) -> bool:
-    sig = inspect.signature(registry.INPUTS[kind])
+    sig = inspect.signature(kinds.INPUTS[kind])
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
 
 
@@ -273,10 +274,10 @@ def _validate_inputs(raw: object) -> dict:
     if not isinstance(raw, dict):
         raise SpecError(f"inputs: {raw!r} must be a table ([inputs])")
     if "kind" not in raw:
-        raise SpecError(f"inputs.kind: missing (required); expected one of {', '.join(map(repr, registry.INPUTS))}")
+        raise SpecError(f"inputs.kind: missing (required); expected one of {', '.join(map(repr, kinds.INPUTS))}")
     kind = raw["kind"]
-    if kind not in registry.INPUTS:
-        raise SpecError(f"inputs.kind: {kind!r} is not a registered inputs kind; expected one of {', '.join(map(repr, registry.INPUTS))}")
+    if kind not in kinds.INPUTS:
+        raise SpecError(f"inputs.kind: {kind!r} is not a registered inputs kind; expected one of {', '.join(map(repr, kinds.INPUTS))}")
     params = input_parameters(kind)
     settable = [name for name in params if name not in SUPPLIED]
     out = {"kind": kind}
@@ -284,7 +285,7 @@ def _validate_inputs(raw: object) -> dict:
         if name == "kind":
             continue
         if name in SUPPLIED:
-            raise SpecError(f"inputs.{name}: {value!r}; set {name} at the top level of the spec (it applies to the whole sweep)")
+            raise SpecError(f"inputs.{name}: {value!r}; set {SUPPLIED[name]} at the top level of the spec (it applies to the whole sweep)")
         if name not in params and not _accepts_any(kind):
             raise SpecError(f"inputs.{name}: unknown parameter of inputs kind {kind!r}; its parameters: {', '.join(settable)}")
         out[name] = _check_value(f"inputs.{name}", value)
@@ -295,6 +296,13 @@ def _validate_inputs(raw: object) -> dict:
         for i, s in enumerate(out["seed"] if isinstance(out["seed"], list) else [out["seed"]]):
             if isinstance(s, bool) or not isinstance(s, int) or s < 0:
                 raise SpecError(f"inputs.seed: {s!r} must be an integer >= 0")
+    if kind == "model":  # the model kind only names and checks its settings (evalab.model_gap runs the model)
+        names, values = _axes(out, ("kind",))
+        for combo in itertools.product(*values):
+            try:
+                kinds.make_inputs(kind, **dict(zip(names, combo)))
+            except (ValueError, TypeError) as err:
+                raise SpecError(f"inputs: {err}") from None
     return out
 
 

@@ -1,4 +1,4 @@
-"""Names under which specs, result tables and figures refer to estimators and input kinds.
+"""Names under which specs, result tables and figures refer to estimators.
 
 An estimator is named in a spec (or ``make_estimator``) in one of three ways, looked up in this order:
 - a name in ``ESTIMATORS``: the built-ins, and classes added in this process with :func:`register_estimator`;
@@ -14,16 +14,23 @@ import importlib
 import importlib.metadata
 import inspect
 
-from .estimators import (EVA, LARA, RA, RFA, ControlVariates, LinearAttention, Nystrom, Scatterbrain,
-                         Softmax)
-from .inputs import gaussian
-from .inputs.minilm import minilm_head
-from .inputs.model import model_inputs
+from .control_variates import ControlVariates
+from .eva import EVA
+from .lara import LARA
+from .learned import T2R, Hedgehog, ReBased
+from .linear import LinearAttention
+from .nystrom import Nystrom
+from .ra import RA
+from .rfa import RFA
+from .scatterbrain import Scatterbrain
+from .softmax import Softmax
+from .window import LocalWindow
 
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
                "ra": RA, "lara": LARA,
                "nystrom": Nystrom, "linear_attention": LinearAttention, "scatterbrain": Scatterbrain}
-INPUTS = {"gaussian": gaussian, "minilm": minilm_head, "model": model_inputs}
+ESTIMATORS.update({"local_window": LocalWindow, "t2r": T2R, "hedgehog": Hedgehog,
+                   "rebased": ReBased})
 ENTRY_POINTS = "evalab.estimators"
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
 
@@ -97,11 +104,12 @@ def is_builtin(name: str) -> bool:
 
 def estimator_parameters(cls: type) -> dict:
     """The parameters a spec may set on ``cls`` -> their defaults (``REQUIRED`` when there is none): its dataclass
-    fields that ``__init__`` takes, or the keyword parameters of its constructor."""
+    fields that ``__init__`` takes and its repr shows (fields left out of the repr, e.g. learned tensors, are not
+    spec parameters), or the keyword parameters of its constructor."""
     if dataclasses.is_dataclass(cls):
         out = {}
         for f in dataclasses.fields(cls):
-            if not f.init:
+            if not f.init or not f.repr:
                 continue
             if f.default is not dataclasses.MISSING:
                 out[f.name] = f.default
@@ -131,10 +139,3 @@ def estimator_name(estimator) -> str:
         if type(estimator) is cls:
             return name
     return type(estimator).__name__
-
-
-def make_inputs(kind: str, **params):
-    """Build a registered input workload (a QKV): ``make_inputs("gaussian", seq_len=256, norm=1.5)``."""
-    if kind not in INPUTS:
-        raise ValueError(f"inputs kind {kind!r} is not registered; expected one of {', '.join(map(repr, INPUTS))}")
-    return INPUTS[kind](**params)
