@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import evalab as ev
 from conftest import make_qkv, scaled
 from evalab.estimators.eva import CHUNK_LOGITS
-from evalab.estimators import window
+from evalab.estimators import window as windows
 from evalab.estimators.scatterbrain import outside_geometry
 from evalab.estimators.window import QUERY_BLOCK, span
 
@@ -210,7 +210,7 @@ LOOP_REFERENCE = {
 def test_matches_the_block_loop(monkeypatch, window, support, causal, feature_map):
     """The blocks-at-once prefix/suffix sums equal the former per-block loop to float64 rounding (relative
     1e-12 of max |v|), on closed-form inputs and omega (N = 7, d = 3, S = 2, QUERY_BLOCK = 3)."""
-    monkeypatch.setattr(window, "QUERY_BLOCK", 3)
+    monkeypatch.setattr(windows, "QUERY_BLOCK", 3)
     i = torch.arange(21, dtype=torch.float64).reshape(7, 3)
     q, k, v = torch.sin(0.7 * i + 0.3), torch.cos(1.3 * i), torch.sin(0.9 * i[:, :2] - 0.5)
     omega = torch.cos(2.1 * torch.arange(6, dtype=torch.float64) + 1.0).reshape(1, 2, 3)
