@@ -183,8 +183,7 @@ def _prefix_states(lk: torch.Tensor, v: torch.Tensor, first: np.ndarray) -> tupl
     log sum_m e^{lk_mf} (R, *b, B, F) and kv, the matching average of v (R, *b, B, F, dv); -inf and 0 for no key.
 
     The keys fall into segments [a_{j-1}, a_j) (a_{-1} = 0), each summed with its own maximum as shift; the
-    running sums over segments run in log space (logcumsumexp), the signed value sums as their positive and
-    negative parts, so no shift ever overflows or cancels a whole prefix at any norm.
+    running masses over segments run in log space (logcumsumexp), the value sums as a float64 running sum.
     """
     M, F, dv, device = lk.shape[-2], lk.shape[-1], v.shape[-1], lk.device
     bounds = np.concatenate([[0], first])
@@ -202,13 +201,14 @@ def _prefix_states(lk: torch.Tensor, v: torch.Tensor, first: np.ndarray) -> tupl
     top = top.squeeze(-2)
     segment_mass = weights.sum(-2)  # (R, *b, B, F), relative to top
     segment_kv = torch.einsum("...blf,...blv->...bfv", weights, v[..., key, :])  # (R, *b, B, F, dv), relative to top
-    empty = segment_mass == 0
-    log_mass = torch.logcumsumexp(_log_positive(segment_mass, empty, top), dim=-2)
-    scale = finite(log_mass).unsqueeze(-1)
-    shift = top.unsqueeze(-1)
-    kv = sum(sign * torch.exp(torch.logcumsumexp(_log_positive(sign * segment_kv, sign * segment_kv <= 0, shift), dim=-3) - scale)
-             for sign in (1.0, -1.0))
-    return log_mass, kv
+    log_mass = torch.logcumsumexp(_log_positive(segment_mass, segment_mass == 0, top), dim=-2)
+    # kv_j = sum_{i <= j} e^{top_i - log_mass_j} segment_kv_i, as a float64 running sum shifted by the largest top
+    # per column (exact while the keys' log-features span less than float64's exponent range, about 700)
+    peak = top.amax(-2, keepdim=True)
+    running = torch.cumsum(torch.exp(top - peak).unsqueeze(-1).double() * segment_kv.double(), dim=-3)
+    total = torch.where(log_mass == -math.inf, peak, log_mass)  # no key yet: kv 0 (a zero sum times 1)
+    kv = running * torch.exp(peak - total).unsqueeze(-1).double()
+    return log_mass, kv.to(lk.dtype)
 
 
 def _log_positive(t: torch.Tensor, nonpositive: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
