@@ -14,7 +14,7 @@ The complement of an interval is a prefix [0, lo_n) and a suffix [hi_n, M); both
 blocks of queries, each block with the running sums of the keys before it (the suffix on the reversed
 sequence), all blocks at once, so no mass is ever subtracted
 (the reference codes compute log(total - window) and guard it with eps or a clamp; here float32 stays finite
-and exact at any norm). The draws are RFA's (noise kind "omega:<sampler>", layout (R, S, d), or (R, *b, S, d)
+and exact while the keys' log-features span less than about 700, the range of the float64 running sums). The draws are RFA's (noise kind "omega:<sampler>", layout (R, S, d), or (R, *b, S, d)
 without shared noise): ev.compare runs
 Scatterbrain and RFA of the same features on common random numbers.
 """
