@@ -70,3 +70,15 @@ def test_subpackages_resolve_on_access_and_unknown_names_raise():
     assert _python(code).stdout.split() == ["evalab.estimators.eva", "evalab.sweep.runner"]
     with pytest.raises(AttributeError, match="module 'evalab' has no attribute 'no_such_name'"):
         ev.no_such_name  # noqa: B018
+
+
+def test_startup_section_of_the_bench():
+    """Section (g) of evalab bench: every command is timed, the overhead is --help minus python -c pass."""
+    from evalab.report.startup import commands, markdown, measure_startup
+
+    out = measure_startup(repeats=1)
+    assert set(out["seconds"]) == set(commands()) and all(t > 0 for t in out["seconds"].values())
+    assert out["help_overhead_s"] == out["seconds"]["evalab --help"] - out["seconds"]["python -c pass"]
+    assert "evalab --help is" in markdown(out)
+    with pytest.raises(ValueError, match="repeats=0"):
+        measure_startup(repeats=0)

@@ -4,7 +4,8 @@ Sections: (a) the vectorised Monte-Carlo engine against the natural per-replicat
 achieved FLOP/s (by the cost model) against a plain matmul measured in the same run; (c) forward time and peak
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
 on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
-memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses. Prints a markdown table, writes bench.json and
+memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) start-up: ``evalab --help`` and ``import evalab``
+in fresh interpreters (evalab.report.startup). Prints a markdown table, writes bench.json and
 bench.png into ``out``.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..inputs import gaussian
 from ..measure.monte_carlo import monte_carlo
 from ..estimators.rfa import RFA
 from ..estimators.softmax import Softmax, softmax_attention
+from . import startup
 
 D = 64
 #: Columns of the roofline matmul (N, d) @ (d, FEATURE_COLUMNS): about the feature columns of one engine batch.
@@ -73,6 +75,10 @@ PLANS = {
     "tiny": Plan(engine=((16, 8, 4),), lengths=(64, 128), slope_from=64, performer_seq_len=64, matmul_n=64,
                  memory=False, attribution_seq_len=16, model_texts=0),
 }
+
+
+#: (g): rounds of the start-up commands per plan.
+STARTUP_REPEATS = {"full": 10, "quick": 5, "tiny": 1}
 
 
 def _sync(device: torch.device) -> None:
@@ -296,6 +302,8 @@ def markdown(report: dict) -> str:
         peak = "" if a["peak_rss_bytes"] is None else f", peak RSS {a['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
         lines.append(f"\nkey_variance, N={a['seq_len']}, d={a['d']}, S={a['num_features']}, chunk_size={a['chunk_size']}, "
                      f"R={a['replicates']} (CPU): {a['seconds']:.3g}s wall, {a['cpu_seconds']:.3g}s CPU{peak}")
+    if report.get("startup"):
+        lines.append(startup.markdown(report["startup"]))
     if report.get("model"):
         m = report["model"]
         lines.append(f"\nmodel_gap, EVA(window=8, chunk_size=4) in all-MiniLM-L6-v2, {m['texts']} verses, "
@@ -337,6 +345,7 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path = "ben
     report["performer"] = bench_performer(dev, sizes)
     report["attribution"] = bench_attribution(dev, sizes)
     report["model"] = bench_model(sizes)
+    report["startup"] = startup.measure_startup(STARTUP_REPEATS[plan])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
