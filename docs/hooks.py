@@ -1,6 +1,6 @@
 """MkDocs hook: the site's pages are the repository's own markdown files, read where they live.
 
-The README, docs/, the figure gallery (figures/README.md with its PNG and PDF files), the sweep format and the
+The README (and the CITATION.cff and LICENSE it links), docs/, the figure gallery (figures/README.md with its PNG and PDF files), the sweep format and the
 notebooks' guide keep their repository paths in the site, so their relative links work unchanged on GitHub and
 in the built site. Nothing is copied into docs/.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("README.md", "CHANGELOG.md", "docs/*.md", "docs/api/*.md", "analysis/sweeps/README.md",
+PAGES = ("README.md", "CHANGELOG.md", "CITATION.cff", "LICENSE", "docs/*.md", "docs/api/*.md", "analysis/sweeps/README.md",
          "analysis/figures/README.md", "notebooks/README.md", "figures/README.md", "figures/*.png", "figures/*.pdf")
 
 
