@@ -1,8 +1,8 @@
 """MkDocs hook: the site's pages are the repository's own markdown files, read where they live.
 
-The README (and the CITATION.cff and LICENSE it links), docs/, the figure gallery (figures/README.md with its PNG and PDF files), the sweep format and the
-notebooks' guide keep their repository paths in the site, so their relative links work unchanged on GitHub and
-in the built site. Nothing is copied into docs/.
+The README (with the CITATION.cff and LICENSE it links), docs/, the figure gallery (figures/README.md with its
+PNG and PDF files), the sweep format and the notebooks' guide keep their repository paths in the site, so their
+relative links work unchanged on GitHub and in the built site. Nothing is copied into docs/.
 """
 from __future__ import annotations
 
