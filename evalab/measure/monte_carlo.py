@@ -102,10 +102,12 @@ class MCResult:
 
 
 def estimator_params(estimator) -> dict:
-    """Hyper-parameters of a dataclass estimator as a flat dict (empty for other estimators)."""
+    """Hyper-parameters of a dataclass estimator as a flat dict (empty for other estimators). Fields left out of
+    its repr and tensor values (learned parameters, wrapped modules) are not hyper-parameters and are skipped."""
     if not dataclasses.is_dataclass(estimator):
         return {}
-    return {f.name: getattr(estimator, f.name) for f in dataclasses.fields(estimator)}
+    return {f.name: value for f in dataclasses.fields(estimator)
+            if f.repr and not isinstance(value := getattr(estimator, f.name), torch.Tensor)}
 
 
 def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Iterator[tuple[int, Draw]]:
