@@ -5,10 +5,11 @@ achieved FLOP/s (by the cost model) against a plain matmul measured in the same 
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
 on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
 memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) ``model_gap`` over 16 held-out passages of
-512 tokens, 4 replicates, 2 threads (exact runs uncached, then cached); (h) Scatterbrain against RFA of the same
-features, forward time ratio; (i) RFA and EVA no-grad forward peak memory at N = 16384; (j) small-N
-Monte-Carlo throughput on CUDA. Prints a markdown table, writes bench.json,
-bench.md and bench.png into ``out`` (default: a new folder under the user cache, :func:`default_out`).
+512 tokens, 4 replicates, 2 threads (exact runs uncached, then cached); (h) start-up: ``evalab --help`` against
+``python -c pass`` and ``import evalab`` against ``import torch``, each in a fresh interpreter; (i) Scatterbrain
+against RFA of the same features, forward time ratio; (j) RFA and EVA no-grad forward peak memory at N = 16384;
+(k) small-N Monte-Carlo throughput on CUDA. Prints a markdown table, writes bench.json, bench.md and bench.png
+into ``out`` (default: a new folder under the user cache, :func:`default_out`).
 
 Noise and signal: every timing goes through :func:`_time`, which returns a :class:`Timing` (a float, the median
 over the repeats, that carries the repeats). :func:`run_bench` finds every Timing in the report, writes its spread
@@ -24,6 +25,8 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -471,6 +474,40 @@ def bench_model_passages(plan: Plan) -> dict | None:
             "flops_fraction": res.flops_fraction}
 
 
+#: (h): the start-up commands (report key -> what it runs in a fresh interpreter), and rounds of them per plan.
+STARTUP = {"pass_s": "python -c pass", "help_s": "evalab --help", "import_evalab_s": "import evalab",
+           "import_torch_s": "import torch", "first_use_s": "import evalab; ev.RFA"}
+STARTUP_REPEATS = {"full": 10, "quick": 5, "tiny": 1}
+
+
+def startup_commands() -> dict[str, list[str]]:
+    """The argv of each STARTUP command; evalab --help is the console script beside this interpreter (``-m evalab``
+    where there is none)."""
+    script = Path(sys.executable).with_name("evalab")
+    evalab = [str(script)] if script.is_file() else [sys.executable, "-m", "evalab"]
+    code = {"pass_s": "pass", "import_evalab_s": "import evalab", "import_torch_s": "import torch",
+            "first_use_s": "import evalab as ev; ev.RFA"}
+    return {key: [*evalab, "--help"] if key == "help_s" else [sys.executable, "-c", code[key]] for key in STARTUP}
+
+
+def bench_startup(repeats: int) -> dict:
+    """(h): wall seconds of each STARTUP command over ``repeats`` rounds (the commands interleaved within a round,
+    so a load that comes and goes touches all of them), and ``help_overhead_s``: the median of evalab --help
+    minus that of python -c pass."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is not supported; expected an int >= 1")
+    commands = startup_commands()
+    times = {key: [] for key in commands}
+    for _ in range(repeats):
+        for key, argv in commands.items():
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[key].append(time.perf_counter() - start)
+    row = {"repeats": repeats, **{key: Timing(t) for key, t in times.items()}}
+    row["help_overhead_s"] = float(row["help_s"]) - float(row["pass_s"])
+    return row
+
+
 def warnings(report: dict) -> list[str]:
     """One line per reason to distrust the report's timings: a busy machine, timings too wide to trust."""
     out = []
@@ -486,17 +523,17 @@ def warnings(report: dict) -> list[str]:
     return out
 
 
-#: (h): Scatterbrain against RFA of the same features (S = 64, window 64), forward time, at these lengths
+#: (i): Scatterbrain against RFA of the same features (S = 64, window 64), forward time, at these lengths
 #: (those the plan's scaling lengths reach).
 RATIO_LENGTHS = (4096, 16384)
-#: (i): the lengths of the no-grad forward peak memory of RFA and EVA (the ``SCALING`` configurations).
+#: (j): the lengths of the no-grad forward peak memory of RFA and EVA (the ``SCALING`` configurations).
 NO_GRAD_MEMORY_LENGTH = 16384
-#: (j): Monte-Carlo throughput at small N on CUDA (noise drawn on the device): (N, replicates).
+#: (k): Monte-Carlo throughput at small N on CUDA (noise drawn on the device): (N, replicates).
 SMALL_N_GPU = ((128, 1024), (512, 1024))
 
 
 def bench_scatterbrain_ratio(device, plan: Plan) -> list[dict]:
-    """(h): forward seconds of Scatterbrain(window=64, num_features=64) and RFA(num_features=64) on one draw,
+    """(i): forward seconds of Scatterbrain(window=64, num_features=64) and RFA(num_features=64) on one draw,
     measured interleaved in one run (each the best of three alternating calls), and their ratio."""
     rows = []
     for N in [n for n in RATIO_LENGTHS if n <= plan.lengths[-1]] or list(plan.lengths[-1:]):
@@ -517,7 +554,7 @@ def bench_scatterbrain_ratio(device, plan: Plan) -> list[dict]:
 
 
 def bench_no_grad_memory(device, plan: Plan) -> list[dict]:
-    """(i): peak memory of one no-grad forward pass (the in-place path) of the ``SCALING`` RFA and EVA at
+    """(j): peak memory of one no-grad forward pass (the in-place path) of the ``SCALING`` RFA and EVA at
     NO_GRAD_MEMORY_LENGTH (skipped without ``plan.memory``)."""
     if not plan.memory:
         return []
@@ -526,7 +563,7 @@ def bench_no_grad_memory(device, plan: Plan) -> list[dict]:
 
 
 def bench_small_n_gpu(device, plan: Plan) -> list[dict] | None:
-    """(j): replicates per second of ``monte_carlo`` at small N on CUDA, where drawing the noise on the device
+    """(k): replicates per second of ``monte_carlo`` at small N on CUDA, where drawing the noise on the device
     (no host draw and copy per block) sets the pace; None without CUDA."""
     if device.type != "cuda":
         return None
@@ -542,7 +579,7 @@ def bench_small_n_gpu(device, plan: Plan) -> list[dict] | None:
 
 
 def markdown_rows(report: dict) -> list[str]:
-    """Markdown lines of sections (h), (i) and (j)."""
+    """Markdown lines of sections (i), (j) and (k)."""
     lines = []
     for r in report.get("scatterbrain_ratio") or []:
         lines.append(f"\nScatterbrain / RFA forward (S={r['num_features']}, window={r['window']}, N={r['seq_len']}, "
@@ -597,6 +634,11 @@ def markdown(report: dict) -> str:
         peak = "" if a["peak_rss_bytes"] is None else f", peak RSS {a['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
         lines.append(f"\nkey_variance, N={a['seq_len']}, d={a['d']}, S={a['num_features']}, chunk_size={a['chunk_size']}, "
                      f"R={a['replicates']} (CPU): {a['seconds']:.3g}s wall, {a['cpu_seconds']:.3g}s CPU{peak}")
+    if report.get("startup"):
+        st = report["startup"]
+        cells = ", ".join(f"{what} {time_cell(st, key, unit=' s')}" for key, what in STARTUP.items())
+        lines.append(f"\nstart-up, median of {st['repeats']} fresh interpreters: {cells}; evalab --help is "
+                     f"{st['help_overhead_s']:.3f} s above python -c pass")
     if report.get("model"):
         m = report["model"]
         lines.append(f"\nmodel_gap, EVA(window=8, chunk_size=4) in all-MiniLM-L6-v2, {m['texts']} verses, "
@@ -655,6 +697,7 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path | None
     report["attribution"] = bench_attribution(dev, sizes)
     report["model"] = bench_model(sizes)
     report["model_passages"] = bench_model_passages(sizes)
+    report["startup"] = bench_startup(STARTUP_REPEATS[plan])
     report["scatterbrain_ratio"] = bench_scatterbrain_ratio(dev, sizes)
     report["no_grad_memory"] = bench_no_grad_memory(dev, sizes)
     report["small_n_gpu"] = bench_small_n_gpu(dev, sizes)
