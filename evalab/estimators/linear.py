@@ -37,7 +37,7 @@ from .. import _checks
 from . import feature_maps
 from .base import Cost, NoDraws
 from .draw import Draw
-from .rfa import CAUSAL_BLOCK, _causal_linear, _linear
+from .rfa import CAUSAL_BLOCK, causal_feature_attention, feature_attention
 from .scaled import Scaled
 from .window import bounds, check_window, local_attention, pairs, query_block
 
@@ -54,8 +54,8 @@ def linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, cau
     """sum_m qf_n.kf_m v_m / sum_m qf_n.kf_m for features qf (*b, N, F), kf (*b, M, F), v (*b, M, dv)
     (causal: m <= n, over blocks of CAUSAL_BLOCK positions): (*b, N, dv)."""
     if causal:
-        return _causal_linear(qf, kf, v)
-    return _linear(qf.unsqueeze(-2), kf.unsqueeze(-2), v)[0]
+        return causal_feature_attention(qf, kf, v)
+    return feature_attention(qf.unsqueeze(-2), kf.unsqueeze(-2), v)[0]
 
 
 def with_guard(features: torch.Tensor) -> torch.Tensor:

@@ -201,11 +201,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    if AttentionInterface._global_mapping.get(IMPLEMENTATION) is not attention:
+    # a fresh interface instance reads the library-wide table that register() writes
+    if AttentionInterface().get(IMPLEMENTATION) is not attention:
         AttentionInterface.register(IMPLEMENTATION, attention)
-    if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+    if IMPLEMENTATION not in AttentionMaskInterface():
         AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # None when nothing is masked
 
 
