@@ -14,6 +14,7 @@ from .measure.cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
+from .estimators import LocalWindow
 from .measure.gradient_gap import GradientGap, gradient_gap
 from .measure.intervals import Estimate
 from .measure.model_gap import ModelGap, error_propagation, gap_correlation, model_gap
@@ -39,6 +40,7 @@ __all__ = [
     "GradientGap",
     "LARA",
     "LinearAttention",
+    "LocalWindow",
     "MCResult",
     "ModelGap",
     "Nystrom",

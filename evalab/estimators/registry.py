@@ -23,10 +23,12 @@ from .ra import RA
 from .rfa import RFA
 from .scatterbrain import Scatterbrain
 from .softmax import Softmax
+from .window import LocalWindow
 
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
                "ra": RA, "lara": LARA,
                "nystrom": Nystrom, "linear_attention": LinearAttention, "scatterbrain": Scatterbrain}
+ESTIMATORS.update({"local_window": LocalWindow})
 ENTRY_POINTS = "evalab.estimators"
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
 
