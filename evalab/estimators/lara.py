@@ -68,6 +68,7 @@ class LARA:
     causal: bool = False
     shared_noise: bool = True
     scale: float | None = None
+    budget = "samples_per_proposal"  # the parameter along which the error falls (evalab.testing)
 
     def __post_init__(self) -> None:
         _checks.integer("num_proposals", self.num_proposals)
