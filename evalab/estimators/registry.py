@@ -100,9 +100,17 @@ def is_builtin(name: str) -> bool:
     return cls is not None and cls.__module__.startswith("evalab.")
 
 
-def estimator_parameters(cls: type) -> dict:
-    """The parameters a spec may set on ``cls`` -> their defaults (``REQUIRED`` when there is none): its dataclass
-    fields that ``__init__`` takes, or the keyword parameters of its constructor."""
+def estimator_parameters(estimator) -> dict:
+    """The parameters a spec may set on an estimator class, or the values an instance holds for them.
+
+    Class: parameter -> default (``REQUIRED`` when there is none): its dataclass fields that ``__init__``
+    takes, or the keyword parameters of its constructor. Instance: parameter -> its value (the attributes of
+    the same names; a non-dataclass instance that does not keep a parameter as an attribute leaves it out).
+    """
+    if not inspect.isclass(estimator):
+        names = estimator_parameters(type(estimator))
+        return {name: getattr(estimator, name) for name in names if hasattr(estimator, name)}
+    cls = estimator
     if dataclasses.is_dataclass(cls):
         out = {}
         for f in dataclasses.fields(cls):

@@ -21,7 +21,7 @@ from .cost import estimate_cost
 from ..estimators.base import Cost
 from ..estimators.draw import Draw, seeded_generator
 from .intervals import Estimate, jackknife_interval, mean_interval, quantile_interval
-from ..estimators.registry import estimator_name
+from .result import Result, estimator_columns
 from ..estimators.softmax import softmax_attention
 
 NOISE_BLOCK = 64
@@ -36,7 +36,7 @@ MATRIX_METRICS = ("matrix_rel_error", "row_kl", "row_tv")
 
 
 @dataclass(frozen=True)
-class MCResult:
+class MCResult(Result):
     """Monte-Carlo metrics of one estimator on one input.
 
     metrics: name -> Estimate (value and 95% interval) for METRICS (+ MATRIX_METRICS when computed).
@@ -56,21 +56,13 @@ class MCResult:
     matrix_skipped: str | None = None
     leave_one_out: dict = field(default_factory=dict, repr=False)
 
-    def __getattr__(self, name: str) -> Estimate:
-        metrics = self.__dict__.get("metrics", {})
-        if name in metrics:
-            return metrics[name]
-        raise AttributeError(f"MCResult has no metric {name!r}; metrics: {', '.join(metrics)}")
+    name_width = 18
 
-    def to_frame(self) -> pd.DataFrame:
-        """One tidy row: estimator, its hyper-parameters, sizes, metrics with ``_low``/``_high`` bounds, costs."""
-        row = {"estimator": estimator_name(self.estimator), **estimator_params(self.estimator)}
-        row.update(self.sizes, replicates=self.replicates, seed=self.seed)
-        for name, est in self.metrics.items():
-            row.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})
-        row.update(self.cost.as_dict())
-        row["matrix_skipped"] = self.matrix_skipped
-        return pd.DataFrame([row])
+    def columns(self) -> dict:
+        return {**estimator_columns(self.estimator), **self.sizes, "replicates": self.replicates, "seed": self.seed}
+
+    def extra_columns(self) -> dict:
+        return {**self.cost.as_dict(), "matrix_skipped": self.matrix_skipped}
 
     def per_query_frame(self) -> pd.DataFrame:
         """One row per (batch index, query) with mse, variance, bias2."""
@@ -93,19 +85,11 @@ class MCResult:
             cols[name], cols[f"rel_{name}"] = value, value / power
         return pd.DataFrame(cols)
 
-    def __repr__(self) -> str:
-        lines = [f"MCResult({type(self.estimator).__name__}, replicates={self.replicates}, seed={self.seed}, {self.sizes})"]
-        lines += [f"  {name:<18} {est!r}" for name, est in self.metrics.items()]
-        if self.matrix_skipped:
-            lines.append(f"  matrix metrics skipped: {self.matrix_skipped}")
-        return "\n".join(lines)
+    def title(self) -> str:
+        return f"MCResult({type(self.estimator).__name__}, replicates={self.replicates}, seed={self.seed}, {self.sizes})"
 
-
-def estimator_params(estimator) -> dict:
-    """Hyper-parameters of a dataclass estimator as a flat dict (empty for other estimators)."""
-    if not dataclasses.is_dataclass(estimator):
-        return {}
-    return {f.name: getattr(estimator, f.name) for f in dataclasses.fields(estimator)}
+    def notes(self) -> list[str]:
+        return [f"  matrix metrics skipped: {self.matrix_skipped}"] if self.matrix_skipped else []
 
 
 def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Iterator[tuple[int, Draw]]:
