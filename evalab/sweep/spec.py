@@ -258,7 +258,7 @@ def _check_scalar(path: str, value: object) -> object:
 
 def input_parameters(kind: str) -> dict[str, inspect.Parameter]:
     """The keyword parameters of a registered inputs kind (name -> inspect.Parameter)."""
-    sig = inspect.signature(kinds.INPUTS[kind])
+    sig = inspect.signature(kinds.kind_function(kind))
     return {
         name: p for name, p in sig.parameters.items()
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -266,18 +266,19 @@ def input_parameters(kind: str) -> dict[str, inspect.Parameter]:
 
 
 def _accepts_any(kind: str) -> bool:
-    sig = inspect.signature(kinds.INPUTS[kind])
+    sig = inspect.signature(kinds.kind_function(kind))
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
 
 
 def _validate_inputs(raw: object) -> dict:
     if not isinstance(raw, dict):
         raise SpecError(f"inputs: {raw!r} must be a table ([inputs])")
+    known = kinds.names()
     if "kind" not in raw:
-        raise SpecError(f"inputs.kind: missing (required); expected one of {', '.join(map(repr, kinds.INPUTS))}")
+        raise SpecError(f"inputs.kind: missing (required); expected one of {', '.join(map(repr, known))}")
     kind = raw["kind"]
-    if kind not in kinds.INPUTS:
-        raise SpecError(f"inputs.kind: {kind!r} is not a registered inputs kind; expected one of {', '.join(map(repr, kinds.INPUTS))}")
+    if kind not in known:
+        raise SpecError(f"inputs.kind: {kind!r} is not a registered inputs kind; expected one of {', '.join(map(repr, known))}")
     params = input_parameters(kind)
     settable = [name for name in params if name not in SUPPLIED]
     out = {"kind": kind}
