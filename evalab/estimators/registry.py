@@ -100,6 +100,14 @@ def is_builtin(name: str) -> bool:
     return cls is not None and cls.__module__.startswith("evalab.")
 
 
+def default_label(name: str) -> str:
+    """The label of a spec's estimator ``name`` when the spec gives none: the name itself for a built-in or an
+    entry point, the class name for an import path or a class registered in this process."""
+    if is_builtin(name) or (name not in ESTIMATORS and ":" not in name and _entry_point(name) is not None):
+        return name
+    return estimator_class(name).__name__
+
+
 def estimator_parameters(estimator) -> dict:
     """The parameters a spec may set on an estimator class, or the values an instance holds for them.
 

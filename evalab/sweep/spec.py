@@ -310,7 +310,7 @@ def _validate_block(index: int, raw: dict) -> dict:
         cls = registry.estimator_class(name)
     except ValueError as err:
         raise SpecError(f"{where}.name: {err}") from None
-    label = raw.get("label", name if registry.is_builtin(name) else cls.__name__)
+    label = raw.get("label", registry.default_label(name))
     if not isinstance(label, str) or not label:
         raise SpecError(f"{where}.label: {label!r} must be a non-empty string")
     params = registry.estimator_parameters(cls)
