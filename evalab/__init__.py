@@ -22,8 +22,7 @@ from .measure.monte_carlo import Comparison, MCResult, attention_matrix, compare
 from .estimators import registry
 from .estimators.registry import register_estimator
 from .sweep import load_results, load_spec, run_sweep
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 _moved.install()
 

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 
 
 class UsageError(Exception):

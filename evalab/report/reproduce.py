@@ -39,7 +39,7 @@ from types import ModuleType
 
 import pandas as pd
 
-from .. import __version__
+from .._version import __version__
 from .._files import atomic_write
 from ..sweep import Spec, load_results, load_spec, parse_spec, run_sweep
 from ..sweep.runner import build_inputs

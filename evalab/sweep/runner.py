@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .._version import __version__
 from ..estimators import registry
 from ..inputs import kinds
 from ..measure.monte_carlo import monte_carlo
@@ -196,18 +197,12 @@ def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
         status = "failed"
     row.update(
         dtype=cell.dtype, device=options.device, status=status, error=error, cell_id=cell.cell_id,
-        spec_name=options.spec_name, spec_hash=options.spec_hash, evalab_version=_version(),
+        spec_name=options.spec_name, spec_hash=options.spec_hash, evalab_version=__version__,
         torch_version=torch.__version__, host=socket.gethostname(),
         finished_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         wall_seconds=time.perf_counter() - start,
     )
     return pd.DataFrame([row])
-
-
-def _version() -> str:
-    import evalab
-
-    return evalab.__version__
 
 
 # --- progress ---------------------------------------------------------------------------------------------
