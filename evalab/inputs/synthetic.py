@@ -45,6 +45,8 @@ def gaussian(
     Shapes: q (*batch, seq_len, d), k (*batch, key_len, d), v (*batch, key_len, dv); key_len defaults to
     seq_len, dv to d. ``mode="peaked"``: keys are noisy copies (relative noise ``spread``) of ``clusters``
     randomly chosen query directions, so each query's attention concentrates on few keys when the norm is large.
+    dtype: a floating torch dtype, default torch.float64; q, k and v are drawn in float64 and then cast to it
+    (so a float32 result is the float64 one rounded), on ``device``.
     """
     for name, value in (("seq_len", seq_len), ("d", d), ("clusters", clusters)):
         _checks.integer(name, value)
