@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = (("_checks", "_files", "_moved", "_version"), ("estimators",), ("inputs",), ("testing",), ("measure",), ("sweep",),
           ("report",), ("cli", "__main__"), ("__init__",))
-#: module names from before the layered layout -> their room today (to measure an old checkout)
+#: modules from before the layered layout -> their room today (their floor, to measure an old checkout)
 OLD_ROOMS = {**{name: "measure" for name in ("monte_carlo", "attribution", "gradient_gap", "model_gap", "theory",
                                              "cost", "intervals")},
              **{name: "report" for name in ("figures", "reproduce", "bench", "widgets")}, "registry": "estimators"}
@@ -95,11 +95,11 @@ def third_party(repo: Path) -> list[str]:
 
 def room(module: str) -> str:
     parts = module.split(".")
-    name = parts[1] if len(parts) > 1 else "__init__"
-    return OLD_ROOMS.get(name, name)
+    return parts[1] if len(parts) > 1 else "__init__"
 
 
 def floor(room_name: str) -> int:
+    room_name = OLD_ROOMS.get(room_name, room_name)
     for level, names in enumerate(FLOORS):
         if room_name in names:
             return level
