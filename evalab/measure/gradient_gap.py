@@ -63,7 +63,7 @@ def _gradients(fn, loss, inputs) -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(value.reshape(()), leaves, allow_unused=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # the repr of Result
 class GradientGap(Result):
     """Gradient bias/variance of one estimator on one input: metrics name -> Estimate, named
     ``grad_{q,k,v}_{mse,variance,bias2,rel_mse,rel_variance,rel_bias2}``; ``exact`` the softmax gradients."""

@@ -453,7 +453,7 @@ def describe(estimator) -> dict:
     return {"estimator": name, **shared, "per_layer": True}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # the repr of Result
 class ModelGap(Result):
     """End-to-end metrics of an estimator substituted for a model's attention, against the exact model.
 

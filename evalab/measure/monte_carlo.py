@@ -35,7 +35,7 @@ METRICS = SUMMED + ("rel_error", "rel_error_median", "rel_error_p90")
 MATRIX_METRICS = ("matrix_rel_error", "row_kl", "row_tv")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # the repr of Result
 class MCResult(Result):
     """Monte-Carlo metrics of one estimator on one input.
 

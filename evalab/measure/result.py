@@ -5,8 +5,9 @@ A result is a frozen dataclass with a ``metrics`` dict, name -> Estimate (value 
 - ``to_frame()``: one tidy row, ``columns()`` first, then every metric as ``name``, ``name_low``, ``name_high``,
   then ``extra_columns()``;
 - ``repr``: ``title()``, then one line per metric, then ``notes()``.
-A new measurement's result defines ``columns`` and ``title`` (and, where it has them, ``extra_columns`` and
-``notes``); the rest comes from here.
+A new measurement's result is a ``@dataclass(frozen=True, repr=False)`` (``repr=False`` keeps this repr) that
+defines ``columns`` and ``title`` (and, where it has them, ``extra_columns`` and ``notes``); the rest comes from
+here.
 """
 from __future__ import annotations
 
