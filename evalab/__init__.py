@@ -14,7 +14,7 @@ from .measure.cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
-from .estimators import LocalWindow
+from .estimators import T2R, FeatureMapAttention, Hedgehog, LocalWindow, ReBased
 from .measure.gradient_gap import GradientGap, gradient_gap
 from .measure.intervals import Estimate
 from .measure.model_gap import ModelGap, error_propagation, gap_correlation, model_gap
@@ -36,7 +36,9 @@ __all__ = [
     "EVA",
     "Estimate",
     "Estimator",
+    "FeatureMapAttention",
     "GradientGap",
+    "Hedgehog",
     "LARA",
     "LinearAttention",
     "LocalWindow",
@@ -45,8 +47,10 @@ __all__ = [
     "Nystrom",
     "RA",
     "RFA",
+    "ReBased",
     "Scatterbrain",
     "Softmax",
+    "T2R",
     "attention_matrix",
     "compare",
     "error_propagation",

@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for add in COMMANDS:
         add(commands)
+    parser.set_defaults(command_names=tuple(commands.choices))
     for sub in commands.choices.values():  # also accepted after the command: evalab sweep ... --debug
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
     return parser
@@ -295,9 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (argparse itself exits with 2 on unknown options)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # usage and a one-line error on stderr, exit status 2
+        parser.error(f"a command is required ({', '.join(args.command_names)}); evalab --help describes them")
     prog = f"evalab {args.command}"
     try:
         return args.run(args)

@@ -114,10 +114,10 @@ def test_peak_memory_of_a_forward_pass():
 
 def test_timing_is_the_median_with_its_repeats():
     t = Timing([0.3, 0.1, 0.2, 0.2])
-    assert float(t) == 0.2 and t.times == (0.1, 0.2, 0.2, 0.3)
+    assert float(t) == 0.2 and t.times == (0.1, 0.2, 0.2, 0.3)  # exact: the median of two equal repeats and the repeats, sorted
     assert t.spread == pytest.approx((0.3 - 0.1) / 0.2, rel=1e-12) and t.wide  # 100% > WIDE_SPREAD (50%)
     summary = t.summary()
-    assert (summary["min"], summary["max"], summary["repeats"]) == (0.1, 0.3, 4)
+    assert (summary["min"], summary["max"], summary["repeats"]) == (0.1, 0.3, 4)  # exact: repeats selected, not computed
     assert summary["q1"] == pytest.approx(0.175, rel=1e-12) and summary["q3"] == pytest.approx(0.225, rel=1e-12)
     scaled = t * 10 / 4  # scaling by a number scales every repeat and keeps the spread
     assert isinstance(scaled, Timing) and scaled.times == pytest.approx((0.25, 0.5, 0.5, 0.75), rel=1e-12)
@@ -135,7 +135,7 @@ def test_spread_report_replaces_timings_and_lists_the_wide_ones():
               "performer": {"evalab_s": Timing([0.5, 0.5])}, "other": 3.0}
     wide = bench.spread_report(report)
     row = report["engine"][0]
-    assert type(row["engine_s"]) is float and row["engine_s"] == 1.1
+    assert type(row["engine_s"]) is float and row["engine_s"] == 1.1  # exact: the median repeat, selected
     assert row["naive_s_timing"]["spread"] == pytest.approx(1.0, rel=1e-12)
     assert wide == ["engine[0].naive_s (100%)"]
     assert bench.noisy(row, "engine_s", "naive_s") and not bench.noisy(row, "engine_s")

@@ -14,9 +14,12 @@ import importlib
 import importlib.metadata
 import inspect
 
+import torch
+
 from .control_variates import ControlVariates
 from .eva import EVA
 from .lara import LARA
+from .learned import T2R, Hedgehog, ReBased
 from .linear import LinearAttention
 from .nystrom import Nystrom
 from .ra import RA
@@ -28,7 +31,8 @@ from .window import LocalWindow
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
                "ra": RA, "lara": LARA,
                "nystrom": Nystrom, "linear_attention": LinearAttention, "scatterbrain": Scatterbrain}
-ESTIMATORS.update({"local_window": LocalWindow})
+ESTIMATORS.update({"local_window": LocalWindow, "t2r": T2R, "hedgehog": Hedgehog,
+                   "rebased": ReBased})
 ENTRY_POINTS = "evalab.estimators"
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
 
@@ -112,17 +116,19 @@ def estimator_parameters(estimator) -> dict:
     """The parameters a spec may set on an estimator class, or the values an instance holds for them.
 
     Class: parameter -> default (``REQUIRED`` when there is none): its dataclass fields that ``__init__``
-    takes, or the keyword parameters of its constructor. Instance: parameter -> its value (the attributes of
-    the same names; a non-dataclass instance that does not keep a parameter as an attribute leaves it out).
+    takes and its repr shows (fields left out of the repr, e.g. learned tensors, are not spec parameters), or the
+    keyword parameters of its constructor. Instance: parameter -> its value (the attributes of the same names;
+    tensor values, and parameters a non-dataclass instance does not keep as attributes, are left out).
     """
     if not inspect.isclass(estimator):
         names = estimator_parameters(type(estimator))
-        return {name: getattr(estimator, name) for name in names if hasattr(estimator, name)}
+        return {name: getattr(estimator, name) for name in names
+                if hasattr(estimator, name) and not isinstance(getattr(estimator, name), torch.Tensor)}
     cls = estimator
     if dataclasses.is_dataclass(cls):
         out = {}
         for f in dataclasses.fields(cls):
-            if not f.init:
+            if not f.init or not f.repr:
                 continue
             if f.default is not dataclasses.MISSING:
                 out[f.name] = f.default
