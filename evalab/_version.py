@@ -1,3 +1,4 @@
-"""The version of evalab (one place: the package face, the command line, result rows and pyproject.toml read it)."""
+"""The version of evalab, in one place: the package face (and so pyproject.toml), the command line and result rows
+read it."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

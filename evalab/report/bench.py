@@ -5,8 +5,10 @@ achieved FLOP/s (by the cost model) against a plain matmul measured in the same 
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
 on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
 memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) ``model_gap`` over 16 held-out passages of
-512 tokens, 4 replicates, 2 threads (exact runs uncached, then cached). Prints a markdown table, writes bench.json,
-bench.md and bench.png into ``out`` (default: a new folder under the user cache, :func:`default_out`).
+512 tokens, 4 replicates, 2 threads (exact runs uncached, then cached); (h) start-up: ``evalab --help`` against
+``python -c pass`` and ``import evalab`` against ``import torch``, each in a fresh interpreter. Prints a markdown
+table, writes bench.json, bench.md and bench.png into ``out`` (default: a new folder under the user cache,
+:func:`default_out`).
 
 Noise and signal: every timing goes through :func:`_time`, which returns a :class:`Timing` (a float, the median
 over the repeats, that carries the repeats). :func:`run_bench` finds every Timing in the report, writes its spread
@@ -22,6 +24,8 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -469,6 +473,40 @@ def bench_model_passages(plan: Plan) -> dict | None:
             "flops_fraction": res.flops_fraction}
 
 
+#: (h): the start-up commands (report key -> what it runs in a fresh interpreter), and rounds of them per plan.
+STARTUP = {"pass_s": "python -c pass", "help_s": "evalab --help", "import_evalab_s": "import evalab",
+           "import_torch_s": "import torch", "first_use_s": "import evalab; ev.RFA"}
+STARTUP_REPEATS = {"full": 10, "quick": 5, "tiny": 1}
+
+
+def startup_commands() -> dict[str, list[str]]:
+    """The argv of each STARTUP command; evalab --help is the console script beside this interpreter (``-m evalab``
+    where there is none)."""
+    script = Path(sys.executable).with_name("evalab")
+    evalab = [str(script)] if script.is_file() else [sys.executable, "-m", "evalab"]
+    code = {"pass_s": "pass", "import_evalab_s": "import evalab", "import_torch_s": "import torch",
+            "first_use_s": "import evalab as ev; ev.RFA"}
+    return {key: [*evalab, "--help"] if key == "help_s" else [sys.executable, "-c", code[key]] for key in STARTUP}
+
+
+def bench_startup(repeats: int) -> dict:
+    """(h): wall seconds of each STARTUP command over ``repeats`` rounds (the commands interleaved within a round,
+    so a load that comes and goes touches all of them), and ``help_overhead_s``: the median of evalab --help
+    minus that of python -c pass."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is not supported; expected an int >= 1")
+    commands = startup_commands()
+    times = {key: [] for key in commands}
+    for _ in range(repeats):
+        for key, argv in commands.items():
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[key].append(time.perf_counter() - start)
+    row = {"repeats": repeats, **{key: Timing(t) for key, t in times.items()}}
+    row["help_overhead_s"] = float(row["help_s"]) - float(row["pass_s"])
+    return row
+
+
 def warnings(report: dict) -> list[str]:
     """One line per reason to distrust the report's timings: a busy machine, timings too wide to trust."""
     out = []
@@ -526,6 +564,11 @@ def markdown(report: dict) -> str:
         peak = "" if a["peak_rss_bytes"] is None else f", peak RSS {a['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
         lines.append(f"\nkey_variance, N={a['seq_len']}, d={a['d']}, S={a['num_features']}, chunk_size={a['chunk_size']}, "
                      f"R={a['replicates']} (CPU): {a['seconds']:.3g}s wall, {a['cpu_seconds']:.3g}s CPU{peak}")
+    if report.get("startup"):
+        st = report["startup"]
+        cells = ", ".join(f"{what} {time_cell(st, key, unit=' s')}" for key, what in STARTUP.items())
+        lines.append(f"\nstart-up, median of {st['repeats']} fresh interpreters: {cells}; evalab --help is "
+                     f"{st['help_overhead_s']:.3f} s above python -c pass")
     if report.get("model"):
         m = report["model"]
         lines.append(f"\nmodel_gap, EVA(window=8, chunk_size=4) in all-MiniLM-L6-v2, {m['texts']} verses, "
@@ -583,6 +626,7 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path | None
     report["attribution"] = bench_attribution(dev, sizes)
     report["model"] = bench_model(sizes)
     report["model_passages"] = bench_model_passages(sizes)
+    report["startup"] = bench_startup(STARTUP_REPEATS[plan])
     report["load"] = load.report()
     report["wide_timings"] = spread_report(report)
     out = default_out(plan) if out is None else Path(out)
