@@ -1,9 +1,9 @@
 """The house: every evalab module imports alone in a fresh interpreter state, and the layers hold.
 
 Rooms are the top-level entries of evalab/ (a subpackage is one room). Floors, bottom up (``FLOORS``): the ground
-(_checks, _files, _moved, _shipped, _version), estimators, inputs, testing, measure, sweep, report, cli, and the package face
-(evalab/__init__.py). No module imports a higher floor at module level (an import inside a function may reach
-up: the command line loads its machinery lazily), and the module-level import graph has no circle.
+(_checks, _files, _moved, _shipped, _version), estimators, inputs, testing, measure, sweep, report, cli, and the
+package face (evalab/__init__.py). No module imports a higher floor at module level (an import inside a function
+may reach up: the command line loads its machinery lazily), and the module-level import graph has no circle.
 
 Run as a script, ``python tests/test_imports.py [REPO]`` prints the house's measures for the checkout at REPO:
 rooms, floors (the longest chain of room-to-room imports), arrows (distinct room-to-room imports), circles and
