@@ -218,7 +218,10 @@ def test_every_module_imports_alone_in_a_fresh_interpreter_state():
     script = textwrap.dedent("""
         import os, sys, traceback
         for library in os.environ["EVALAB_LIBRARIES"].split():  # shared by every child, loaded once
-            __import__(library)
+            try:
+                __import__(library)
+            except ImportError:  # e.g. tomli, imported on Python 3.10 only: the child imports what it needs
+                pass
         assert not any(m == "evalab" or m.startswith("evalab.") for m in sys.modules)
         failed = 0
         for name in sys.argv[1:]:
