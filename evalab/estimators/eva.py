@@ -87,7 +87,9 @@ class EVA:
 
     def exact_limit(self, N: int, M: int):
         """Exact for N = M: a window covering every key (evalab.testing)."""
-        return replace(self, window=-(-M // self.chunk_size) * self.chunk_size if self.chunk_size else M) if N == M else None
+        if N != M:
+            return None
+        return replace(self, window=-(-M // self.chunk_size) * self.chunk_size if self.chunk_size else M)
 
     def __post_init__(self) -> None:
         _checks.integer("window", self.window, minimum=0)
