@@ -20,8 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from . import _moved
-
-__version__ = "0.2.0"
+from ._version import __version__
 
 #: The public face: name -> where it lives, as a dotted path below ``evalab`` (``"estimators.EVA"``: the attribute
 #: EVA of evalab.estimators; ``"measure.theory"``: the module). Adding a public name is one line here.

@@ -12,7 +12,10 @@ the natural form, so that ``dataclasses.replace`` gives variants and sweeps see 
   -> (R, *b, N, dv).
 
 Optionally ``cost(*, N, M, d, dv, batch=1, itemsize=4)`` returns a :class:`Cost`, the FLOPs and memory of one
-call; ``evalab.estimate_cost`` and every cost column use it (NaN FLOPs without it).
+call; ``evalab.estimate_cost`` and every cost column use it (NaN FLOPs without it). Two optional members say
+where the estimator must be right: ``exact_limit(N, M)``, the variant of itself that computes exact softmax
+attention on N queries and M keys (or None), and ``budget``, the name of the int parameter along which it
+converges to softmax attention (num_features, samples_per_query, ...).
 ``evalab.testing.check_estimator`` checks all of this on a concrete estimator.
 """
 from __future__ import annotations

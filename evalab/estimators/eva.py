@@ -11,7 +11,7 @@ Cost O(N (w + C S_c) d) per replicate; chunk_logit="exact" adds the quadratic or
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -84,6 +84,12 @@ class EVA:
     scale: float | None = None
     noise_scale: float = 1.0
     shared_noise: bool = True
+
+    def exact_limit(self, N: int, M: int):
+        """Exact for N = M: a window covering every key (evalab.testing)."""
+        if N != M:
+            return None
+        return replace(self, window=-(-M // self.chunk_size) * self.chunk_size if self.chunk_size else M)
 
     def __post_init__(self) -> None:
         _checks.integer("window", self.window, minimum=0)

@@ -27,7 +27,7 @@ softmax.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -120,6 +120,10 @@ class FeatureAttention(NoDraws):
         _checks.boolean("affine", self.affine)
         if not isinstance(self.gamma, torch.Tensor):
             _checks.real("gamma", self.gamma, minimum=-math.inf)
+
+    def exact_limit(self, N: int, M: int):
+        """Exact for N = M: an exact window holding every key (evalab.testing)."""
+        return replace(self, window=2 * M) if N == M else None
 
     def bounds(self, N: int, M: int) -> tuple[np.ndarray, np.ndarray]:
         """The exact window of every query, keys [lo_n, hi_n): (N,) each (evalab.estimators.window)."""

@@ -47,6 +47,7 @@ class RA:
     causal: bool = False
     shared_noise: bool = True
     scale: float | None = None
+    budget = "samples_per_query"  # the parameter along which the error falls (evalab.testing)
 
     def __post_init__(self) -> None:
         _checks.integer("samples_per_query", self.samples_per_query)

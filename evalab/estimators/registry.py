@@ -14,6 +14,8 @@ import importlib
 import importlib.metadata
 import inspect
 
+import torch
+
 from .control_variates import ControlVariates
 from .eva import EVA
 from .lara import LARA
@@ -102,10 +104,27 @@ def is_builtin(name: str) -> bool:
     return cls is not None and cls.__module__.startswith("evalab.")
 
 
-def estimator_parameters(cls: type) -> dict:
-    """The parameters a spec may set on ``cls`` -> their defaults (``REQUIRED`` when there is none): its dataclass
-    fields that ``__init__`` takes and its repr shows (fields left out of the repr, e.g. learned tensors, are not
-    spec parameters), or the keyword parameters of its constructor."""
+def default_label(name: str) -> str:
+    """The label of a spec's estimator ``name`` when the spec gives none: the name itself for a built-in or an
+    entry point, the class name for an import path or a class registered in this process."""
+    if is_builtin(name) or (name not in ESTIMATORS and ":" not in name and _entry_point(name) is not None):
+        return name
+    return estimator_class(name).__name__
+
+
+def estimator_parameters(estimator) -> dict:
+    """The parameters a spec may set on an estimator class, or the values an instance holds for them.
+
+    Class: parameter -> default (``REQUIRED`` when there is none): its dataclass fields that ``__init__``
+    takes and its repr shows (fields left out of the repr, e.g. learned tensors, are not spec parameters), or the
+    keyword parameters of its constructor. Instance: parameter -> its value (the attributes of the same names;
+    tensor values, and parameters a non-dataclass instance does not keep as attributes, are left out).
+    """
+    if not inspect.isclass(estimator):
+        names = estimator_parameters(type(estimator))
+        return {name: getattr(estimator, name) for name in names
+                if hasattr(estimator, name) and not isinstance(getattr(estimator, name), torch.Tensor)}
+    cls = estimator
     if dataclasses.is_dataclass(cls):
         out = {}
         for f in dataclasses.fields(cls):

@@ -54,6 +54,7 @@ class RFA(OmegaDraws):
     scale: float | None = None
     shared_noise: bool = True
     gerf_a: float | None = None
+    budget = "num_features"  # the parameter along which the error falls (evalab.testing)
 
     def __post_init__(self) -> None:
         self._check_omega_fields(FEATURE_MAPS)

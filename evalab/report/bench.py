@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..measure.cost import estimate_cost
 from ..estimators.draw import Draw
 from ..estimators.eva import EVA
