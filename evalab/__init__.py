@@ -13,6 +13,8 @@ from .cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
+from .estimators.fitted import Fitted, FittedLayers, load_fitted, save_fitted
+from .fit import FitResult, fit
 from .gradient_gap import GradientGap, gradient_gap
 from .intervals import Estimate
 from .model_gap import ModelGap, error_propagation, gap_correlation, model_gap
@@ -32,6 +34,9 @@ __all__ = [
     "EVA",
     "Estimate",
     "Estimator",
+    "FitResult",
+    "Fitted",
+    "FittedLayers",
     "GradientGap",
     "LARA",
     "LinearAttention",
@@ -47,16 +52,19 @@ __all__ = [
     "error_propagation",
     "estimate_cost",
     "features",
+    "fit",
     "gap_correlation",
     "gradient_gap",
     "inputs",
     "key_variance",
+    "load_fitted",
     "load_results",
     "load_spec",
     "model_gap",
     "monte_carlo",
     "register_estimator",
     "run_sweep",
+    "save_fitted",
     "softmax_attention",
     "theory",
     "__version__",

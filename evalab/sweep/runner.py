@@ -123,7 +123,10 @@ def _monte_carlo_row(cell: Cell, options: RunOptions) -> dict:
     est = registry.make_estimator(_buildable_name(cell), **params)
     res = monte_carlo(est, qkv.q, qkv.k, qkv.v, replicates=cell.replicates, seed=cell.mc_seed,
                       max_memory=options.max_memory, matrix=cell.matrix)
-    return {**res.to_frame().iloc[0].to_dict(), "estimator": cell.estimator, "input_scale": qkv.scale}
+    row = {**res.to_frame().iloc[0].to_dict(), "estimator": cell.estimator, "input_scale": qkv.scale}
+    if callable(getattr(est, "split", None)):  # a fitted estimator: were these inputs among those it was fitted on?
+        row["split"] = est.split(qkv)
+    return row
 
 
 def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
