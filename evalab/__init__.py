@@ -13,6 +13,7 @@ from .cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
+from .estimators import LocalWindow
 from .estimators.fitted import Fitted, FittedLayers, load_fitted, save_fitted
 from .fit import FitResult, fit
 from .gradient_gap import GradientGap, gradient_gap
@@ -40,6 +41,7 @@ __all__ = [
     "GradientGap",
     "LARA",
     "LinearAttention",
+    "LocalWindow",
     "MCResult",
     "ModelGap",
     "Nystrom",

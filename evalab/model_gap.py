@@ -4,6 +4,8 @@ softmax attention, measured downstream against the exact model.
     res = ev.model_gap(ev.RFA(num_features=64), texts=16, replicates=8)   # all-MiniLM-L6-v2, offline
     res                  # embedding_cosine, last_hidden_rel_error, neighbour_agreement, ... with 95% intervals
     res.to_frame()       # one tidy row; res.layer_frame(): hidden-state error after every layer
+    ev.model_gap(ev.EVA(), texts=16, seq_len=512, split="heldout")   # 16 held-out passages of 512 tokens
+    ev.model_gap({0: ev.Softmax(), 1: ev.RFA(), ...})               # one estimator per layer (a fitted bundle)
 
 Substitution goes through transformers' own extension point: the attention function of this module is
 registered as ``transformers.AttentionInterface`` implementation ``"evalab"`` (with sdpa's mask builder) and the
@@ -19,6 +21,18 @@ estimator's ``causal=True`` variant. Noise: the estimator gets ``shared_noise=Fa
 (every head its own noise), and the noise of replicate r in layer l on text t comes from
 ``seeded_generator(seed, MODEL_PURPOSE, r, l, t)``: results depend on the seed only, not on how replicates are
 batched. One replicate is one forward pass of the model over every text with fresh noise in every layer.
+
+The exact model runs once per text: its hidden states and the sizes of its attention calls (and, when the
+per-call gap is asked for, its q, k, v) are kept in an in-process cache keyed by the model object, the version
+counters of its parameters and the text's token ids (:func:`clear_exact_cache` empties it; at most
+``EXACT_CACHE_BYTES``, least recently used first out). Every replicate, estimator and later call on the same
+texts reuses them; changing the weights in place (training, ``load_state_dict``) bumps the version counters and
+so misses the cache.
+
+FLOPs (docs/theory.md section 15): every row carries ``flops`` (the estimator's cost model summed over the
+substituted calls of one replicate: every text, layer and head), ``softmax_flops`` (exact softmax attention's
+cost model over the same calls; with ``layers="all"``, the exact model's attention FLOPs) and
+``flops_fraction`` = flops / softmax_flops.
 """
 from __future__ import annotations
 
@@ -26,10 +40,13 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import hashlib
 import math
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +57,7 @@ from scipy import stats
 from . import _checks
 from .cost import estimate_cost
 from .estimators.draw import Draw, seeded_generator
+from .estimators.softmax import Softmax
 from .intervals import Estimate, mean_interval
 from .monte_carlo import estimator_params, monte_carlo
 from .registry import estimator_name
@@ -47,6 +65,8 @@ from .registry import estimator_name
 IMPLEMENTATION = "evalab"
 MODEL_PURPOSE = 0x6D6F64  # "mod": keeps model-level noise apart from monte_carlo's streams
 DEFAULT_TEXTS = 100
+DEFAULT_PASSAGES = 16
+EXACT_CACHE_BYTES = 2**30
 METRICS = ("embedding_cosine", "embedding_cosine_worst", "last_hidden_rel_error", "neighbour_agreement",
            "similarity_spearman")
 
@@ -78,8 +98,8 @@ def default_texts(count: int | None = DEFAULT_TEXTS) -> list[str]:
 class _Run:
     """What the registered attention function does during one forward pass (held in a context variable)."""
 
-    estimator: object | None  # None: every call exact
-    layers: frozenset | None  # substituted layers; None = all
+    estimator: object | None  # None: every call exact; a Mapping: layer index -> that layer's estimator
+    layers: frozenset | None  # substituted layers; None = all (all of the Mapping's)
     seed: int
     text: int
     first_replicate: int
@@ -88,8 +108,16 @@ class _Run:
     calls: int = 0
     variants: dict = field(default_factory=dict)
 
-    def substitutes(self, layer: int) -> bool:
-        return self.estimator is not None and (self.layers is None or layer in self.layers)
+    def estimator_for(self, layer: int):
+        """The estimator of ``layer``, or None where the layer runs exactly."""
+        if self.estimator is None or (self.layers is not None and layer not in self.layers):
+            return None
+        return layer_estimator(self.estimator, layer)
+
+
+def layer_estimator(estimator, layer: int):
+    """``estimator`` itself, or ``estimator[layer]`` for a per-layer Mapping (None when the layer has none)."""
+    return estimator.get(layer) if isinstance(estimator, Mapping) else estimator
 
 
 def _has_field(estimator, name: str) -> bool:
@@ -150,16 +178,17 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     _check_mask(attention_mask, n, m, causal, layer)
     if run.record is not None:
         run.record.append((query.detach(), key.detach(), value.detach(), scaling, causal))
-    if not run.substitutes(layer):
+    chosen = run.estimator_for(layer)
+    if chosen is None:
         return run.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if dropout:
         raise ValueError(f"attention dropout {dropout} is on (training mode); run the model in eval mode")
     if key.shape[1] != query.shape[1]:
         raise ValueError(f"layer {layer}: {query.shape[1]} query heads but {key.shape[1]} key heads; grouped-query "
                          "attention is not supported")
-    est = run.variants.get((scaling, causal))
+    est = run.variants.get((layer, scaling, causal))
     if est is None:
-        est = run.variants[(scaling, causal)] = adapt(run.estimator, scaling=scaling, causal=causal)
+        est = run.variants[(layer, scaling, causal)] = adapt(chosen, scaling=scaling, causal=causal)
     if not _has_field(est, "scale"):
         query = query * (scaling * d**0.5)  # the estimator's default d**-0.5 then gives the layer's logits
     pieces = [est.draw(query[b : b + 1], key[b : b + 1], replicates=1,
@@ -191,8 +220,9 @@ def _own_attention(implementation: str) -> Callable:
 def substitute(model, estimator=None, *, layers: Sequence[int] | None = None, seed: int = 0, text: int = 0,
                first_replicate: int = 0, record: list | None = None) -> Iterator[None]:
     """Within the block, ``model``'s attention calls go through :func:`attention`: layers in ``layers`` (all when
-    None) use ``estimator`` (None: none), the others the model's own implementation; ``record`` (a list) receives
-    (q, k, v, scaling, causal) of every call. The model's attention implementation is restored afterwards."""
+    None) use ``estimator`` (None: none; a Mapping layer index -> estimator: each layer its own, layers it lacks
+    exact), the others the model's own implementation; ``record`` (a list) receives (q, k, v, scaling, causal)
+    of every call. The model's attention implementation is restored afterwards."""
     if not hasattr(model, "set_attn_implementation") or not hasattr(getattr(model, "config", None), "_attn_implementation"):
         raise TypeError(f"model must be a transformers PreTrainedModel whose attention goes through AttentionInterface, "
                         f"got {type(model).__name__}")
@@ -232,9 +262,9 @@ def _eager_attention(module, query, key, value, attention_mask, scaling=None, dr
 @functools.lru_cache(maxsize=1)
 def _minilm():
     """all-MiniLM-L6-v2 and its tokenizer, loaded once per process (runs never change the weights)."""
-    from .inputs.minilm import _load_model
+    from .inputs.minilm import load_model
 
-    return _load_model()
+    return load_model()
 
 
 def _load(model, tokenizer):
@@ -252,7 +282,33 @@ def _load(model, tokenizer):
     return name, model, tokenizer
 
 
-def _token_ids(texts, tokenizer) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class Texts:
+    """The token ids a run measures on and where they came from: ``seq_len`` and ``split`` are set for passages of
+    the shipped text (evalab.inputs.passages), None for sentences or user texts."""
+
+    ids: tuple
+    seq_len: int | None = None
+    split: str | None = None
+
+
+def resolve_texts(texts, tokenizer, *, seq_len: int | None = None, split: str = "heldout") -> Texts:
+    """The token ids of ``texts``: None / an int (that many shipped sentences, or with ``seq_len`` that many
+    passages of ``seq_len`` tokens of ``split``; default 16 passages), a list of str, or of 1-D token-id tensors."""
+    if isinstance(texts, Texts):
+        return texts
+    if seq_len is not None:
+        from .inputs.passages import passages
+
+        _checks.choice("split", split, ["train", "heldout"])
+        if tokenizer is None:
+            raise ValueError("passages (seq_len given) need the model's tokenizer; pass tokenizer=")
+        count = DEFAULT_PASSAGES if texts is None else texts
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise TypeError(f"texts must be None or an int (the number of passages) when seq_len is given, got "
+                            f"{type(texts).__name__}")
+        ids = passages(seq_len, split, _checks.integer("texts", count, minimum=3), tokenizer=tokenizer)
+        return Texts(tuple(ids), seq_len, split)
     if texts is None:
         texts = DEFAULT_TEXTS
     if isinstance(texts, int) and not isinstance(texts, bool):
@@ -271,20 +327,81 @@ def _token_ids(texts, tokenizer) -> list[torch.Tensor]:
         ids.append(text)
     if len(ids) < 3:
         raise ValueError(f"texts has {len(ids)} texts; the similarity metrics need at least 3")
-    return ids
+    return Texts(tuple(ids))
 
 
 def _hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    """Hidden states (B, L + 1, N, D) of one forward pass, float64 on the CPU: the embeddings, then every
-    layer's output. The ids move to the model's device."""
+    """Hidden states (B, L + 1, N, D) of one forward pass in the model's dtype, on the CPU: the embeddings, then
+    every layer's output. The ids move to the model's device."""
     out = model(input_ids=ids.to(next(model.parameters()).device), output_hidden_states=True)
-    return torch.stack(out.hidden_states, dim=1).double().cpu()
+    return torch.stack(out.hidden_states, dim=1).cpu()
 
 
-def _layer_list(layers, count: int) -> frozenset | None:
+# --- the exact model, once per text -----------------------------------------------------------------------
+
+
+@dataclass
+class Exact:
+    """The exact model on one text: hidden (L + 1, N, D) in the model's dtype on the CPU; calls: (N, M, d, dv,
+    batch, scaling, causal) of every attention call in order; qkv: (q, k, v) of every call, or None when not kept."""
+
+    hidden: torch.Tensor
+    calls: tuple
+    qkv: tuple | None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.hidden, *(t for call in self.qkv or () for t in call)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+_EXACT: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def clear_exact_cache() -> None:
+    """Forget every cached exact-model run."""
+    _EXACT.clear()
+
+
+def _weights_version(module) -> int:
+    """Changes whenever a parameter or buffer is modified in place (torch's per-tensor version counters),
+    replaced or moved (its storage address)."""
+    return hash(tuple((t.data_ptr(), t._version, t.dtype) for t in (*module.parameters(), *module.buffers())))
+
+
+def exact_run(module, tokens: torch.Tensor, *, keep_qkv: bool = False) -> Exact:
+    """The exact model on one text (1-D token ids): one forward pass through the model's own attention, cached
+    (see the module docstring); ``keep_qkv`` also keeps every call's q, k, v."""
+    per_model = _EXACT.setdefault(module, OrderedDict())
+    key = (_weights_version(module), hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(), len(tokens))
+    entry = per_model.get(key)
+    if entry is not None and (entry.qkv is not None or not keep_qkv):
+        per_model.move_to_end(key)
+        return entry
+    record: list = []
+    with substitute(module, None, record=record):  # no estimator: every call is the model's own attention
+        hidden = _hidden(module, tokens[None])[0]
+    calls = tuple((q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], math.prod(q.shape[:-2]), scaling, causal)
+                  for q, k, v, scaling, causal in record)
+    qkv = tuple((q, k, v) for q, k, v, _, _ in record) if keep_qkv else None
+    entry = per_model[key] = Exact(hidden, calls, qkv)
+    total = sum(e.nbytes for e in per_model.values())
+    while total > EXACT_CACHE_BYTES and len(per_model) > 1:
+        total -= per_model.popitem(last=False)[1].nbytes
+    return entry
+
+
+def _layer_list(layers, count: int, estimator) -> frozenset | None:
+    """The substituted layers: None for all (with a per-layer Mapping, all of its layers), else a set."""
+    per_layer = isinstance(estimator, Mapping)
+    if per_layer:
+        for layer in estimator:
+            if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < count:
+                raise ValueError(f"estimator has an entry for layer {layer!r}; the model has {count} attention layers "
+                                 f"(0..{count - 1})")
     if isinstance(layers, str):
         _checks.choice("layers", layers, ["all"])
-        return None
+        return frozenset(estimator) if per_layer else None
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     chosen = []
@@ -292,6 +409,9 @@ def _layer_list(layers, count: int) -> frozenset | None:
         _checks.integer("layers", layer, minimum=0)
         if layer >= count:
             raise ValueError(f"layers contains {layer}; the model has {count} attention layers (0..{count - 1})")
+        if per_layer and layer not in estimator:
+            raise ValueError(f"layers contains {layer} but the per-layer estimator has no entry for it; expected "
+                             f"layers among {sorted(estimator)}")
         chosen.append(layer)
     if not chosen:
         raise ValueError("layers is empty; expected 'all' or a list of layer indices")
@@ -313,6 +433,25 @@ def _neighbours(similarity: torch.Tensor) -> torch.Tensor:
     return similarity.clone().fill_diagonal_(-math.inf).argmax(-1)
 
 
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def describe(estimator) -> dict:
+    """The row columns naming ``estimator``: estimator, its hyper-parameters, per_layer. For a per-layer Mapping:
+    the registered name when every layer's is the same (else the names in layer order joined by "|") and the
+    plain hyper-parameters (numbers, strings, None) that every layer shares."""
+    if not isinstance(estimator, Mapping):
+        return {"estimator": estimator_name(estimator), **estimator_params(estimator), "per_layer": False}
+    ests = [estimator[layer] for layer in sorted(estimator)]
+    names = [estimator_name(e) for e in ests]
+    params = [estimator_params(e) for e in ests]
+    shared = {key: value for key, value in params[0].items() if _plain(value)
+              and all(key in p and _plain(p[key]) and p[key] == value for p in params[1:])}
+    name = names[0] if len(set(names)) == 1 else "|".join(names)
+    return {"estimator": name, **shared, "per_layer": True}
+
+
 @dataclass(frozen=True)
 class ModelGap:
     """End-to-end metrics of an estimator substituted for a model's attention, against the exact model.
@@ -323,7 +462,9 @@ class ModelGap:
     similar other text is unchanged), similarity_spearman (Spearman correlation of the upper triangles of the
     pairwise cosine-similarity matrices), and call_rel_mse when per-call metrics were asked for.
     layer_errors: Estimate per layer of the hidden-state relative error after that layer.
-    samples: name -> (R,) per-replicate values; flops: attention FLOPs of the substituted calls of one replicate.
+    samples: name -> (R,) per-replicate values; flops: attention FLOPs of the substituted calls of one replicate;
+    softmax_flops: exact softmax attention's FLOPs over the same calls; seq_len, split: the passages' length and
+    split (None for sentences or user texts). estimator: one estimator, or a Mapping layer index -> estimator.
     """
 
     estimator: object
@@ -334,9 +475,12 @@ class ModelGap:
     replicates: int
     seed: int
     flops: float
+    softmax_flops: float
     metrics: dict
     layer_errors: tuple
     samples: dict = field(repr=False)
+    seq_len: int | None = None
+    split: str | None = None
 
     def __getattr__(self, name: str) -> Estimate:
         metrics = self.__dict__.get("metrics", {})
@@ -344,18 +488,24 @@ class ModelGap:
             return metrics[name]
         raise AttributeError(f"ModelGap has no metric {name!r}; metrics: {', '.join(metrics)}")
 
+    @property
+    def flops_fraction(self) -> float:
+        """flops / softmax_flops: the fraction of exact attention's FLOPs the estimator spends."""
+        return self.flops / self.softmax_flops
+
     def _base(self) -> dict:
-        row = {"estimator": estimator_name(self.estimator), **estimator_params(self.estimator)}
-        row.update(model=self.model, texts=self.texts, tokens=self.tokens, layers=self.layers,
-                   replicates=self.replicates, seed=self.seed)
+        row = describe(self.estimator)
+        row.update(model=self.model, texts=self.texts, tokens=self.tokens, seq_len=self.seq_len, split=self.split,
+                   layers=self.layers, replicates=self.replicates, seed=self.seed)
         return row
 
     def to_frame(self) -> pd.DataFrame:
-        """One tidy row: estimator and hyper-parameters, model, sizes, metrics with ``_low``/``_high``, flops."""
+        """One tidy row: estimator and hyper-parameters, model, sizes, metrics with ``_low``/``_high``, flops,
+        softmax_flops and flops_fraction."""
         row = self._base()
         for name, est in self.metrics.items():
             row.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})
-        row["flops"] = self.flops
+        row.update(flops=self.flops, softmax_flops=self.softmax_flops, flops_fraction=self.flops_fraction)
         return pd.DataFrame([row])
 
     def layer_frame(self) -> pd.DataFrame:
@@ -365,8 +515,10 @@ class ModelGap:
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
-        lines = [f"ModelGap({type(self.estimator).__name__}, model={self.model!r}, texts={self.texts}, "
-                 f"layers={self.layers}, replicates={self.replicates}, seed={self.seed})"]
+        what = describe(self.estimator)["estimator"]
+        length = "" if self.seq_len is None else f", seq_len={self.seq_len}, split={self.split!r}"
+        lines = [f"ModelGap({what}, model={self.model!r}, texts={self.texts}{length}, layers={self.layers}, "
+                 f"replicates={self.replicates}, seed={self.seed}, flops_fraction={self.flops_fraction:.3g})"]
         lines += [f"  {name:<22} {est!r}" for name, est in self.metrics.items()]
         return "\n".join(lines)
 
@@ -376,6 +528,8 @@ def model_gap(
     model="minilm",
     texts=None,
     *,
+    seq_len: int | None = None,
+    split: str = "heldout",
     layers="all",
     replicates: int = 8,
     seed: int = 0,
@@ -386,23 +540,30 @@ def model_gap(
 ) -> ModelGap:
     """Run ``model`` exactly and with ``estimator`` in place of softmax attention in ``layers``; compare outputs.
 
-    model: "minilm" (all-MiniLM-L6-v2, offline) or a loaded transformers model (its tokenizer as ``tokenizer``
-    when texts are strings). texts: None (the first 100 sentences of the shipped text), an int (that many), or a
-    list of str or of 1-D token-id tensors; each runs unpadded. layers: "all", an int or a list of attention
-    layer indices (call order). replicates >= 2 forward passes with independent noise (``replicate_block`` of
-    them stacked per forward pass; the numbers do not depend on it). call_replicates > 0 adds call_rel_mse:
-    monte_carlo's rel_mse of the estimator on the exact model's own q, k, v of every substituted call, averaged
-    over calls (interval over calls). threads: torch intra-op threads during the run (None: as set); short
-    texts make many small ops, which run fastest on one thread when the CPU is busy.
+    estimator: one estimator for every substituted layer, or a Mapping layer index -> estimator (e.g. a fitted
+    bundle), each layer its own; layers the Mapping lacks run exactly. model: "minilm" (all-MiniLM-L6-v2,
+    offline) or a loaded transformers model (its tokenizer as ``tokenizer`` when texts are strings or passages).
+    texts: None (the first 100 sentences of the shipped text), an int (that many), or a list of str or of 1-D
+    token-id tensors; each runs unpadded. seq_len: with it, texts counts passages of exactly seq_len tokens of
+    ``split`` ("train" or "heldout"; evalab.inputs.passages), 16 when None. layers: "all", an int or a list of
+    attention layer indices (call order). replicates >= 2 forward passes with independent noise
+    (``replicate_block`` of them stacked per forward pass; the numbers do not depend on it). call_replicates > 0
+    adds call_rel_mse: monte_carlo's rel_mse of the estimator on the exact model's own q, k, v of every
+    substituted call, averaged over calls (interval over calls). threads: torch intra-op threads during the run
+    (None: as set); short texts make many small ops, which run fastest on one thread when the CPU is busy.
+    The exact model runs once per text and is cached across calls (module docstring).
     """
     _checks.integer("replicates", replicates, minimum=2)
     _checks.integer("seed", seed, minimum=0)
     _checks.integer("call_replicates", call_replicates, minimum=0)
     _checks.integer("replicate_block", replicate_block)
+    if isinstance(estimator, Mapping) and not estimator:
+        raise ValueError("estimator is an empty mapping; expected layer index -> estimator for at least one layer")
     name, module, tokenizer = _load(model, tokenizer)
-    ids = _token_ids(texts, tokenizer)
+    inputs = resolve_texts(texts, tokenizer, seq_len=seq_len, split=split)
     # replicates share a forward pass only where each batch element can get its own noise
-    batched = _has_field(estimator, "shared_noise") or getattr(estimator, "noise_kind", None) == "none"
+    ests = list(estimator.values()) if isinstance(estimator, Mapping) else [estimator]
+    batched = all(_has_field(e, "shared_noise") or getattr(e, "noise_kind", None) == "none" for e in ests)
     block = replicate_block if batched else 1
     training, previous = module.training, torch.get_num_threads()
     module.eval()
@@ -410,31 +571,30 @@ def model_gap(
         torch.set_num_threads(_checks.integer("threads", threads))
     try:
         with torch.no_grad():
-            return _measure(estimator, name, module, ids, layers, replicates, seed, block, call_replicates)
+            return _measure(estimator, name, module, inputs, layers, replicates, seed, block, call_replicates)
     finally:
         module.train(training)
         torch.set_num_threads(previous)
 
 
-def _measure(estimator, name, module, ids, layers, replicates, seed, block, call_replicates) -> ModelGap:
-    exact_emb, approx_emb, err_sq, ref_sq, calls = [], [], None, None, []
-    chosen, count = "all", None
+def _measure(estimator, name, module, inputs: Texts, layers, replicates, seed, block, call_replicates) -> ModelGap:
+    ids = inputs.ids
+    exact_emb, approx_emb, err_sq, ref_sq, runs = [], [], None, None, []
+    chosen, count = None, None
     for t, tokens in enumerate(ids):
-        record: list = []
-        exact = _hidden(module, tokens[None])[0]  # (L + 1, N, D): the model as it is
-        with substitute(module, None, record=record):  # the same pass through "evalab": q, k, v of every call
-            _hidden(module, tokens[None])
+        run = exact_run(module, tokens, keep_qkv=call_replicates > 0)
+        runs.append(run)
+        exact = run.hidden.double()  # (L + 1, N, D): the model as it is
         if count is None:
-            count = len(record)
-            chosen = _layer_list(layers, count)
+            count = len(run.calls)
+            chosen = _layer_list(layers, count, estimator)
             err_sq = torch.zeros(replicates, exact.shape[0] - 1, dtype=torch.float64)
             ref_sq = torch.zeros(exact.shape[0] - 1, dtype=torch.float64)
-        calls.append([c for i, c in enumerate(record) if chosen is None or i in chosen])
         hidden = []
         for start in range(0, replicates, block):
             b = min(block, replicates - start)
             with substitute(module, estimator, layers=chosen, seed=seed, text=t, first_replicate=start):
-                hidden.append(_hidden(module, tokens[None].expand(b, -1)))
+                hidden.append(_hidden(module, tokens[None].expand(b, -1)).double())
         hidden = torch.cat(hidden)  # (R, L + 1, N, D)
         err_sq += ((hidden - exact) ** 2)[:, 1:].sum((-2, -1))
         ref_sq += (exact**2)[1:].sum((-2, -1))
@@ -460,32 +620,39 @@ def _measure(estimator, name, module, ids, layers, replicates, seed, block, call
         "similarity_spearman": np.array(spearman),
     }
     metrics = {key: mean_interval(value) for key, value in samples.items()}
+    substituted = [layer for layer in range(count) if chosen is None or layer in chosen]
     if call_replicates:
-        per_call = _call_rel_mse(estimator, calls, call_replicates, seed)
+        per_call = _call_rel_mse(estimator, runs, substituted, call_replicates, seed)
         samples["call_rel_mse"] = per_call
         metrics["call_rel_mse"] = mean_interval(per_call)
-    flops = sum(_call_flops(estimator, q, k, v, scaling, causal) for text in calls for q, k, v, scaling, causal in text)
+    flops = softmax_flops = 0.0
+    for run in runs:
+        for layer in substituted:
+            flops += call_flops(layer_estimator(estimator, layer), *run.calls[layer])
+            softmax_flops += call_flops(Softmax(), *run.calls[layer])
     return ModelGap(
         estimator=estimator, model=name, texts=len(ids), tokens=int(sum(len(i) for i in ids)),
         layers="all" if chosen is None else ",".join(map(str, sorted(chosen))), replicates=replicates, seed=seed,
-        flops=float(flops), metrics=metrics,
+        flops=float(flops), softmax_flops=float(softmax_flops), metrics=metrics,
         layer_errors=tuple(mean_interval(layer_rel[:, layer].numpy()) for layer in range(layer_rel.shape[1])),
-        samples=samples,
+        samples=samples, seq_len=inputs.seq_len, split=inputs.split,
     )
 
 
-def _call_flops(estimator, q, k, v, scaling, causal) -> float:
+def call_flops(estimator, n: int, m: int, d: int, dv: int, batch: int, scaling: float, causal: bool) -> float:
+    """FLOPs of ``estimator`` adapted to one attention call: n queries, m keys, head sizes d and dv, batch x heads."""
     est = adapt(estimator, scaling=scaling, causal=causal)
-    return estimate_cost(est, N=q.shape[-2], M=k.shape[-2], d=q.shape[-1], dv=v.shape[-1],
-                         batch=math.prod(q.shape[:-2])).flops()
+    return estimate_cost(est, N=n, M=m, d=d, dv=dv, batch=batch).flops()
 
 
-def _call_rel_mse(estimator, calls, replicates: int, seed: int) -> np.ndarray:
-    """monte_carlo's rel_mse of every recorded (text, layer) call, with that layer's adapted estimator."""
+def _call_rel_mse(estimator, runs, substituted, replicates: int, seed: int) -> np.ndarray:
+    """monte_carlo's rel_mse of every substituted (text, layer) call, with that layer's adapted estimator."""
     values = []
-    for t, text in enumerate(calls):
-        for layer, (q, k, v, scaling, causal) in enumerate(text):
-            est = adapt(estimator, scaling=scaling, causal=causal)
+    for run in runs:
+        for layer in substituted:
+            q, k, v = run.qkv[layer]
+            _, _, _, _, _, scaling, causal = run.calls[layer]
+            est = adapt(layer_estimator(estimator, layer), scaling=scaling, causal=causal)
             if not _has_field(est, "scale"):
                 q = q * (scaling * q.shape[-1] ** 0.5)
             res = monte_carlo(est, q, k, v, replicates=replicates, seed=seed, matrix=False)
@@ -493,29 +660,36 @@ def _call_rel_mse(estimator, calls, replicates: int, seed: int) -> np.ndarray:
     return np.array(values)
 
 
-def error_propagation(estimator, model="minilm", texts=None, *, replicates: int = 8, seed: int = 0,
-                      tokenizer=None, replicate_block: int = 8, threads: int | None = None) -> pd.DataFrame:
+def error_propagation(estimator, model="minilm", texts=None, *, seq_len: int | None = None, split: str = "heldout",
+                      replicates: int = 8, seed: int = 0, tokenizer=None, replicate_block: int = 8,
+                      threads: int | None = None) -> pd.DataFrame:
     """How a per-layer error grows through the layers: hidden_rel_error after layer l (with ``_low``/``_high``)
     when only layer l is approximated (``approximated="only"``) and when layers 0..l are (``"through"``; one
     all-layers run gives them all, since the hidden state after layer l depends on layers 0..l only and every
     layer's noise is seeded by its own index). ``"only"`` rows also carry the last hidden state's error, the
-    error of layer l's approximation once it has passed through the rest of the model."""
+    error of layer l's approximation once it has passed through the rest of the model. texts, seq_len, split:
+    as in :func:`model_gap` (the exact model runs once per text for all the runs); a per-layer Mapping gives
+    rows for its layers."""
     name, module, tokenizer = _load(model, tokenizer)
-    kwargs = dict(texts=_token_ids(texts, tokenizer), replicates=replicates, seed=seed, replicate_block=replicate_block,
-                  threads=threads)
+    kwargs = dict(texts=resolve_texts(texts, tokenizer, seq_len=seq_len, split=split), replicates=replicates,
+                  seed=seed, replicate_block=replicate_block, threads=threads)
     through = model_gap(estimator, module, layers="all", **kwargs)
+    approximated = range(len(through.layer_errors))
+    if isinstance(estimator, Mapping):
+        approximated = sorted(estimator)
     rows = []
     for layer, e in enumerate(through.layer_errors):
-        only = model_gap(estimator, module, layers=[layer], **kwargs)
-        last = only.last_hidden_rel_error
-        rows.append({"approximated": "only", "layer": layer, "hidden_rel_error": only.layer_errors[layer].value,
-                     "hidden_rel_error_low": only.layer_errors[layer].low,
-                     "hidden_rel_error_high": only.layer_errors[layer].high, "last_hidden_rel_error": last.value,
-                     "last_hidden_rel_error_low": last.low, "last_hidden_rel_error_high": last.high})
+        if layer in approximated:
+            only = model_gap(estimator, module, layers=[layer], **kwargs)
+            last = only.last_hidden_rel_error
+            rows.append({"approximated": "only", "layer": layer, "hidden_rel_error": only.layer_errors[layer].value,
+                         "hidden_rel_error_low": only.layer_errors[layer].low,
+                         "hidden_rel_error_high": only.layer_errors[layer].high, "last_hidden_rel_error": last.value,
+                         "last_hidden_rel_error_low": last.low, "last_hidden_rel_error_high": last.high})
         rows.append({"approximated": "through", "layer": layer, "hidden_rel_error": e.value,
                      "hidden_rel_error_low": e.low, "hidden_rel_error_high": e.high})
-    base = {"estimator": estimator_name(estimator), **estimator_params(estimator), "model": name,
-            "texts": through.texts, "replicates": replicates, "seed": seed}
+    base = {**describe(estimator), "model": name, "texts": through.texts, "seq_len": through.seq_len,
+            "split": through.split, "replicates": replicates, "seed": seed}
     return pd.DataFrame([{**base, **row} for row in rows])
 
 
@@ -523,8 +697,8 @@ def gap_correlation(frame: pd.DataFrame, *, per_call: str = "call_rel_mse",
                     end_to_end: Sequence[str] = ("last_hidden_rel_error", "embedding_cosine", "neighbour_agreement",
                                                  "similarity_spearman")) -> pd.DataFrame:
     """Does the per-call gap predict the model gap? Spearman correlation across the rows of ``frame`` (one per
-    estimator setting, from :meth:`ModelGap.to_frame`) between ``per_call`` and each end-to-end metric, with
-    the number of rows and the two-sided p-value."""
+    estimator setting, from :meth:`ModelGap.to_frame`, e.g. a sweep of kind "model" on passages of one seq_len)
+    between ``per_call`` and each end-to-end metric, with the number of rows and the two-sided p-value."""
     rows = []
     for metric in end_to_end:
         part = frame[[per_call, metric]].dropna()
@@ -539,10 +713,12 @@ def gap_correlation(frame: pd.DataFrame, *, per_call: str = "call_rel_mse",
 
 def sweep_row(estimator, cell) -> dict:
     """The row of a sweep cell of inputs kind "model": model_gap's to_frame() row, on the CPU, one intra-op
-    thread (a sentence's forward pass is many small ops; on a busy 2-core CPU, 2 threads ran them 10-50x slower)."""
+    thread (a sentence's forward pass is many small ops; on a busy 2-core CPU, 2 threads ran them 10-50x slower).
+    Cells of one sweep process share the exact model's runs (the exact-run cache)."""
     from .inputs.model import model_inputs
 
     settings = model_inputs(**cell.inputs)
-    res = model_gap(estimator, settings["model"], settings["texts"], layers=settings["layers"],
-                    replicates=cell.replicates, seed=cell.mc_seed, call_replicates=settings["call_replicates"], threads=1)
+    res = model_gap(estimator, settings["model"], settings["texts"], seq_len=settings["seq_len"],
+                    split=settings["split"], layers=settings["layers"], replicates=cell.replicates, seed=cell.mc_seed,
+                    call_replicates=settings["call_replicates"], threads=1)
     return res.to_frame().iloc[0].to_dict()

@@ -8,7 +8,8 @@ from conftest import make_qkv
 
 ESTIMATORS = [ev.RFA(num_features=4), ev.EVA(window=4, chunk_size=2), ev.ControlVariates(num_features=4), ev.Softmax(),
               ev.RA(samples_per_query=2), ev.LARA(num_proposals=4)]
-ESTIMATORS += [ev.Nystrom(num_landmarks=2), ev.LinearAttention(), ev.Scatterbrain(window=4, num_features=4)]
+ESTIMATORS += [ev.Nystrom(num_landmarks=2), ev.LinearAttention(), ev.Scatterbrain(window=4, num_features=4),
+               ev.LocalWindow(window=4)]
 
 
 def _call(est, q, k, v):

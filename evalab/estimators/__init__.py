@@ -12,7 +12,9 @@ from .ra import RA
 from .rfa import RFA
 from .scatterbrain import Scatterbrain
 from .softmax import Softmax, softmax_attention
+from .window import LocalWindow
 
 __all__ = ["ControlVariateTerms", "ControlVariates", "Cost", "Draw", "EVA", "Estimator", "LARA", "RA", "RFA", "Softmax",
            "features", "softmax_attention"]
 __all__ += ["LinearAttention", "Nystrom", "Scatterbrain"]
+__all__ += ["LocalWindow"]

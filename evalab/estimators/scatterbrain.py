@@ -4,11 +4,11 @@
   Y_n = [ sum_{m in E_n} e^{l_nm} v_m + sum_{m not in E_n} phi(x_n).phi(y_m) v_m ]
         / [ sum_{m in E_n} e^{l_nm} + sum_{m not in E_n} phi(x_n).phi(y_m) ]
 
-The support E_n is the interval of keys [lo_n, hi_n): support "block", EVA's block-local windows (the block of
-``window`` positions holding n, as in the EVA authors' re-implementation); "sliding", the keys m with
-m - n in [-floor(w/2), ceil(w/2)) (the Scatterbrain authors' SBLocalAttention). Causal: keys m <= n only, the
-support cut at n and the random features over the past keys before it. window = 0 gives RFA, a support holding
-every key gives softmax.
+The support E_n is the window of keys [lo_n, hi_n) of evalab.estimators.window: support "block", EVA's
+block-local windows (the block of ``window`` positions holding n, as in the EVA authors' re-implementation);
+"sliding", the keys m with m - n in [-floor(w/2), ceil(w/2)) (the Scatterbrain authors' SBLocalAttention), causal
+the w keys ending at n. Causal: keys m <= n only, the random features over the past keys before the support.
+window = 0 gives RFA, a support holding every key gives softmax.
 
 The complement of an interval is a prefix [0, lo_n) and a suffix [hi_n, M); both are summed in log space over
 blocks of queries with a carried state (the suffix on the reversed sequence), so no mass is ever subtracted
@@ -30,11 +30,8 @@ from .base import Cost
 from .draw import Draw
 from .features import OmegaDraws, log_features, num_columns
 from .scaled import Scaled
-
-SUPPORTS = ("block", "sliding")
-#: Queries per block of the prefix/suffix sums (memory R x block x block x F per step); the block support uses
-#: its window blocks instead when they are 8 to 128 positions long (then no pairs are formed at all).
-QUERY_BLOCK = 32
+from .window import KINDS
+from .window import bounds, finite, local_attention, query_block, span
 
 
 @dataclass(frozen=True)
@@ -58,35 +55,23 @@ class Scatterbrain(OmegaDraws):
 
     def __post_init__(self) -> None:
         _checks.integer("window", self.window, minimum=0)
-        _checks.choice("support", self.support, SUPPORTS)
+        _checks.choice("support", self.support, KINDS)
         self._check_omega_fields(("positive", "hyperbolic"))
         _checks.real("scale", self.scale, allow_none=True, strict=True)
 
     def bounds(self, N: int, M: int) -> tuple[np.ndarray, np.ndarray]:
-        """The support of every query, keys [lo_n, hi_n) (before the causal cut), both non-decreasing in n: (N,) each."""
-        n = np.arange(N)
-        if self.window == 0:  # empty support, placed where the causal prefix ends
-            lo = np.minimum(n + 1, M)
-            return lo, lo
-        if self.window > 0 and N != M:
-            raise ValueError(f"window={self.window} needs self-attention (N == M), got N={N}, M={M}")
-        w = self.window
-        if self.support == "block":
-            lo = (n // w) * w
-            return lo, np.minimum(lo + w, M)
-        return np.maximum(n - w // 2, 0), np.minimum(n + (w + 1) // 2, M)
+        """The support of every query, keys [lo_n, hi_n) (causal: cut at n), both non-decreasing in n: (N,) each."""
+        return bounds(self.window, self.support, N, M, causal=self.causal)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
         inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
         omega = draw.for_estimator(self, q, k, inp.x)
         N, M = q.shape[-2], k.shape[-2]
         lo, hi = self.bounds(N, M)
-        if self.causal:
-            hi = np.minimum(hi, np.arange(N) + 1)
         # (R, *b, L, F), contiguous: every later pass runs along positions
         lq, lk = (log_features(t, omega, self.feature_map).contiguous() for t in (inp.x, inp.y))
         block = self.query_block()
-        parts = [_support(inp, lo, hi, block), _outside(lq, lk, inp.v, lo, block)]
+        parts = [local_attention(inp.x, inp.y, inp.v, lo, hi, block), _outside(lq, lk, inp.v, lo, block)]
         if not self.causal:
             # the suffix [hi_n, M) is a prefix of the reversed keys, for the reversed queries
             lse, average = _outside(lq.flip(-2), lk.flip(-2), inp.v.flip(-2), (M - hi)[::-1].copy(), block)
@@ -96,9 +81,9 @@ class Scatterbrain(OmegaDraws):
         return out.to(inp.out_dtype)
 
     def query_block(self) -> int:
-        """Queries per block of the prefix/suffix sums: the window for a block support of 8 to 128 positions (each
-        block's bound is then constant), QUERY_BLOCK otherwise."""
-        return self.window if self.support == "block" and 8 <= self.window <= 128 else QUERY_BLOCK
+        """Queries per block of the support and of the prefix/suffix sums (memory R x block x block x F per step):
+        evalab.estimators.window.query_block."""
+        return query_block(self.window, self.support)
 
     @property
     def columns(self) -> int:
@@ -118,11 +103,9 @@ class Scatterbrain(OmegaDraws):
         logits and gathered keys, the log-features, one block's pairs, the state and the output."""
         F = self.columns
         lo, hi = self.bounds(N, M)
-        if self.causal:
-            hi = np.minimum(hi, np.arange(N) + 1)
         block = self.query_block()
-        first, span = support_span(lo, hi, block)
-        pairs = len(first) * block * span  # support logits over padded blocks of queries
+        first, width = span(lo, hi, block)
+        pairs = len(first) * block * width  # support logits over padded blocks of queries
         fixed = 2 * pairs * (d + dv) + 4 * pairs
         S = self.num_features
         rep = 2 * (N + M) * S * (d + 1) if self.feature_map == "positive" else 2 * (N + M) * (S * d + F)
@@ -134,40 +117,9 @@ class Scatterbrain(OmegaDraws):
                 rep += 2 * T * F * dv + 2 * T * p * dv + 3 * T * p * F + 4 * T * F
             rep += int(bound[(N - 1) // block * block]) * F * (2 * dv + 3)  # keys the state took in
         T = min(block, N)
-        memory_fixed = 2 * pairs + len(first) * span * (d + dv) + N * dv
+        memory_fixed = 2 * pairs + len(first) * width * (d + dv) + N * dv
         memory = 2 * (N + M) * F + 2 * T * T * F + F * dv + 3 * N * dv
         return Cost.per_element(fixed, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
-
-
-def support_span(lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[np.ndarray, int]:
-    """The keys each block of ``block`` queries gathers for its supports: (first key per block (B,), span), so
-    that block j holds keys [first_j, first_j + span) ⊇ every [lo_n, hi_n) of its queries."""
-    N = len(lo)
-    first = lo[::block]
-    last = hi[np.minimum(np.arange(block, N + block, block), N) - 1]
-    return first, int((last - first).max(initial=0))
-
-
-def _support(inp: Scaled, lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention on keys [lo_n, hi_n): (log sum e^l (*b, N), sum e^{l - lse} v (*b, N, dv)); -inf and 0
-    for an empty support. Over blocks of queries, each with the span of keys its supports reach (memory
-    N x span, span = window for the block support)."""
-    N, M, device = inp.x.shape[-2], inp.y.shape[-2], inp.x.device
-    first, span = support_span(lo, hi, block)
-    if span == 0:
-        return (torch.full(inp.x.shape[:-1], -math.inf, dtype=inp.x.dtype, device=device),
-                torch.zeros(*inp.x.shape[:-1], inp.v.shape[-1], dtype=inp.v.dtype, device=device))
-    B, pad = len(first), len(first) * block - N
-    key = torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(span, device=device)  # (B, span)
-    bounds = [torch.from_numpy(np.pad(t, (0, pad))).to(device).view(B, block, 1) for t in (lo, hi)]
-    inside = (key.unsqueeze(-2) >= bounds[0]) & (key.unsqueeze(-2) < bounds[1])  # (B, block, span); padding: empty
-    key = key.clamp_(max=M - 1)
-    x = torch.nn.functional.pad(inp.x, (0, 0, 0, pad)).unflatten(-2, (B, block))  # (*b, B, block, d)
-    logits = (x @ inp.y[..., key, :].transpose(-1, -2)).masked_fill_(~inside, -math.inf)  # (*b, B, block, span)
-    lse = torch.logsumexp(logits, dim=-1)
-    weights = logits.sub_(_finite(lse).unsqueeze(-1)).exp_()
-    out = weights @ inp.v[..., key, :]  # (*b, B, block, dv)
-    return lse.flatten(-2)[..., :N], out.flatten(-3, -2)[..., :N, :]
 
 
 def _outside(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, lo: np.ndarray, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,14 +153,9 @@ def _outside(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, lo: np.ndarray
             beyond = torch.arange(a, b, device=lq.device) >= torch.from_numpy(lo[t0:t1]).to(lq.device).unsqueeze(-1)
             logits = torch.cat([logits, pair.masked_fill_(beyond, -math.inf)], dim=-1)
         block_lse = torch.logsumexp(logits, dim=-1)
-        weights = (logits - _finite(block_lse).unsqueeze(-1)).exp_()
+        weights = (logits - finite(block_lse).unsqueeze(-1)).exp_()
         block_out = weights[..., :F] @ kv
         if b > a:
             block_out += weights[..., F:] @ v[..., a:b, :]
         lse[..., t0:t1], out[..., t0:t1, :] = block_lse, block_out
     return lse, out
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """lse with -inf (an empty set) replaced by 0, so that e^{-inf - lse} gives weight 0, not nan."""
-    return lse.masked_fill(lse == -math.inf, 0.0)

