@@ -13,7 +13,7 @@ from .cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
-from .estimators import LocalWindow
+from .estimators import T2R, Hedgehog, LocalWindow
 from .estimators.fitted import Fitted, FittedLayers, load_fitted, save_fitted
 from .fit import FitResult, fit
 from .gradient_gap import GradientGap, gradient_gap
@@ -39,6 +39,7 @@ __all__ = [
     "Fitted",
     "FittedLayers",
     "GradientGap",
+    "Hedgehog",
     "LARA",
     "LinearAttention",
     "LocalWindow",
@@ -49,6 +50,7 @@ __all__ = [
     "RFA",
     "Scatterbrain",
     "Softmax",
+    "T2R",
     "attention_matrix",
     "compare",
     "error_propagation",

@@ -33,7 +33,7 @@ import torch
 
 from . import _checks
 from .estimators.draw import seeded_generator
-from .estimators.fitted import FittedLayers, fingerprints, learnable_fields, parameters
+from .estimators.fitted import FittedLayers, fingerprints, learnable_fields, parameters, with_parameters
 from .estimators.softmax import softmax_attention
 from .inputs.qkv import QKV
 from .monte_carlo import attention_matrix
@@ -75,8 +75,14 @@ class FitResult:
 
 
 def _workloads(name: str, inputs) -> list[QKV]:
-    """A list of QKV from a QKV, a (q, k, v) tuple or a list of either."""
+    """A list of QKV from a QKV, a (q, k, v) tuple or a list of either; MiniLM captures of passages (q of shape
+    (L, P, H, N, d), ``info["passage_sha256"]``) become one workload per passage."""
     if isinstance(inputs, QKV):
+        digests = inputs.info.get("passage_sha256")
+        if digests and inputs.q.dim() == 5 and inputs.q.shape[1] == len(digests):
+            info = {key: inputs.info[key] for key in ("model", "seq_len", "split", "layers", "heads") if key in inputs.info}
+            return [QKV(*(t[:, i] for t in inputs), inputs.scale, {**info, "text_sha256": digest})
+                    for i, digest in enumerate(digests)]
         return [inputs]
     if isinstance(inputs, tuple) and len(inputs) == 3 and all(isinstance(t, torch.Tensor) for t in inputs):
         return [QKV(*inputs, scale=inputs[0].shape[-1] ** -0.5)]
@@ -88,18 +94,26 @@ def _workloads(name: str, inputs) -> list[QKV]:
     raise TypeError(f"{name} must be a QKV, a (q, k, v) tuple or a list of them, got {type(inputs).__name__}")
 
 
-def _per_head(estimator, batch: torch.Size, dtype, device):
-    """The estimator with every learnable tensor given the leading axes ``batch`` (copied per head unless it
-    has them already), as fresh leaf tensors of ``dtype`` on ``device``."""
+def _per_head(estimator, batch: tuple[int, ...], dtype, device):
+    """(the estimator with one set of parameters per batch element, its learnable tensors as fresh leaf tensors
+    of ``dtype`` on ``device``). An estimator with a ``heads`` field (its parameters' leading axes) has its
+    tensors copied along the batch axes that ``heads`` lacks; otherwise a tensor whose leading axes are not
+    already ``batch`` is copied along all of them."""
+    own = getattr(estimator, "heads", None)
+    if own is not None and tuple(batch[len(batch) - len(own):]) != tuple(own):
+        raise ValueError(f"estimator has heads={tuple(own)}, which does not broadcast as the trailing axes of the "
+                         f"inputs' batch shape {batch}")
     out = {}
     for name, t in parameters(estimator).items():
+        if isinstance(t, (int, float)) and not isinstance(t, bool):  # a number (e.g. a mixing weight): one per head
+            t = torch.tensor(float(t))
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"learnable field {name} of {type(estimator).__name__} must be a tensor, got {type(t).__name__}")
+            raise TypeError(f"learnable field {name} of {type(estimator).__name__} must be a tensor or a number, "
+                            f"got {type(t).__name__}")
         t = t.detach().to(device=device, dtype=dtype)
-        if tuple(t.shape[:len(batch)]) != tuple(batch):
-            t = t.expand(*batch, *t.shape)
-        out[name] = t.clone().requires_grad_(True)
-    return out
+        missing = batch[:len(batch) - len(own)] if own is not None else (() if t.shape[:len(batch)] == batch else batch)
+        out[name] = t.expand(*missing, *t.shape).clone().requires_grad_(True)
+    return with_parameters(estimator, out, batch), out
 
 
 def _loss(estimator, w: QKV, kind: str) -> torch.Tensor:
@@ -114,6 +128,31 @@ def _loss(estimator, w: QKV, kind: str) -> torch.Tensor:
     exact = softmax_attention(q, k, eye, scale=getattr(estimator, "scale", None), causal=causal)
     approx = attention_matrix(estimator, q, k, draw)[0]
     return -(exact * approx.clamp_min(LOG_FLOOR).log()).sum(-1).mean()
+
+
+class Adam:
+    """Adam (Kingma and Ba 2015) over a list of leaf tensors, in place, with torch.optim.Adam's defaults
+    (betas 0.9, 0.999; eps 1e-8; bias-corrected moments): a few elementwise operations per tensor, in a fixed
+    order, so the same gradients give the same bits. Tensors without a gradient are left alone, as torch's."""
+
+    def __init__(self, tensors: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.tensors, self.lr, self.betas, self.eps, self.steps = tensors, lr, betas, eps, 0
+        self.first = [torch.zeros_like(t) for t in tensors]
+        self.second = [torch.zeros_like(t) for t in tensors]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        b1, b2 = self.betas
+        for t, m, v in zip(self.tensors, self.first, self.second):
+            g = t.grad
+            if g is None:  # a tensor the loss does not depend on (a window's mixing weight without a window)
+                continue
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v / (1 - b2 ** self.steps)).sqrt_().add_(self.eps)
+            t.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** self.steps))
+            t.grad = None
 
 
 def _mean_loss(estimator, group: list[QKV], kind: str) -> torch.Tensor:
@@ -186,8 +225,8 @@ def fit(
     train = [w.to(dtype=dtype) for w in train]
     held = [w.to(dtype=dtype) for w in held]
 
-    tensors = _per_head(estimator, shape, dtype, train[0].q.device)
-    optimiser = torch.optim.Adam(list(tensors.values()), lr=lr, foreach=False)
+    estimator, tensors = _per_head(estimator, tuple(shape), dtype, train[0].q.device)
+    optimiser = Adam(list(tensors.values()), lr=lr)
     generator = seeded_generator(seed, FIT_PURPOSE)
     rows = []
 
@@ -208,7 +247,6 @@ def fit(
         if held and step % eval_every == 0:
             evaluate("heldout", held, step)
         chosen = torch.randperm(len(train), generator=generator)[:batch].tolist() if batch < len(train) else range(len(train))
-        optimiser.zero_grad(set_to_none=True)
         total = _mean_loss(current(), [train[i] for i in chosen], loss)
         total.backward()
         optimiser.step()

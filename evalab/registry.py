@@ -18,7 +18,7 @@ import inspect
 
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, LinearAttention, Nystrom, Scatterbrain,
                          Softmax)
-from .estimators import LocalWindow
+from .estimators import T2R, Hedgehog, LocalWindow
 from .inputs import gaussian
 from .inputs.minilm import minilm_head
 from .inputs.model import model_inputs
@@ -26,7 +26,7 @@ from .inputs.model import model_inputs
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
                "ra": RA, "lara": LARA,
                "nystrom": Nystrom, "linear_attention": LinearAttention, "scatterbrain": Scatterbrain}
-ESTIMATORS.update({"local_window": LocalWindow})
+ESTIMATORS.update({"local_window": LocalWindow, "t2r": T2R, "hedgehog": Hedgehog})
 INPUTS = {"gaussian": gaussian, "minilm": minilm_head, "model": model_inputs}
 ENTRY_POINTS = "evalab.estimators"
 FITTED = "fitted"  # the name of a fitted estimator loaded from a file: "fitted" or "fitted:<file>"

@@ -219,6 +219,44 @@ def test_bad_arguments_are_named(kwargs, error, match):
 
 def test_refuses_an_estimator_without_learnable_fields():
     with pytest.raises(TypeError, match="estimator must be a learned estimator"):
-        ev.fit(ev.LinearAttention(), TRAIN, progress=False)
+        ev.fit(ev.RFA(), TRAIN, progress=False)
     with pytest.raises(TypeError, match="inputs must be a QKV"):
         ev.fit(SoftmaxFeatures(), "text", progress=False)
+
+
+def test_adam_matches_torch_adam():
+    """evalab.fit.Adam against torch.optim.Adam on a quadratic in float64 (same formula, to rounding)."""
+    from evalab.fit import Adam
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    ours, theirs = torch.zeros(5, 3, dtype=torch.float64, requires_grad=True), torch.zeros(5, 3, dtype=torch.float64, requires_grad=True)
+    mine, reference = Adam([ours], lr=0.1), torch.optim.Adam([theirs], lr=0.1)
+    for _ in range(20):
+        ((ours - target) ** 2 * torch.arange(1.0, 4.0, dtype=torch.float64)).sum().backward()
+        mine.step()
+        reference.zero_grad()
+        ((theirs - target) ** 2 * torch.arange(1.0, 4.0, dtype=torch.float64)).sum().backward()
+        reference.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda: ev.Hedgehog(d=D, feature_dim=4),
+                                  lambda: ev.T2R(d=D, feature_dim=6, window=8, window_kind="block"),
+                                  lambda: ev.LinearAttention(feature="taylor", window=8, window_kind="block")])
+def test_builtin_learned_estimators_fit_per_layer_save_and_load(make, tmp_path):
+    """The built-in learned maps and window hybrids: a per-layer fit sets their heads to (L, H), each layer's
+    estimator has heads (H,), and the saved file loads to the same outputs."""
+    layered = [ev.inputs.QKV(*(torch.stack([t, 0.5 * t]) for t in w), w.scale, {"layers": 2}) for w in TRAIN[:2]]
+    heldout = ev.inputs.QKV(*(torch.stack([t, t]) for t in HELD[0]), HELD[0].scale)
+    res = ev.fit(make(), layered, heldout=heldout, loss="output", steps=3, lr=0.05, progress=False)
+    assert res.loss("heldout") < res.curve[res.curve["split"] == "heldout"]["loss"].iloc[0]
+    bundle = res.estimator
+    q, k, v = layered[1]
+    draw = bundle.stacked.draw(q, k)
+    whole = bundle.stacked(q, k, v, draw)
+    for layer in bundle:
+        torch.testing.assert_close(bundle[layer](q[layer], k[layer], v[layer], draw), whole[:, layer], rtol=1e-6, atol=1e-7)
+    path = tmp_path / "est.safetensors"
+    ev.save_fitted(res, path)
+    torch.testing.assert_close(ev.load_fitted(path)(q, k, v, draw), whole, rtol=0, atol=0)

@@ -6,6 +6,7 @@ from .control_variates import ControlVariates, ControlVariateTerms
 from .draw import Draw
 from .eva import EVA
 from .lara import LARA
+from .learned import T2R, Hedgehog
 from .linear import LinearAttention
 from .nystrom import Nystrom
 from .ra import RA
@@ -17,4 +18,4 @@ from .window import LocalWindow
 __all__ = ["ControlVariateTerms", "ControlVariates", "Cost", "Draw", "EVA", "Estimator", "LARA", "RA", "RFA", "Softmax",
            "features", "softmax_attention"]
 __all__ += ["LinearAttention", "Nystrom", "Scatterbrain"]
-__all__ += ["LocalWindow"]
+__all__ += ["Hedgehog", "LocalWindow", "T2R"]

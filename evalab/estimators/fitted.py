@@ -57,6 +57,15 @@ def parameters(estimator) -> dict[str, torch.Tensor]:
     return {name: getattr(estimator, name) for name in learnable_fields(estimator)}
 
 
+def with_parameters(estimator, tensors: dict, heads: tuple[int, ...] | None = None):
+    """``dataclasses.replace(estimator, **tensors)``; an estimator with a ``heads`` field (its parameters'
+    leading axes) gets ``heads`` too when given."""
+    changes = dict(tensors)
+    if heads is not None and any(f.name == "heads" for f in dataclasses.fields(estimator)):
+        changes["heads"] = tuple(heads)
+    return dataclasses.replace(estimator, **changes)
+
+
 def _import_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -94,7 +103,9 @@ class FittedLayers(Mapping):
         if layer not in self.indices:
             raise KeyError(f"layer {layer!r} was not fitted; fitted layers: {list(self.indices)}")
         i = self.indices.index(layer)
-        return dataclasses.replace(self.stacked, **{n: t[i] for n, t in parameters(self.stacked).items()})
+        heads = getattr(self.stacked, "heads", None)
+        return with_parameters(self.stacked, {n: t[i] for n, t in parameters(self.stacked).items()},
+                               None if heads is None else tuple(heads)[1:])
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -228,11 +239,11 @@ class Fitted:
 
 
 def fingerprints(inputs) -> frozenset[str]:
-    """What identifies an input workload: ``text:<sha256>`` for each text its ``info`` names (``text_sha256``,
-    a string or a list), else ``qkv:<sha256>`` of the q, k, v tensors' bytes in float32 (so a float64 workload
+    """What identifies an input workload: ``text:<sha256>`` for each text its ``info`` names
+    (``passage_sha256``, a list, for MiniLM captures of passages; else ``text_sha256``, a string or a list), else ``qkv:<sha256>`` of the q, k, v tensors' bytes in float32 (so a float64 workload
     and its float32 copy are one workload)."""
     info = getattr(inputs, "info", None) or {}
-    texts = info.get("text_sha256")
+    texts = info.get("passage_sha256") or info.get("text_sha256")
     if texts:
         return frozenset(f"text:{t}" for t in ([texts] if isinstance(texts, str) else texts))
     h = hashlib.sha256()

@@ -76,16 +76,17 @@ def pairs(lo: np.ndarray, hi: np.ndarray, block: int) -> int:
 
 
 def local_attention(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, lo: np.ndarray, hi: np.ndarray,
-                    block: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    block: int, *, with_max: bool = False) -> tuple[torch.Tensor, ...]:
     """Exact attention of scaled queries x (*b, N, d) on keys y (*b, M, d), values v (*b, M, dv) restricted to
     [lo_n, hi_n): (log sum_m e^{x_n.y_m} (*b, N), sum_m e^{x_n.y_m - lse_n} v_m (*b, N, dv)); -inf and 0 for an
-    empty window. Over blocks of ``block`` queries (memory N x span); differentiable (no in-place operation on
-    anything autograd keeps)."""
+    empty window; ``with_max`` adds the largest logit in the window (*b, N) (-inf when empty). Over blocks of
+    ``block`` queries (memory N x span); differentiable (no in-place operation on anything autograd keeps)."""
     N, M, device = x.shape[-2], y.shape[-2], x.device
     first, width = span(lo, hi, block)
     if width == 0:
-        return (torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=device),
-                torch.zeros(*x.shape[:-1], v.shape[-1], dtype=v.dtype, device=device))
+        empty = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=device)
+        zeros = torch.zeros(*x.shape[:-1], v.shape[-1], dtype=v.dtype, device=device)
+        return (empty, zeros, empty) if with_max else (empty, zeros)
     B, pad = len(first), len(first) * block - N
     key = torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(width, device=device)  # (B, span)
     lo_t, hi_t = (torch.from_numpy(np.pad(t, (0, pad))).to(device).view(B, block, 1) for t in (lo, hi))
@@ -96,7 +97,8 @@ def local_attention(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, lo: np.nd
     lse = torch.logsumexp(logits, dim=-1)
     weights = torch.exp(logits - finite(lse).unsqueeze(-1))
     out = weights @ v[..., key, :]  # (*b, B, block, dv)
-    return lse.flatten(-2)[..., :N], out.flatten(-3, -2)[..., :N, :]
+    lse, out = lse.flatten(-2)[..., :N], out.flatten(-3, -2)[..., :N, :]
+    return (lse, out, logits.amax(-1).flatten(-2)[..., :N]) if with_max else (lse, out)
 
 
 def finite(lse: torch.Tensor) -> torch.Tensor:
