@@ -112,7 +112,7 @@ def _per_head(estimator, batch: tuple[int, ...], dtype, device):
                             f"got {type(t).__name__}")
         t = t.detach().to(device=device, dtype=dtype)
         missing = batch[:len(batch) - len(own)] if own is not None else (() if t.shape[:len(batch)] == batch else batch)
-        out[name] = t.expand(*missing, *t.shape).clone().requires_grad_(True)
+        out[name] = t.expand(tuple(missing) + tuple(t.shape)).clone().requires_grad_(True)
     return with_parameters(estimator, out, batch), out
 
 

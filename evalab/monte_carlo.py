@@ -103,10 +103,12 @@ class MCResult:
 
 
 def estimator_params(estimator) -> dict:
-    """Hyper-parameters of a dataclass estimator as a flat dict (empty for other estimators)."""
+    """Hyper-parameters of a dataclass estimator as a flat dict (empty for other estimators); tensor fields (a
+    learned estimator's parameters) are left out."""
     if not dataclasses.is_dataclass(estimator):
         return {}
-    return {f.name: getattr(estimator, f.name) for f in dataclasses.fields(estimator)}
+    values = {f.name: getattr(estimator, f.name) for f in dataclasses.fields(estimator)}
+    return {name: value for name, value in values.items() if not isinstance(value, torch.Tensor)}
 
 
 def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Iterator[tuple[int, Draw]]:

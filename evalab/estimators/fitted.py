@@ -80,7 +80,7 @@ def content_hash(estimator, layers: tuple[int, ...] | None = None) -> str:
     for name, t in parameters(estimator).items():
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -250,7 +250,7 @@ def fingerprints(inputs) -> frozenset[str]:
     for t in tuple(inputs)[:3]:
         t = t.detach().to("cpu", torch.float32).contiguous()
         h.update(f"{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return frozenset({f"qkv:{h.hexdigest()}"})
 
 
