@@ -11,7 +11,7 @@ import torch
 
 import evalab as ev
 from evalab.estimators.gerf import GerfParams
-from evalab.theory import _gerf_exponent, _log1mexp_neg
+from evalab.measure.theory import _gerf_exponent, _log1mexp_neg
 
 MAPS = ("positive", "oprf", "sderf")
 

@@ -7,23 +7,27 @@
     y = est(q, k, v, draw)                              # (100, N, dv)
     res = ev.monte_carlo(est, q, k, v, replicates=1000)  # bias, variance, error with 95% intervals
 """
-from . import inputs, theory
-from .attribution import Attribution, key_variance
-from .cost import estimate_cost
+from . import _moved, inputs
+from .measure import theory
+from .measure.attribution import Attribution, key_variance
+from .measure.cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
 from .estimators import T2R, Hedgehog, LocalWindow
 from .estimators.fitted import Fitted, FittedLayers, load_fitted, save_fitted
-from .fit import FitResult, fit
-from .gradient_gap import GradientGap, gradient_gap
-from .intervals import Estimate
-from .model_gap import ModelGap, error_propagation, gap_correlation, model_gap
-from .monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
-from .registry import register_estimator
+from .measure.fit import FitResult, fit
+from .measure.gradient_gap import GradientGap, gradient_gap
+from .measure.intervals import Estimate
+from .measure.model_gap import ModelGap, error_propagation, gap_correlation, model_gap
+from .measure.monte_carlo import Comparison, MCResult, attention_matrix, compare, monte_carlo
+from .estimators import registry
+from .estimators.registry import register_estimator
 from .sweep import load_results, load_spec, run_sweep
 
 __version__ = "0.1.0"
+
+_moved.install()
 
 __all__ = [
     "Attribution",

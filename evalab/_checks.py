@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DEFAULT_MAX_MEMORY = 2 * 2**30  # bytes: the default budget of the memory-bounded measurements
 
 
 def choice(name: str, value: object, valid: Sequence[str]) -> str:

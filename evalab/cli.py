@@ -143,7 +143,7 @@ def add_bench_command(commands) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from .bench import markdown, run_bench
+    from .report.bench import markdown, run_bench
 
     _check_device(args.device)
     _output_dir(args.out)
@@ -186,7 +186,7 @@ def add_reproduce_command(commands) -> None:
 
 
 def run_reproduce_command(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from .report.reproduce import reproduce
 
     _output_dir(args.out)
     if args.work is not None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import evalab as ev
-from evalab.bench import SCALING, naive_loop, run_bench
-from evalab.cost import estimate_cost
+from evalab.report.bench import SCALING, naive_loop, run_bench
+from evalab.measure.cost import estimate_cost
 
 
 def test_bench_tiny_plan_writes_report(tmp_path):
@@ -89,7 +89,7 @@ def test_unknown_estimator_cost_is_nan():
 def test_peak_memory_of_a_forward_pass():
     """A fresh process measures the extra peak RSS of one forward pass: RFA's (N, F) log-features (2 x 8 MiB at
     N = 8192, S = 256) must show up, and softmax must stay far below its 256 MiB logits matrix."""
-    from evalab.bench import peak_memory
+    from evalab.report.bench import peak_memory
 
     assert 16 * 2**20 < peak_memory("rfa", 8192, torch.device("cpu")) < 200 * 2**20
     assert peak_memory("softmax", 8192, torch.device("cpu")) < 64 * 2**20

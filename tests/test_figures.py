@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
 from evalab import figures as fg  # noqa: E402
-from evalab.reproduce import discover, load_module  # noqa: E402
+from evalab.report.reproduce import discover, load_module  # noqa: E402
 
 
 def row(estimator, **params):

@@ -10,7 +10,7 @@ import torch
 
 import evalab as ev
 from evalab.estimators.fitted import content_hash, fingerprints
-from evalab.fit import _loss
+from evalab.measure.fit import transfer_loss
 from evalab.sweep import load_results, run_sweep
 from evalab.testing import check_estimator
 from fit_estimators import SoftmaxFeatures
@@ -93,8 +93,8 @@ def test_losses_match_float64_formulas():
         a = torch.softmax(x[h] @ y[h].T, -1)
         ce += float(-(a * a_hat.log()).sum(-1).mean()) / 2
         mse += float(((a_hat @ w.v[h] - a @ w.v[h]) ** 2).sum(-1).mean()) / 2
-    assert float(_loss(est, w, "attention")) == pytest.approx(ce, rel=1e-12)
-    assert float(_loss(est, w, "output")) == pytest.approx(mse, rel=1e-12)
+    assert float(transfer_loss(est, w, "attention")) == pytest.approx(ce, rel=1e-12)
+    assert float(transfer_loss(est, w, "output")) == pytest.approx(mse, rel=1e-12)
 
 
 def test_fitted_estimator_is_an_estimator():
@@ -225,8 +225,8 @@ def test_refuses_an_estimator_without_learnable_fields():
 
 
 def test_adam_matches_torch_adam():
-    """evalab.fit.Adam against torch.optim.Adam on a quadratic in float64 (same formula, to rounding)."""
-    from evalab.fit import Adam
+    """evalab.measure.fit.Adam against torch.optim.Adam on a quadratic in float64 (same formula, to rounding)."""
+    from evalab.measure.fit import Adam
 
     g = torch.Generator().manual_seed(0)
     target = torch.randn(5, 3, generator=g, dtype=torch.float64)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import evalab as ev
-from evalab.gradient_gap import INPUTS, gradient_gap, projection_loss
-from evalab.monte_carlo import iter_draws, NOISE_BLOCK
+from evalab.measure.gradient_gap import INPUTS, gradient_gap, projection_loss
+from evalab.measure.monte_carlo import iter_draws, NOISE_BLOCK
 
 from conftest import make_qkv
 
@@ -75,7 +75,7 @@ def test_gradients_through_in_place_estimators_match_finite_differences():
     q, k, v = make_qkv(N=12, d=4, dv=3, norm=1.0)
     eva = ev.EVA(window=4, chunk_size=4)
     draw = eva.draw(q, k, replicates=1, generator=0)
-    from evalab.gradient_gap import _gradients
+    from evalab.measure.gradient_gap import _gradients
 
     g = _gradients(lambda *t: eva(*t, draw)[0], lambda y: y.sum(), (q, k, v))
     for i in range(3):

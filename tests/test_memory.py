@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import evalab as ev
-from evalab.monte_carlo import iter_draws
+from evalab.measure.monte_carlo import iter_draws
 from conftest import make_qkv
 
 

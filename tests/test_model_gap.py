@@ -9,8 +9,8 @@ from scipy import stats
 
 import evalab as ev
 from evalab.estimators.draw import Draw, gaussian_noise
-from evalab.registry import make_inputs
-from evalab.model_gap import default_texts, error_propagation, gap_correlation, model_gap, substitute
+from evalab.inputs.kinds import make_inputs
+from evalab.measure.model_gap import default_texts, error_propagation, gap_correlation, model_gap, substitute
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ import torch
 
 import evalab as ev
 from conftest import make_qkv
-from evalab.monte_carlo import iter_draws
+from evalab.measure.monte_carlo import iter_draws
 
 
 @dataclass(frozen=True)
@@ -201,8 +201,8 @@ def test_per_batch_frame_and_attention_matrix():
 
 def test_batch_size_rules():
     """Batches are cache-sized, grow to amortise per-call deterministic work, and never exceed max_memory."""
-    from evalab.cost import Cost
-    from evalab.monte_carlo import CPU_WORKING_SET, batch_size
+    from evalab.measure.cost import Cost
+    from evalab.measure.monte_carlo import CPU_WORKING_SET, batch_size
 
     quarter = CPU_WORKING_SET / 4
     assert batch_size(Cost(0.0, 1e6, 0.0, quarter), 1000, 2**40) == 4  # four replicates fill the working set

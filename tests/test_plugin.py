@@ -26,7 +26,8 @@ from matplotlib.colors import to_hex
 import evalab as ev
 from evalab import figures as fg
 from evalab import registry
-from evalab.reproduce import discover, load_module
+from evalab.inputs.kinds import make_inputs
+from evalab.report.reproduce import discover, load_module
 from evalab.cli import main
 from evalab.sweep import SpecError, load_results, parse_spec, run_sweep
 from evalab.sweep.spec import render_toml
@@ -109,7 +110,7 @@ def test_plugin_sweep_by_entry_point_and_path(plugin, tmp_path):
     assert list(df["estimator"]) == ["topk", "topk", "evalab_topk:TopK", "rfa"]
     assert list(df["label"]) == ["TopK", "TopK", "top-8", "rfa"]  # the label defaults to the class name
     assert list(df["top_k"].iloc[:3]) == [3, 16, 8] and math.isnan(df["top_k"].iloc[3])
-    q, k, v = registry.make_inputs("gaussian", seq_len=16, d=8, norm=1.5, seed=int(df["input_seed"].iloc[0]))
+    q, k, v = make_inputs("gaussian", seq_len=16, d=8, norm=1.5, seed=int(df["input_seed"].iloc[0]))
     exact = ev.softmax_attention(q, k, v)
     for top_k, row in zip((3, 16, 8), df.itertuples()):
         approx = top_k_reference(q, k, v, top_k)

@@ -18,7 +18,7 @@ import pytest
 from filelock import FileLock
 
 from evalab import cli
-from evalab.reproduce import (FigureContext, compute_frames, discover, find_analysis, load_module, reproduce,
+from evalab.report.reproduce import (FigureContext, compute_frames, discover, find_analysis, load_module, reproduce,
                               shrink_spec)
 from evalab.sweep import parse_spec
 
@@ -134,7 +134,7 @@ FAKE_PLOT = """
 import matplotlib.pyplot as plt
 import pandas as pd
 from evalab import figures as fg
-from evalab.reproduce import FigureSkipped
+from evalab.report.reproduce import FigureSkipped
 TITLE = "fake"
 REQUIRED = {{"numbers": ["x"]}}
 def compute(ctx, frames):
@@ -196,7 +196,7 @@ def test_default_analysis_folder_is_the_checkouts():
 
 def test_default_output_is_ignored_by_git():
     """README line 1 writes under results/ (ignored), the gallery of record in figures/ only with --out figures."""
-    from evalab.reproduce import DEFAULT_OUT, default_work, repository_root
+    from evalab.report.reproduce import DEFAULT_OUT, default_work, repository_root
 
     root = repository_root()
     assert DEFAULT_OUT == "results/figures" and "/results/" in (root / ".gitignore").read_text().split()

@@ -15,7 +15,8 @@ import torch
 import evalab
 from evalab import monte_carlo
 from evalab.cli import main
-from evalab.registry import make_estimator, make_inputs
+from evalab.estimators.registry import make_estimator
+from evalab.inputs.kinds import make_inputs
 from evalab.sweep import load_results, parse_spec, run_sweep
 from evalab.sweep import runner
 from evalab.sweep.spec import render_toml
@@ -273,7 +274,7 @@ def test_cli(tmp_path, capsys):
 
 
 def test_any_registered_inputs_kind_passes_its_parameters_through(tmp_path, monkeypatch):
-    from evalab import registry
+    from evalab.inputs import kinds
     from evalab.inputs import QKV
     from evalab.sweep import SpecError
 
@@ -282,7 +283,7 @@ def test_any_registered_inputs_kind_passes_its_parameters_through(tmp_path, monk
         q, k, v = (torch.randn(length, d, generator=g, dtype=torch.float64) for _ in range(3))
         return QKV(q, k, v, 0.5, {"tag": tag})
 
-    monkeypatch.setitem(registry.INPUTS, "toy", toy)
+    monkeypatch.setitem(kinds.INPUTS, "toy", toy)
     raw = {"name": "toy", "replicates": 4, "dtype": "float64", "inputs": {"kind": "toy", "tag": ["x", "y"]},
            "estimators": [{"name": "rfa", "num_features": 4}]}
     with pytest.raises(SpecError, match=r"inputs\.length: missing \(required by inputs kind 'toy'\)"):

@@ -1,4 +1,4 @@
-"""Tests of evalab.theory: the closed forms against quadrature, Monte Carlo, a naive float64 sum and mpmath.
+"""Tests of evalab.measure.theory: the closed forms against quadrature, Monte Carlo, a naive float64 sum and mpmath.
 
 Statistical tests use fixed seeds (so they are deterministic); each states the false-positive rate it would have
 with a fresh seed.

@@ -7,7 +7,7 @@ import evalab as ev
 from conftest import make_qkv
 
 widgets = pytest.importorskip("ipywidgets")
-from evalab.widgets import explore  # noqa: E402
+from evalab.report.widgets import explore  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

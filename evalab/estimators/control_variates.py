@@ -129,9 +129,7 @@ class ControlVariates(OmegaDraws):
         inp, hbar, expected_h = self._kernel(q, k, v, draw)
         R, M, dv = hbar.shape[0], hbar.shape[-1], inp.v.shape[-1]
         needed = 3 * hbar.numel() * dv * hbar.element_size()  # ghat, beta and one temporary
-        from ..monte_carlo import DEFAULT_MAX_MEMORY
-
-        limit = DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
+        limit = _checks.DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
         if needed > limit:
             raise MemoryError(
                 f"ControlVariates.terms needs about {needed / 2**30:.3g} GiB for R x N x M x dv = "

@@ -150,7 +150,7 @@ def _read(path: Path, sha256: str | None):
     """(estimator or FittedLayers, content hash, training record) from a file written by save_fitted."""
     from safetensors import safe_open
 
-    from ..registry import estimator_class
+    from .registry import estimator_class
 
     if not path.is_file():
         raise FileNotFoundError(f"fitted estimator file {str(path)!r} does not exist")
@@ -229,7 +229,7 @@ class Fitted:
         return self._inner(q, k, v, draw)
 
     def cost(self, **sizes):
-        from ..cost import estimate_cost
+        from ..measure.cost import estimate_cost
 
         return estimate_cost(self._inner, **sizes)
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import registry
-from ..monte_carlo import monte_carlo
+from ..estimators import registry
+from ..inputs import kinds
+from ..measure.monte_carlo import monte_carlo
 from . import store
 from .spec import Cell, Spec, SpecError, check_device, load_spec, parse_spec
 
@@ -82,7 +83,7 @@ def build_inputs(cell: Cell, device, dtype: torch.dtype):
     params = dict(cell.inputs)
     if cell.input_seed is not None:
         params["seed"] = cell.input_seed
-    return registry.make_inputs(cell.kind, **params).to(device=device, dtype=dtype)
+    return kinds.make_inputs(cell.kind, **params).to(device=device, dtype=dtype)
 
 
 def _make_inputs(cell: Cell, device: str):
@@ -140,7 +141,7 @@ def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
     if error is None:
         try:
             if cell.kind == "model":  # the estimator inside a pretrained model, end to end (evalab.model_gap)
-                from ..model_gap import sweep_row
+                from ..measure.model_gap import sweep_row
 
                 row.update(sweep_row(registry.make_estimator(_buildable_name(cell), **cell.params), cell))
             else:

@@ -2,7 +2,7 @@
 
 A spec names one input workload (``[inputs]``) and one or more estimator blocks (``[[estimators]]``); an
 estimator is a registered name, an ``evalab.estimators`` entry point or an import path ``"package.module:Class"``
-(evalab.registry), and its parameters are the class's dataclass fields. Every list-valued parameter is a grid
+(evalab.estimators.registry), and its parameters are the class's dataclass fields. Every list-valued parameter is a grid
 axis; the cells of a block are the Cartesian product of the block's axes and the inputs' axes. The format is
 documented key by key in analysis/sweeps/README.md.
 
@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import registry
+from ..estimators import registry
+from ..inputs import kinds
 
 DTYPES = ("float32", "float64")
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -257,7 +258,7 @@ def _check_scalar(path: str, value: object) -> object:
 
 def input_parameters(kind: str) -> dict[str, inspect.Parameter]:
     """The keyword parameters of a registered inputs kind (name -> inspect.Parameter)."""
-    sig = inspect.signature(registry.INPUTS[kind])
+    sig = inspect.signature(kinds.INPUTS[kind])
     return {
         name: p for name, p in sig.parameters.items()
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -265,7 +266,7 @@ def input_parameters(kind: str) -> dict[str, inspect.Parameter]:
 
 
 def _accepts_any(kind: str) -> bool:
-    sig = inspect.signature(registry.INPUTS[kind])
+    sig = inspect.signature(kinds.INPUTS[kind])
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
 
 
@@ -273,10 +274,10 @@ def _validate_inputs(raw: object) -> dict:
     if not isinstance(raw, dict):
         raise SpecError(f"inputs: {raw!r} must be a table ([inputs])")
     if "kind" not in raw:
-        raise SpecError(f"inputs.kind: missing (required); expected one of {', '.join(map(repr, registry.INPUTS))}")
+        raise SpecError(f"inputs.kind: missing (required); expected one of {', '.join(map(repr, kinds.INPUTS))}")
     kind = raw["kind"]
-    if kind not in registry.INPUTS:
-        raise SpecError(f"inputs.kind: {kind!r} is not a registered inputs kind; expected one of {', '.join(map(repr, registry.INPUTS))}")
+    if kind not in kinds.INPUTS:
+        raise SpecError(f"inputs.kind: {kind!r} is not a registered inputs kind; expected one of {', '.join(map(repr, kinds.INPUTS))}")
     params = input_parameters(kind)
     settable = [name for name in params if name not in SUPPLIED]
     out = {"kind": kind}

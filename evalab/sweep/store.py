@@ -155,7 +155,7 @@ def clear(out: str | Path) -> int:
 
 def _column_order(columns) -> list[str]:
     """estimator, label, every estimator parameter, the rest as stored, provenance last."""
-    from .. import registry
+    from ..estimators import registry
 
     params = []
     for cls in registry.ESTIMATORS.values():

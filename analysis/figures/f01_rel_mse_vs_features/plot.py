@@ -8,7 +8,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 
 from evalab import figures as fg
-from evalab.reproduce import rfa_prediction
+from evalab.report.reproduce import rfa_prediction
 
 TITLE = "Relative MSE vs num_features: RFA samplers, EVA at equal cost, delta-method theory"
 NAME = "F1"
@@ -103,7 +103,7 @@ def caption(frames):
         f"Relative MSE (rel_mse = mean_n |Yhat_n - Y_n|^2 / mean_n |Y_n|^2) of RFA with positive features drawn "
         f"iid, orthogonal or QMC (scrambled Sobol), and with antithetic (hyperbolic) features, against "
         f"num_features S (omega draws), on synthetic Gaussian inputs ({fg.sizes(rows)}). Error bars: 95% intervals. "
-        "Dotted: the delta-method prediction variance + |bias|^2 (evalab.theory.rfa_bias_variance) for iid and "
+        "Dotted: the delta-method prediction variance + |bias|^2 (evalab.measure.theory.rfa_bias_variance) for iid and "
         "hyperbolic features on the same inputs. EVA (window 32, chunk_size c, one sample per chunk) and "
         "window-only local attention (window w) are placed in panel (a) at the num_features that gives RFA iid "
         f"the same FLOPs per replicate ({per_feature:.3g} FLOPs per feature here); panel (b) plots every "

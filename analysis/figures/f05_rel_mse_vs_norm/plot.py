@@ -10,8 +10,8 @@ import torch
 from matplotlib.lines import Line2D
 
 from evalab import figures as fg
-from evalab.reproduce import rfa_prediction
-from evalab.theory import kernel_mse
+from evalab.report.reproduce import rfa_prediction
+from evalab.measure.theory import kernel_mse
 
 TITLE = "Error vs input norm: RFA samplers and feature maps, EVA, with closed-form references"
 NAME = "F5"
@@ -134,7 +134,7 @@ def caption(frames):
         "hyperbolic on the same inputs, cut where it leaves the plot (a triangle on the top edge marks the "
         "norm; the y-range follows the measurements). (b) robust statistics of the per-replicate relative error: median (solid) "
         "and 90th percentile (dashed), with order-statistic 95% intervals. (c) the closed-form relative MSE of one "
-        "kernel entry exp(x.y) (evalab.theory.kernel_mse / exp(x.y)^2) for |x| = |y| = norm, averaged over the "
+        "kernel entry exp(x.y) (evalab.measure.theory.kernel_mse / exp(x.y)^2) for |x| = |y| = norm, averaged over the "
         "angle between uniformly random directions in R^d (|x + y|^2 = 2 norm^2 (1 + cos)); averaged over a "
         "symmetric angle distribution, hyperbolic and trig have the same kernel MSE (cos -> -cos swaps |x + y| and "
         "|x - y|), so their curves coincide.",

@@ -9,7 +9,7 @@ import seaborn as sns
 from matplotlib.lines import Line2D
 
 from evalab import figures as fg
-from evalab.reproduce import rfa_prediction
+from evalab.report.reproduce import rfa_prediction
 
 TITLE = "Pre-asymptotic regime: measured / delta-method variance of RFA iid vs num_features"
 NAME = "F7"
@@ -88,7 +88,7 @@ def caption(frames):
     rows = _rows(frames)
     text = [
         "RFA with iid positive features: the measured variance (rel_variance, with its 95% jackknife interval) "
-        "divided by the first-order delta-method prediction rel_variance_1 / S (evalab.theory.rfa_bias_variance on "
+        "divided by the first-order delta-method prediction rel_variance_1 / S (evalab.measure.theory.rfa_bias_variance on "
         "the same inputs), against num_features S, one line per scaled input norm. A ratio of 1 means the O(1/S) "
         "asymptotics hold; below 1 the estimator is in the pre-asymptotic regime, where its error saturates (the "
         "output is a convex combination of values, so the variance cannot follow the exponentially large "

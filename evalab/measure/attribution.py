@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import _checks
-from .estimators.control_variates import ControlVariates, _chunk_coefficients, _chunked
-from .monte_carlo import DEFAULT_MAX_MEMORY, NOISE_BLOCK, iter_draws
+from .. import _checks
+from ..estimators.control_variates import ControlVariates, _chunk_coefficients, _chunked
+from .monte_carlo import NOISE_BLOCK, iter_draws
 
 WORKING_SET = 128 * 2**20  # bytes a block of queries and replicates aims at (within max_memory)
 
@@ -78,7 +78,7 @@ def key_variance(
     _checks.integer("replicates", replicates, minimum=2)
     _checks.qkv(q, k, v)
     batch = replicates if batch is None else _checks.integer("batch", batch)
-    max_memory = DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
+    max_memory = _checks.DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
     base = ControlVariates(num_features=num_features, **options)
     sizes = {"shared": k.shape[-2], f"chunked ({chunk_size})": _checks.integer("chunk_size", chunk_size)}
     B, N, M, dv = math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], v.shape[-1]

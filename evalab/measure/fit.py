@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from . import _checks
-from .estimators.draw import seeded_generator
-from .estimators.fitted import FittedLayers, fingerprints, learnable_fields, parameters, with_parameters
-from .estimators.softmax import softmax_attention
-from .inputs.qkv import QKV
+from .. import _checks
+from ..estimators.draw import seeded_generator
+from ..estimators.fitted import FittedLayers, fingerprints, learnable_fields, parameters, with_parameters
+from ..estimators.softmax import softmax_attention
+from ..inputs.qkv import QKV
 from .monte_carlo import attention_matrix
 
 LOSSES = ("attention", "output")
@@ -116,7 +116,7 @@ def _per_head(estimator, batch: tuple[int, ...], dtype, device):
     return with_parameters(estimator, out, batch), out
 
 
-def _loss(estimator, w: QKV, kind: str) -> torch.Tensor:
+def transfer_loss(estimator, w: QKV, kind: str) -> torch.Tensor:
     """The mean over heads and queries of the chosen loss on one workload (a 0-dim tensor)."""
     q, k, v = w
     causal = getattr(estimator, "causal", False)
@@ -164,7 +164,7 @@ def _mean_loss(estimator, group: list[QKV], kind: str) -> torch.Tensor:
     total = 0.0
     for same in shapes.values():
         stacked = same[0] if len(same) == 1 else QKV(*(torch.stack(ts) for ts in zip(*same)), same[0].scale)
-        total = total + _loss(estimator, stacked, kind) * len(same)
+        total = total + transfer_loss(estimator, stacked, kind) * len(same)
     return total / len(group)
 
 

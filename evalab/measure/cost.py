@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .estimators.base import Cost
+from ..estimators.base import Cost
 
 
 def estimate_cost(estimator, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:

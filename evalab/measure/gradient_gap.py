@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import _checks
-from .estimators.draw import gaussian_noise, seeded_generator
+from .. import _checks
+from ..estimators.draw import gaussian_noise, seeded_generator
 from .intervals import jackknife_interval
 from .monte_carlo import GROUPS, NOISE_BLOCK, estimator_params, iter_draws
-from .registry import estimator_name
+from ..estimators.registry import estimator_name
 
 INPUTS = ("q", "k", "v")
 METRICS = ("mse", "variance", "bias2", "rel_mse", "rel_variance", "rel_bias2")

@@ -39,11 +39,11 @@ from types import ModuleType
 
 import pandas as pd
 
-from . import __version__
-from ._files import atomic_write
-from .sweep import Spec, load_results, load_spec, parse_spec, run_sweep
-from .sweep.runner import build_inputs
-from .sweep.spec import short_hash
+from .. import __version__
+from .._files import atomic_write
+from ..sweep import Spec, load_results, load_spec, parse_spec, run_sweep
+from ..sweep.runner import build_inputs
+from ..sweep.spec import short_hash
 
 __all__ = [
     "reproduce", "ReproduceSummary", "FigureResult", "FigureContext", "FigureSkipped", "FigureError",
@@ -73,7 +73,7 @@ class FigureError(RuntimeError):
 
 def repository_root() -> Path:
     """The parent of the evalab package directory: the repository root of a source checkout."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def find_analysis(analysis: str | os.PathLike | None = None) -> Path:
@@ -285,8 +285,8 @@ def rfa_prediction(qkv, *, feature_map: str = "positive") -> dict[str, float]:
     """
     import torch
 
-    from .estimators.softmax import softmax_attention
-    from .theory import rfa_bias_variance
+    from ..estimators.softmax import softmax_attention
+    from ..measure.theory import rfa_bias_variance
 
     q, k, v = (t.to(torch.float64) for t in qkv)
     th = rfa_bias_variance(q, k, v, num_features=1, feature_map=feature_map, scale=qkv.scale)
@@ -494,7 +494,7 @@ def reproduce(
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r} is not supported; expected one of {', '.join(map(repr, SCALES))}")
     if device is not None:
-        from .sweep.spec import check_device
+        from ..sweep.spec import check_device
 
         device = check_device(device, "device")
     analysis_dir = find_analysis(analysis)

@@ -54,13 +54,13 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from . import _checks
+from .. import _checks
 from .cost import estimate_cost
-from .estimators.draw import Draw, seeded_generator
-from .estimators.softmax import Softmax
+from ..estimators.draw import Draw, seeded_generator
+from ..estimators.softmax import Softmax
 from .intervals import Estimate, mean_interval
 from .monte_carlo import estimator_params, monte_carlo
-from .registry import estimator_name
+from ..estimators.registry import estimator_name
 
 IMPLEMENTATION = "evalab"
 MODEL_PURPOSE = 0x6D6F64  # "mod": keeps model-level noise apart from monte_carlo's streams
@@ -79,7 +79,7 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("evalab_model_gap", def
 def default_texts(count: int | None = DEFAULT_TEXTS) -> list[str]:
     """The first ``count`` sentences (verses) of the shipped public-domain text (Genesis 1-4, 109 sentences);
     ``None`` gives all of them."""
-    from .inputs.minilm import default_text
+    from ..inputs.minilm import default_text
 
     body = " ".join(line for line in default_text().splitlines() if line.strip() and not line.startswith("Genesis "))
     sentences = re.split(r"(?<=[.?!])\s+", body.strip())
@@ -262,7 +262,7 @@ def _eager_attention(module, query, key, value, attention_mask, scaling=None, dr
 @functools.lru_cache(maxsize=1)
 def _minilm():
     """all-MiniLM-L6-v2 and its tokenizer, loaded once per process (runs never change the weights)."""
-    from .inputs.minilm import load_model
+    from ..inputs.minilm import load_model
 
     return load_model()
 
@@ -271,7 +271,7 @@ def _load(model, tokenizer):
     if isinstance(model, str):
         if model != "minilm":
             raise ValueError(f"model={model!r} is not a known model name; expected 'minilm' or a loaded transformers model")
-        from .inputs.minilm import MODEL_NAME
+        from ..inputs.minilm import MODEL_NAME
 
         tok, module = _minilm()
         return MODEL_NAME, module, tok if tokenizer is None else tokenizer
@@ -715,7 +715,7 @@ def sweep_row(estimator, cell) -> dict:
     """The row of a sweep cell of inputs kind "model": model_gap's to_frame() row, on the CPU, one intra-op
     thread (a sentence's forward pass is many small ops; on a busy 2-core CPU, 2 threads ran them 10-50x slower).
     Cells of one sweep process share the exact model's runs (the exact-run cache)."""
-    from .inputs.model import model_inputs
+    from ..inputs.model import model_inputs
 
     settings = model_inputs(**cell.inputs)
     res = model_gap(estimator, settings["model"], settings["texts"], seq_len=settings["seq_len"],

@@ -16,17 +16,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import _checks
+from .. import _checks
 from .cost import estimate_cost
-from .estimators.base import Cost
-from .estimators.draw import Draw, seeded_generator
+from ..estimators.base import Cost
+from ..estimators.draw import Draw, seeded_generator
 from .intervals import Estimate, jackknife_interval, mean_interval, quantile_interval
-from .registry import estimator_name
-from .estimators.softmax import softmax_attention
+from ..estimators.registry import estimator_name
+from ..estimators.softmax import softmax_attention
 
 NOISE_BLOCK = 64
 GROUPS = 20
-DEFAULT_MAX_MEMORY = 2 * 2**30
 CPU_WORKING_SET = 32 * 2**20  # batches aim at this many bytes: cache-sized tensors run faster on CPU,
 DEVICE_WORKING_SET = 2**30  # and big batches amortise kernel launches on accelerators
 MATRIX_ELEMENTS = 2**22  # matrix metrics run by default when batch x N x M is at most this
@@ -229,7 +228,7 @@ def attention_matrix(estimator, q: torch.Tensor, k: torch.Tensor, draw: Draw, *,
     within ``max_memory`` bytes (default 2 GiB) beside the result; a MemoryError says what is needed otherwise.
     """
     _checks.qkv(q, k, causal=getattr(estimator, "causal", False))
-    max_memory = DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
+    max_memory = _checks.DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
     R, B, (N, d), M = draw.replicates, math.prod(q.shape[:-2]), q.shape[-2:], k.shape[-2]
     itemsize = 8 if _checks.compute_dtype(q, k) == torch.float64 else 4
     result = R * B * N * M * itemsize
@@ -297,7 +296,7 @@ def monte_carlo(
     _checks.integer("replicates", replicates, minimum=2)
     _checks.integer("seed", seed, minimum=0)
     _checks.qkv(q, k, v, causal=getattr(estimator, "causal", False))
-    max_memory = DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
+    max_memory = _checks.DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
     batch_elems, (N, d), (M, dv) = math.prod(q.shape[:-2]), q.shape[-2:], v.shape[-2:]
     sizes = {"seq_len": N, "key_len": M, "d": d, "dv": dv, "batch": batch_elems}
     itemsize = 8 if _checks.compute_dtype(q, k, v) == torch.float64 else 4

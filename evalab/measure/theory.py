@@ -20,9 +20,9 @@ import torch
 
 from scipy.special import gammaln
 
-from . import _checks
-from .estimators.gerf import GERF_MAPS, GerfParams
-from .estimators.scaled import Scaled
+from .. import _checks
+from ..estimators.gerf import GERF_MAPS, GerfParams
+from ..estimators.scaled import Scaled
 
 __all__ = ["kernel_mse", "orthogonal_covariance", "rfa_bias_variance", "RFATheory", "measured_vs_predicted"]
 

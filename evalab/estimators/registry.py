@@ -1,4 +1,4 @@
-"""Names under which specs, result tables and figures refer to estimators and input kinds.
+"""Names under which specs, result tables and figures refer to estimators.
 
 An estimator is named in a spec (or ``make_estimator``) in one of three ways, looked up in this order:
 - a name in ``ESTIMATORS``: the built-ins, and classes added in this process with :func:`register_estimator`;
@@ -16,18 +16,22 @@ import importlib
 import importlib.metadata
 import inspect
 
-from .estimators import (EVA, LARA, RA, RFA, ControlVariates, LinearAttention, Nystrom, Scatterbrain,
-                         Softmax)
-from .estimators import T2R, Hedgehog, LocalWindow
-from .inputs import gaussian
-from .inputs.minilm import minilm_head
-from .inputs.model import model_inputs
+from .control_variates import ControlVariates
+from .eva import EVA
+from .lara import LARA
+from .learned import T2R, Hedgehog
+from .linear import LinearAttention
+from .nystrom import Nystrom
+from .ra import RA
+from .rfa import RFA
+from .scatterbrain import Scatterbrain
+from .softmax import Softmax
+from .window import LocalWindow
 
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
                "ra": RA, "lara": LARA,
                "nystrom": Nystrom, "linear_attention": LinearAttention, "scatterbrain": Scatterbrain}
 ESTIMATORS.update({"local_window": LocalWindow, "t2r": T2R, "hedgehog": Hedgehog})
-INPUTS = {"gaussian": gaussian, "minilm": minilm_head, "model": model_inputs}
 ENTRY_POINTS = "evalab.estimators"
 FITTED = "fitted"  # the name of a fitted estimator loaded from a file: "fitted" or "fitted:<file>"
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
@@ -83,7 +87,7 @@ def estimator_class(name: str) -> type:
     if name in ESTIMATORS:
         return ESTIMATORS[name]
     if name == FITTED or name.startswith(FITTED + ":"):
-        from .estimators.fitted import Fitted
+        from .fitted import Fitted
 
         return Fitted
     if ":" in name:
@@ -142,10 +146,3 @@ def estimator_name(estimator) -> str:
         if type(estimator) is cls:
             return name
     return type(estimator).__name__
-
-
-def make_inputs(kind: str, **params):
-    """Build a registered input workload (a QKV): ``make_inputs("gaussian", seq_len=256, norm=1.5)``."""
-    if kind not in INPUTS:
-        raise ValueError(f"inputs kind {kind!r} is not registered; expected one of {', '.join(map(repr, INPUTS))}")
-    return INPUTS[kind](**params)
