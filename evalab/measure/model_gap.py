@@ -298,7 +298,7 @@ def resolve_texts(texts, tokenizer, *, seq_len: int | None = None, split: str = 
     if isinstance(texts, Texts):
         return texts
     if seq_len is not None:
-        from .inputs.passages import passages
+        from ..inputs.passages import passages
 
         _checks.choice("split", split, ["train", "heldout"])
         if tokenizer is None:
