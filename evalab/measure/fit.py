@@ -1,4 +1,4 @@
-"""Attention transfer (docs/theory.md, the section on fitting): fit a learned estimator's parameters to a
+"""Attention transfer (docs/theory.md section 16): fit a learned estimator's parameters to a
 model's captured q, k, v so that its attention mimics softmax.
 
     res = ev.fit(ev.Hedgehog(), train, heldout=heldout, loss="attention", steps=200, lr=1e-2, seed=0)
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pandas as pd
@@ -86,7 +86,7 @@ def _workloads(name: str, inputs) -> list[QKV]:
         return [inputs]
     if isinstance(inputs, tuple) and len(inputs) == 3 and all(isinstance(t, torch.Tensor) for t in inputs):
         return [QKV(*inputs, scale=inputs[0].shape[-1] ** -0.5)]
-    if isinstance(inputs, Sequence) and not isinstance(inputs, (str, tuple)) or isinstance(inputs, tuple):
+    if isinstance(inputs, (list, tuple)):
         out = [w for item in inputs for w in _workloads(name, item)]
         if not out:
             raise ValueError(f"{name} must hold at least one workload, got an empty {type(inputs).__name__}")
