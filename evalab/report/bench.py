@@ -66,7 +66,7 @@ class Plan:
     attribution_seq_len: int = 256  # (e): key_variance at N = M = this, d = 64, S = 64, chunk_size 16, R = 256
     model_texts: int = 100  # (f): model_gap over this many verses (0: skip)
     fit_texts: int = 8  # (g): fit Hedgehog on this many training passages of 512 tokens (0: skip)
-    fit_steps: int = 100  # (g): Adam steps, minibatches of 2 passages
+    fit_steps: int = 50  # (g): Adam steps, minibatches of 2 passages
 
 
 PLANS = {
