@@ -209,6 +209,12 @@ def compute(ctx, frames):
         parts.append(minilm)
         curves = pd.concat([curves, minilm_curves], ignore_index=True)
     measured = _aggregate(pd.concat(parts, ignore_index=True))
+    # exact softmax's FLOPs per query at each panel's sizes: the cost where "efficient" stops paying
+    spec_inputs = ctx.spec().inputs
+    sizes_of = {"gaussian": (int(spec_inputs["seq_len"]), int(spec_inputs["d"])), "minilm": (sizes["seq_len"], 32)}
+    measured["softmax_flops_per_query"] = [
+        ev.estimate_cost(ev.Softmax(), N=sizes_of[kind][0], M=sizes_of[kind][0], d=sizes_of[kind][1],
+                         dv=sizes_of[kind][1]).flops() / sizes_of[kind][0] for kind in measured["inputs"]]
     return {"measured": measured, "curves": curves}
 
 
@@ -304,7 +310,8 @@ def answer(rows: pd.DataFrame) -> list[str]:
             if "train" in f.index:
                 text += f"; held-out / train rel_mse {h['rel_mse'] / f.loc['train', 'rel_mse']:.2f}"
             items.append(text)
-        lines.append(f"{PANEL[panel]}: " + "; ".join(items))
+        softmax = part["softmax_flops_per_query"].iloc[0] if "softmax_flops_per_query" in part.columns else math.nan
+        lines.append(f"{PANEL[panel]} (exact softmax: {softmax:.3g} FLOPs/query): " + "; ".join(items))
     return lines
 
 
