@@ -14,7 +14,7 @@ from .measure.cost import estimate_cost
 from .estimators import (EVA, LARA, RA, RFA, ControlVariates, ControlVariateTerms, Cost, Draw, Estimator, Softmax,
                          features, softmax_attention)
 from .estimators import LinearAttention, Nystrom, Scatterbrain
-from .estimators import T2R, Hedgehog, LocalWindow
+from .estimators import T2R, FeatureMapAttention, Hedgehog, LocalWindow, ReBased
 from .estimators.fitted import Fitted, FittedLayers, load_fitted, save_fitted
 from .measure.fit import FitResult, fit
 from .measure.gradient_gap import GradientGap, gradient_gap
@@ -42,6 +42,7 @@ __all__ = [
     "FitResult",
     "Fitted",
     "FittedLayers",
+    "FeatureMapAttention",
     "GradientGap",
     "Hedgehog",
     "LARA",
@@ -52,6 +53,7 @@ __all__ = [
     "Nystrom",
     "RA",
     "RFA",
+    "ReBased",
     "Scatterbrain",
     "Softmax",
     "T2R",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -25,12 +26,12 @@ def boolean(name: str, value: object) -> bool:
 
 
 def integer(name: str, value: object, *, minimum: int = 1) -> int:
-    """Return ``value`` as an int if it is an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as an int if it is an integer (a numpy integer too) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def real(name: str, value: object, *, minimum: float = 0.0, allow_none: bool = False, strict: bool = False) -> float | None:
@@ -55,10 +56,26 @@ def tensor(name: str, value: object, *, min_dim: int = 2) -> torch.Tensor:
     return value
 
 
+def float_dtype(name: str, value: object) -> torch.dtype:
+    """A floating torch dtype given as one (``torch.float32``) or by name (``"float32"``)."""
+    names = [str(t).removeprefix("torch.") for t in FLOAT_DTYPES]
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}={value!r} is not a floating dtype; expected one of {', '.join(names)} (a torch.dtype or its name)")
+    return dtype
+
+
+def memory(what: str, needed: float, max_memory: float, bound: str) -> None:
+    """Refuse work whose estimated peak (``needed`` bytes) is over ``max_memory`` bytes before anything is
+    allocated: a one-line MemoryError with both sizes and ``bound``, what to change."""
+    if needed > max_memory:
+        raise MemoryError(f"{what} needs about {needed / 2**30:.3g} GiB, over max_memory={max_memory / 2**30:.3g} GiB; {bound}")
+
+
 def finite(name: str, value: torch.Tensor) -> None:
     """Raise if ``value`` holds nan or inf. A finite sum proves every element finite (nan and inf propagate) at
     a fraction of an elementwise check's cost; only a non-finite sum (perhaps an overflow) is looked at closely."""
-    total = value.sum(dtype=torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else None)
+    total = value.detach().sum(dtype=torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else None)
     if not math.isfinite(float(total)) and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
 

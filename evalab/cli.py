@@ -134,11 +134,15 @@ def add_bench_command(commands) -> None:
         "bench",
         help="measure the Monte-Carlo engine and the estimators' cost side by side",
         description="Engine vs a per-replicate loop, fraction of matmul FLOP/s, time and peak memory vs seq_len, "
-                    "and RFA vs performer-pytorch. Prints a markdown table; writes bench.json, bench.md, bench.png.",
+                    "and RFA vs performer-pytorch. Prints a markdown table (each timing with its spread over repeats, "
+                    "warnings first when the machine is busy or a timing too noisy); writes bench.json, bench.md, "
+                    "bench.png and says where.",
     )
     p.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes on a 2-core CPU)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N)")
-    p.add_argument("--out", default="bench", metavar="DIR", help="output directory (default: bench)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default: a new folder under $XDG_CACHE_HOME/evalab/bench, else "
+                        "~/.cache/evalab/bench)")
     p.set_defaults(run=run_bench_command)
 
 
@@ -146,8 +150,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from .report.bench import markdown, run_bench
 
     _check_device(args.device)
-    _output_dir(args.out)
-    print(markdown(run_bench(plan="quick" if args.quick else "full", device=args.device, out=args.out)))
+    if args.out is not None:
+        _output_dir(args.out)
+    report = run_bench(plan="quick" if args.quick else "full", device=args.device, out=args.out)
+    print(markdown(report))
+    print(f"\nwrote bench.json, bench.md and bench.png to {report['out']}", file=sys.stderr)
     return 0
 
 
@@ -221,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for add in COMMANDS:
         add(commands)
+    parser.set_defaults(command_names=tuple(commands.choices))
     for sub in commands.choices.values():  # also accepted after the command: evalab sweep ... --debug
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
     return parser
@@ -230,9 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (argparse itself exits with 2 on unknown options)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # usage and a one-line error on stderr, exit status 2
+        parser.error(f"a command is required ({', '.join(args.command_names)}); evalab --help describes them")
     prog = f"evalab {args.command}"
     try:
         return args.run(args)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import evalab as ev
-from evalab.report.bench import SCALING, naive_loop, run_bench
 from evalab.measure.cost import estimate_cost
+from evalab.report import bench
+from evalab.report.bench import SCALING, Timing, naive_loop, run_bench
 
 
 def test_bench_tiny_plan_writes_report(tmp_path):
@@ -24,6 +25,22 @@ def test_bench_tiny_plan_writes_report(tmp_path):
         flops = estimate_cost(est, N=row["seq_len"], M=row["seq_len"], d=64, dv=64).flops(row["replicates"])
         assert row["gflops"] * 1e9 * row["engine_s"] == pytest.approx(flops)  # FLOP/s by the cost model
     assert saved["attribution"]["seq_len"] == 16 and saved["attribution"]["seconds"] > 0
+    assert saved["out"] == str(tmp_path.resolve())
+    for row in saved["engine"] + saved["scaling"]:  # every timing carries its repeats' spread
+        for key in [k for k in row if k in ("engine_s", "naive_s", "seconds")]:
+            t = row[f"{key}_timing"]
+            assert t["repeats"] == 2 and t["min"] <= t["q1"] <= row[key] <= t["q3"] <= t["max"]
+            assert t["spread"] == pytest.approx((t["max"] - t["min"]) / row[key], rel=1e-12)
+    assert set(saved["load"]) == {"cores", "load_before", "others_share", "busy", "reason"}
+    wide = saved["wide_timings"]  # "path (spread%)", each path naming a timing of the report
+    for entry in wide:
+        path, spread = entry.rsplit(" (", 1)
+        node = saved
+        for part in path.replace("]", "").replace("[", ".").split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert isinstance(node, float) and float(spread.rstrip("%)")) > 100 * bench.WIDE_SPREAD - 1
+    text = (tmp_path / "bench.md").read_text()
+    assert "Timings: median over repeats" in text and (("**Warning:**" in text) == bool(wide or saved["load"]["busy"]))
     assert "key_variance, N=16" in (tmp_path / "bench.md").read_text()
     if report["performer"] is not None:  # same projection, same stabiliser: agreement to float32 precision
         assert report["performer"]["max_abs_diff"] < 1e-5
@@ -93,3 +110,55 @@ def test_peak_memory_of_a_forward_pass():
 
     assert 16 * 2**20 < peak_memory("rfa", 8192, torch.device("cpu")) < 200 * 2**20
     assert peak_memory("softmax", 8192, torch.device("cpu")) < 64 * 2**20
+
+
+def test_timing_is_the_median_with_its_repeats():
+    t = Timing([0.3, 0.1, 0.2, 0.2])
+    assert float(t) == 0.2 and t.times == (0.1, 0.2, 0.2, 0.3)  # exact: the median of two equal repeats and the repeats, sorted
+    assert t.spread == pytest.approx((0.3 - 0.1) / 0.2, rel=1e-12) and t.wide  # 100% > WIDE_SPREAD (50%)
+    summary = t.summary()
+    assert (summary["min"], summary["max"], summary["repeats"]) == (0.1, 0.3, 4)  # exact: repeats selected, not computed
+    assert summary["q1"] == pytest.approx(0.175, rel=1e-12) and summary["q3"] == pytest.approx(0.225, rel=1e-12)
+    scaled = t * 10 / 4  # scaling by a number scales every repeat and keeps the spread
+    assert isinstance(scaled, Timing) and scaled.times == pytest.approx((0.25, 0.5, 0.5, 0.75), rel=1e-12)
+    assert scaled.spread == pytest.approx(t.spread, rel=1e-12)
+    ratio = t / Timing([0.1])  # a ratio of two timings is a plain number
+    assert type(ratio) is float and ratio == pytest.approx(2.0, rel=1e-12)
+    assert math.isnan(Timing([0.5]).spread) and not Timing([0.5]).wide  # one repeat: spread unknown
+    assert not Timing([1.0, 1.1, 1.2]).wide
+    with pytest.raises(ValueError, match="at least one repeat"):
+        Timing([])
+
+
+def test_spread_report_replaces_timings_and_lists_the_wide_ones():
+    report = {"engine": [{"engine_s": Timing([1.0, 1.1, 1.2]), "naive_s": Timing([1.0, 3.0, 2.0])}],
+              "performer": {"evalab_s": Timing([0.5, 0.5])}, "other": 3.0}
+    wide = bench.spread_report(report)
+    row = report["engine"][0]
+    assert type(row["engine_s"]) is float and row["engine_s"] == 1.1  # exact: the median repeat, selected
+    assert row["naive_s_timing"]["spread"] == pytest.approx(1.0, rel=1e-12)
+    assert wide == ["engine[0].naive_s (100%)"]
+    assert bench.noisy(row, "engine_s", "naive_s") and not bench.noisy(row, "engine_s")
+    assert bench.time_cell(row, "engine_s", unit="s") == "1.1s ±9%"
+    assert bench.time_cell(row, "naive_s") == "2 ±50% !"
+    json.dumps(report)  # plain JSON after the replacement
+
+
+def test_load_counts_other_processes_cpu(monkeypatch):
+    """Busy when other processes used more than BUSY_SHARE of the cores: all CPU time minus this process's."""
+    stats = iter([(100.0, 1000.0), (112.0, 1020.0), (100.0, 1000.0), (103.0, 1020.0)])
+    own = iter([0.0, 2.0, 0.0, 2.0])
+    monkeypatch.setattr(bench, "_proc_stat", lambda: next(stats))
+    monkeypatch.setattr(bench, "_own_cpu", lambda: next(own))
+    for others_cpu, busy in ((10.0, True), (1.0, False)):
+        load = bench.Load()
+        load.cores, load._wall = 2, load._wall - 10.0  # 10 s of wall time on 2 cores
+        report = load.report()
+        assert report["others_share"] == pytest.approx(others_cpu / 20, rel=1e-3) and report["busy"] is busy
+        assert (report["reason"] is None) is (not busy)
+
+
+def test_default_out_is_outside_the_checkout(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    out = bench.default_out("quick")
+    assert out.parent == tmp_path / "evalab" / "bench" and out.name.startswith("quick-")

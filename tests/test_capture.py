@@ -219,7 +219,7 @@ def test_mha_reproduces_output(batch_first, variant):
     item = cap[0]
     extra = 2 if variant == "bias_kv" else 0
     assert item.q.shape == (B, 4, N, 4) and item.k.shape == (B, 4, M + extra, 4) and item.v.shape == (B, 4, M + extra, 4)
-    assert item.scale == 0.5 and item.info["seq_len"] == N and item.info["key_len"] == M + extra
+    assert item.scale == pytest.approx(0.5, rel=1e-15) and item.info["seq_len"] == N and item.info["key_len"] == M + extra
     assert item.info["model"] == "MultiheadAttention" and not item.info["masked"]
     # q by hand from the module's weights
     wq = module.in_proj_weight[:16] if variant != "kdim" else module.q_proj_weight

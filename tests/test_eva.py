@@ -74,9 +74,18 @@ def test_official_padding_by_hand():
         assert (est(q, k, v, draw)[0, n] - (p[:3] @ v + p[3:] @ beta)).abs().max() < TOL
 
 
+RTOL_RECORDED = 5e-6
+
+
 def test_defaults_reproduce_recorded_values():
     """Numbers recorded from the code before noise_scale, shared_noise and the padding rules existed (float64,
-    CPU): the defaults reproduce them bit for bit."""
+    CPU): the defaults reproduce them to RTOL_RECORDED.
+
+    Not bit for bit: the noise is sampled in float32 (evalab.estimators.draw.gaussian_noise), and torch's scalar
+    sampler (ATEN_CPU_CAPABILITY=default) and its vectorised ones (avx2, avx512) differ by up to 2e-6 in a sample
+    (about 16 float32 ulps at |z| = 4; measured over 1e5 samples), which moves these values by up to 5.3e-7
+    relative; the float64 arithmetic after the draw adds about 1e-15. RTOL_RECORDED = 5e-6 sits a few such
+    sampler roundings above that and far below what any change of the estimator's rules moves (1e-2 and more)."""
     q, k, v = make_qkv(N=24, d=4, dv=3, batch=(2,), norm=0.9, seed=7)
     recorded = [
         (dict(window=8, chunk_size=4), (22.546656582484353, -0.09942189750304149, -0.06071757246918383)),
@@ -94,7 +103,8 @@ def test_defaults_reproduce_recorded_values():
     for kwargs, values in recorded:
         est = ev.EVA(**kwargs)
         out = est(q, k, v, est.draw(q, k, replicates=2, generator=3))
-        assert (float((out**2).sum()), float(out[0, 1, 5, 0]), float(out[1, 0, 21, 2])) == values, kwargs
+        got = (float((out**2).sum()), float(out[0, 1, 5, 0]), float(out[1, 0, 21, 2]))
+        assert got == pytest.approx(values, rel=RTOL_RECORDED, abs=0), kwargs
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(proposal="half-mean", chunk_logit="official", partition="official"),

@@ -145,10 +145,10 @@ def test_errorbar_draws_the_interval_in_the_variant_colour():
     ax.set_yscale("log")
     container = fg.errorbar(ax, frame, "x", "y", "RFA qmc")
     line = container.lines[0]
-    assert list(line.get_xdata()) == [1.0, 2.0]  # sorted by x
+    assert list(line.get_xdata()) == [1.0, 2.0]  # exact: the x values of the frame, drawn unchanged; sorted by x
     assert to_hex(line.get_color()) == fg.color("RFA qmc") and line.get_marker() == fg.marker("RFA qmc")
     low, high = fg.interval(frame.sort_values("x"), "y")
-    assert list(low) == [-0.1, 0.4] and list(high) == [1.5, 0.7]
+    assert list(low) == [-0.1, 0.4] and list(high) == [1.5, 0.7]  # exact: the frame's bounds, passed through
     segments = container.lines[2][0].get_segments()
     # a lower bound <= 0 cannot be drawn on a log axis: the bar goes down to y / 100 instead
     assert segments[0][0][1] == pytest.approx(0.01) and segments[0][1][1] == pytest.approx(1.5)
@@ -159,10 +159,69 @@ def test_errorbar_draws_the_interval_in_the_variant_colour():
 def test_pareto_front():
     frame = pd.DataFrame({"flops": [1, 2, 3, 4, 5, 6], "rel_mse": [5.0, 6.0, 3.0, 3.0, np.nan, 1.0]})
     front = fg.pareto_front(frame, "flops", "rel_mse")
-    assert list(front["flops"]) == [1, 3, 6] and list(front["rel_mse"]) == [5.0, 3.0, 1.0]
+    assert list(front["flops"]) == [1, 3, 6] and list(front["rel_mse"]) == [5.0, 3.0, 1.0]  # exact: rows of the frame, selected
 
 
 def test_sizes_caption_fragment():
     frame = pd.DataFrame({"seq_len": [64, 128], "d": [16, 16], "norm": [0.5, 1.0], "replicates": [8, 8],
                           "batch": [1, 1]})
     assert fg.sizes(frame) == "seq_len = {64, 128}, d = 16, scaled norm |x| = |y| = {0.5, 1}, 8 replicates per cell"
+
+
+def _label_value(text: str) -> float:
+    """The number a tick label states: "0.05", "$2\\times10^{6}$", "$10^{-4}$", "$1.5\\times10^{6}$"."""
+    import re
+
+    text = text.strip("$")
+    power = re.fullmatch(r"(?:([\d.]+)\\times)?10\^\{(-?\d+)\}", text)
+    if power:
+        return float(power.group(1) or 1) * 10.0 ** int(power.group(2))
+    return float(text)
+
+
+@pytest.mark.parametrize("limits", [(1.3e6, 2.7e6), (1.1e6, 9e6), (0.03, 0.5), (1.2, 1.9), (2.7e-4, 1.3e-4)])
+def test_tidy_log_labels_give_each_tick_its_value(limits):
+    """On sub-decade and sub-two-decade log axes every major tick's label states its own value (3 significant
+    digits), labels are distinct, and at least two ticks are labelled; 1.5e6, 2e6 and 2.5e6 used to read 2x10^6."""
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    ax.set_xlim(*limits)
+    fg.tidy_log(ax)
+    fig.canvas.draw()
+    lo, hi = sorted(limits)
+    ticks = [(t.get_position()[0], t.get_text()) for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+    plt.close(fig)
+    assert len(ticks) >= 2 and len({text for _, text in ticks}) == len(ticks)
+    for value, text in ticks:
+        assert _label_value(text) == pytest.approx(value, rel=5e-3), (value, text)
+
+
+def test_tick_label_values():
+    assert fg.tick_label(2.5e6) == "$2.5\\times10^{6}$" and fg.tick_label(1e6) == "$10^{6}$"
+    assert fg.tick_label(0.05) == "0.05" and fg.tick_label(1.2000000000000002) == "1.2"
+    assert fg.tick_label(9.9996e5) == "$10^{6}$"  # rounds up into the next decade
+    assert fg.tick_label(0) == "" and fg.tick_label(-1.0) == ""
+
+
+def test_softmax_flops_matches_the_cost_model():
+    """Exact softmax on (batch, N, d) x (batch, M, d) x (batch, M, dv): N M (2 d + 2 dv + 4) FLOPs per batch element."""
+    frame = pd.DataFrame({"seq_len": [128, 64], "key_len": [128, 32], "d": [32, 16], "dv": [32, 8], "batch": [1, 12]})
+    expected = [128 * 128 * (2 * 32 + 2 * 32 + 4), 12 * 64 * 32 * (2 * 16 + 2 * 8 + 4)]
+    assert list(fg.softmax_flops(frame)) == pytest.approx(expected, rel=1e-12)
+    plain = pd.DataFrame({"seq_len": [16], "d": [4]})  # key_len, dv and batch default to seq_len, d and 1
+    assert fg.softmax_flops(plain)[0] == pytest.approx(16 * 16 * (2 * 4 + 2 * 4 + 4), rel=1e-12)
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    fg.mark_softmax_cost(ax, [2e6, 2e6, np.nan])
+    assert [line.get_xdata()[0] for line in ax.lines] == [2e6]  # exact: the value given; one line per distinct finite value
+    plt.close(fig)
+
+
+def test_ratio_text_never_prints_an_impossible_value():
+    assert fg.ratio_text(0.2, 0.4) == "0.5" and fg.ratio_text(0.2, 0.4, percent=True) == "50%"
+    assert fg.ratio_text(-0.01, 2.0, high=0.008) == "< 0.004 (not resolved from 0)"
+    assert fg.ratio_text(-0.01, 2.0, high=0.001, percent=True) == "< 1% (not resolved from 0)"
+    assert fg.ratio_text(-0.01, 2.0) == "0 (not resolved from 0)"
+    assert fg.ratio_text(3.0, 2.0, percent=True) == "100%"  # a share is clipped at 100%
+    assert fg.ratio_text(0.001, 2.0, percent=True) == "<1%"
+    assert fg.ratio_text(1.0, 0.0) == "n/a" and fg.ratio_text(np.nan, 1.0) == "n/a"

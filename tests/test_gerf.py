@@ -70,7 +70,7 @@ def test_oprf_a_is_the_argmin_of_the_objective_and_nonpositive():
                                options={"xatol": 1e-12})
         assert abs(float(a[i]) - best.x) < 1e-7 and a[i] <= 0
     # exactly 0 at rho = 0, no division by zero; the stable form agrees with the textbook one at rho > 0
-    assert oprf_a(torch.zeros(1, 3, 4), torch.zeros(1, 2, 4)).item() == 0.0
+    assert oprf_a(torch.zeros(1, 3, 4), torch.zeros(1, 2, 4)).item() == pytest.approx(0.0, abs=1e-15)
     r = torch.tensor([1e-3, 0.3, 7.0, 300.0], dtype=F64)
     textbook = (1 - 2 * r - torch.sqrt((2 * r + 1) ** 2 + 8 * r)) / 16
     torch.testing.assert_close(optimal_a(r, 1), textbook, rtol=1e-12, atol=1e-15)

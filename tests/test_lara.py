@@ -93,8 +93,8 @@ def test_matches_per_query_loop(N, C, weights, alpha):
 
 def test_segments_follow_the_reference_split():
     t = torch.arange(10, dtype=torch.float64).unsqueeze(-1)  # N = 10, C = 4: L = 2, sizes 2, 2, 3, 3
-    assert segment_means(t, 4).flatten().tolist() == [0.5, 2.5, 5.0, 8.0]
-    assert segment_means(t, 5).flatten().tolist() == [0.5, 2.5, 4.5, 6.5, 8.5]
+    assert segment_means(t, 4).flatten().tolist() == pytest.approx([0.5, 2.5, 5.0, 8.0], rel=1e-15)
+    assert segment_means(t, 5).flatten().tolist() == pytest.approx([0.5, 2.5, 4.5, 6.5, 8.5], rel=1e-15)
     assert segment_means(t, 10).flatten().tolist() == list(map(float, range(10)))
 
 

@@ -30,7 +30,7 @@ def test_key_variance_equals_the_variance_of_the_terms():
         reference = est.terms(q, k, v, draw).ghat.var(0).sum(-1)
         torch.testing.assert_close(unblocked.variance[label], reference, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(blocked.variance[label], reference, rtol=1e-10, atol=1e-14)
-    assert float(unblocked.variance["optimal"].abs().max()) == 0.0  # ghat_m = E[h_m] v_m for every draw
+    assert float(unblocked.variance["optimal"].abs().max()) < 1e-24  # ghat_m = E[h_m] v_m for every draw (zero up to rounding)
 
 
 def test_key_variance_memory_error():
@@ -74,3 +74,79 @@ def test_matrix_metrics_within_max_memory():
     assert res.mse.value == pytest.approx(full.mse.value, rel=1e-12) and "row_kl" in full.metrics
     with pytest.raises(MemoryError, match="pass matrix=False"):
         ev.monte_carlo(est, q, k, v, replicates=8, max_memory=budget, matrix=True)
+
+
+def test_gaussian_refuses_inputs_over_max_memory():
+    """The allocator is never asked: the estimate (3.3 TiB for seq_len 1e9, d 64) is refused in one line."""
+    with pytest.raises(MemoryError, match=r"^inputs.gaussian with batch=\(\), seq_len=1000000000, key_len=1000000000, "
+                                          r"d=64, dv=64 needs about 3.34e\+03 GiB, over max_memory=2 GiB; pass a smaller"):
+        ev.inputs.gaussian(seq_len=10**9, d=64)
+    # float64 q, k, v with their cast and one normalising temporary: 8 x 4 x 3 x 16 bytes + 8 x 4 x 8
+    assert ev.inputs.synthetic.gaussian_bytes(seq_len=8, d=4, itemsize=8) == 8 * 4 * 3 * 16 + 8 * 4 * 8
+    needed = ev.inputs.synthetic.gaussian_bytes(seq_len=8, d=4, itemsize=8)
+    assert ev.inputs.gaussian(seq_len=8, d=4, max_memory=needed).q.shape == (8, 4)
+    with pytest.raises(MemoryError, match="raise max_memory"):
+        ev.inputs.gaussian(seq_len=8, d=4, max_memory=needed - 1)
+
+
+def test_softmax_attention_refuses_before_allocating():
+    """Output plus one block of logits: (N x dv + rows x M) x 8 bytes, with rows = all N queries here."""
+    q, k, v = make_qkv(N=16, d=4, dv=3)
+    needed = (16 * 3 + 16 * 16) * 8
+    assert ev.estimators.softmax.softmax_bytes(N=16, M=16, dv=3, itemsize=8) == needed
+    torch.testing.assert_close(ev.softmax_attention(q, k, v, max_memory=needed), ev.softmax_attention(q, k, v),
+                               rtol=0, atol=0)
+    with pytest.raises(MemoryError, match=r"^softmax_attention on batch x N x M x dv = 1 x 16 x 16 x 3 needs about "
+                                          r".* GiB, over max_memory=.* GiB; pass fewer queries"):
+        ev.softmax_attention(q, k, v, max_memory=needed - 1)
+
+
+def test_monte_carlo_refuses_before_the_reference():
+    """N = 2**19 queries with dv = 64: the per-group float64 sums alone are 22 x N x dv x 8 bytes (5.5 GiB), over
+    the 2 GiB default; expanded (stride-0) inputs cost nothing, and the refusal comes before the exact reference."""
+    N = 2**19
+    q = torch.randn(1, 4, dtype=torch.float32).expand(N, 4)
+    v = torch.randn(1, 64, dtype=torch.float32).expand(N, 64)
+    with pytest.raises(MemoryError, match=r"^monte_carlo \(N=524288, M=524288, d=4, dv=64, batch=1, one replicate per "
+                                          r"batch\) needs about .* GiB, over max_memory=2 GiB; shrink the inputs or "
+                                          r"raise max_memory$"):
+        ev.monte_carlo(ev.RFA(num_features=4), q, q, v, replicates=8)
+
+
+def test_a_huge_sweep_is_refused_before_inputs_exist(tmp_path):
+    """seq_len = 1e8, d = 16 in a spec (q, k, v built in float64 and cast to float32: 65.6 GiB): the CLI exits 2 with one line naming the size and max_memory_gb, without creating
+    the output directory, and its process stays under 1 GiB resident (it reports its own peak RSS)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = tmp_path / "huge.toml"
+    spec.write_text('name = "huge"\nreplicates = 8\n[inputs]\nkind = "gaussian"\nseq_len = 100000000\nd = 16\n'
+                    '[[estimators]]\nname = "rfa"\nnum_features = 8\n')
+    out = tmp_path / "out"
+    child = ("import resource, sys\nfrom evalab.cli import main\ntry:\n    code = main(sys.argv[1:])\nfinally:\n"
+             "    print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+             "sys.exit(code)\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", child, "sweep", str(spec), "--out", str(out)], capture_output=True,
+                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    error, rss = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert error.startswith("evalab sweep: error: cell 'rfa' (seq_len=100000000, d=16): its inputs need about 65.6 GiB, "
+                            "over max_memory_gb=2 (the default); lower seq_len"), error
+    assert int(rss.split()[1]) * (1 if sys.platform == "darwin" else 1024) < 2**30  # ru_maxrss: bytes on macOS, KiB else
+    assert not out.exists()
+
+
+def test_a_sweep_cell_over_max_memory_gb_is_a_spec_error(tmp_path):
+    """Inputs that fit (0.69 MiB) but a Monte-Carlo run that does not (the exact reference's logits, 4096 x 4096
+    x 4 bytes) under max_memory_gb = 1 MiB: refused before the output directory exists, naming max_memory_gb."""
+    from evalab.sweep import SpecError, run_sweep
+
+    spec = {"name": "tight", "replicates": 4, "max_memory_gb": 2**-10,
+            "inputs": {"kind": "gaussian", "seq_len": 4096, "d": 4}, "estimators": [{"name": "rfa", "num_features": 4}]}
+    with pytest.raises(SpecError, match=r"^cell 'rfa' \(seq_len=4096, d=4\): monte_carlo \(N=4096, M=4096, d=4, dv=4, "
+                                        r"batch=1, one replicate per batch\) needs about .* GiB, over "
+                                        r"max_memory=0.000977 GiB; shrink the inputs or raise max_memory_gb$"):
+        run_sweep(spec, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

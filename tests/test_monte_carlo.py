@@ -175,7 +175,7 @@ def test_bad_arguments(small):
         ev.monte_carlo(est, q, k, v, replicates=1)
     with pytest.raises(ValueError, match="reference must have shape"):
         ev.monte_carlo(est, q, k, v, replicates=4, reference=torch.zeros(3))
-    with pytest.raises(MemoryError, match="one replicate needs"):
+    with pytest.raises(MemoryError, match=r"monte_carlo \(N=10, .*one replicate per batch\) needs about .* raise max_memory"):
         ev.monte_carlo(est, q, k, v, replicates=4, max_memory=100)
     with pytest.raises(ValueError, match="at least two"):
         ev.compare({"a": est}, q, k, v, replicates=4)
@@ -212,3 +212,20 @@ def test_batch_size_rules():
     assert batch_size(Cost(0.0, 1e6, 0.0, quarter), 1000, 2**40, device="cuda") == 128  # 1 GiB on accelerators
     with pytest.raises(MemoryError, match="one replicate needs"):
         batch_size(Cost(0.0, 1e6, 0.0, quarter), 10, quarter / 2)
+
+
+def test_progress_shows_the_reference_and_the_replicates(capsys):
+    """progress=True draws a bar for the exact reference (query blocks) and one for the replicates, each with its
+    count and a rate/ETA field from the first update; progress=False prints nothing."""
+    q, k, v = make_qkv(N=16, d=4, dv=3)
+    ev.monte_carlo(ev.RFA(num_features=4), q, k, v, replicates=70, progress=True)
+    err = capsys.readouterr().err
+    assert "exact softmax attention:   0%" in err and "exact softmax attention: 100%" in err and "16/16" in err
+    assert "monte_carlo rfa: 100%" in err and "70/70" in err and "replicate/s" in err
+    assert "<" in err.split("monte_carlo rfa")[-1]  # tqdm's [elapsed<remaining] ETA field
+    ev.monte_carlo(ev.RFA(num_features=4), q, k, v, replicates=70)
+    assert capsys.readouterr().err == ""
+    ev.softmax_attention(q, k, v, progress=True, block_elements=64)  # 4 queries per block
+    err = capsys.readouterr().err
+    assert "exact softmax attention:   0%" in err and "0/16" in err  # shown before the first block ends
+    assert "16/16" in err

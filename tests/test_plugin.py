@@ -246,7 +246,7 @@ def test_cost_frontier_draws_plugins_with_a_cost_model():
     ax = fig.axes[0]
     topk = [line for line in ax.lines if to_hex(line.get_color()) == to_hex(fg.color("TopK"))
             and line.get_marker() == fg.marker("TopK")]
-    assert any(list(line.get_xdata()) == [6000.0, 12000.0, 24000.0] for line in topk)  # its Pareto frontier
+    assert any(list(line.get_xdata()) == [6000.0, 12000.0, 24000.0] for line in topk)  # exact: the FLOPs of the frame's rows, drawn unchanged; its Pareto frontier
     texts = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert "TopK" in texts and "NoCost" not in texts
     plt.close(fig)

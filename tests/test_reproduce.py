@@ -237,7 +237,7 @@ def test_shrink_spec_keeps_first_and_last_of_numeric_axes():
     """))
     tiny = shrink_spec(spec)
     assert tiny.replicates == 8
-    assert tiny.inputs["seq_len"] == [64] and tiny.inputs["d"] == 16 and tiny.inputs["norm"] == [0.5, 1.5]
+    assert tiny.inputs["seq_len"] == [64] and tiny.inputs["d"] == 16 and tiny.inputs["norm"] == [0.5, 1.5]  # exact: spec values, read back
     assert tiny.estimators[0]["num_features"] == [8, 64]
     assert tiny.estimators[0]["sampler"] == ["iid", "orthogonal", "qmc"]  # categorical axes stay whole
     assert len(tiny.cells()) == 2 * 2 * 3

@@ -54,7 +54,7 @@ def test_rows_match_a_direct_monte_carlo_call(tmp_path):
     df = load_results(tmp_path, spec=True)
     assert list(df["label"]) == ["RFA"] * 4 + ["EVA"] * 2  # spec order: block by block
     assert (df["status"] == "ok").all() and df["error"].isna().all()
-    assert set(df["norm"]) == {0.5, 1.0} and (df["inputs"] == "gaussian").all()
+    assert set(df["norm"]) == {0.5, 1.0} and (df["inputs"] == "gaussian").all()  # exact: spec values, stored
     assert (df["dtype"] == "float32").all() and (df["device"] == "cpu").all()
     assert (df["evalab_version"] == evalab.__version__).all() and (df["torch_version"] == torch.__version__).all()
     assert (df["spec_name"] == "tiny").all() and (df["spec_hash"] == spec.hash).all()
@@ -292,6 +292,6 @@ def test_any_registered_inputs_kind_passes_its_parameters_through(tmp_path, monk
     assert run_sweep(raw, tmp_path, progress=False).done == 2
     df = load_results(tmp_path, spec=parse_spec(raw))
     assert list(df["tag"]) == ["x", "y"] and (df["length"] == 6).all() and (df["inputs"] == "toy").all()
-    assert df["input_seed"].isna().all() and (df["scale"] == 0.5).all() and (df["input_scale"] == 0.5).all()
+    assert df["input_seed"].isna().all() and (df["scale"] == 0.5).all() and (df["input_scale"] == 0.5).all()  # exact: the scale given, stored
     assert (df["seq_len"] == 6).all() and (df["d"] == 4).all() and (df["status"] == "ok").all()
     assert df["seed"].nunique() == 2  # the Monte-Carlo seed still follows the inputs

@@ -58,7 +58,7 @@ def test_example_expands_to_the_product_of_axes():
     eva = [c for c in cells if c.estimator == "eva"]
     assert all(c.label == "eva" for c in eva)  # default label: the registry name
     # defaults are filled in: every estimator parameter and every input parameter is in the key
-    assert eva[0].params == {"window": 32, "chunk_size": eva[0].params["chunk_size"], "samples_per_chunk": 1,
+    assert eva[0].params == {"window": 32, "chunk_size": eva[0].params["chunk_size"], "samples_per_chunk": 1,  # exact: spec defaults, filled in
                              "proposal": "mean", "chunk_logit": "mean", "partition": "disjoint",
                              "causal": False, "scale": None, "noise_scale": 1.0, "shared_noise": True}
     assert set(eva[0].inputs) == {"seq_len", "d", "dv", "batch", "norm", "key_len", "mode", "clusters", "spread", "scale"}
@@ -124,7 +124,7 @@ def test_int_for_float_parameter_is_the_same_cell():
     a, b = base(), base()
     a["inputs"]["norm"], b["inputs"]["norm"] = 1, 1.0
     assert [c.cell_id for c in parse_spec(a).cells()] == [c.cell_id for c in parse_spec(b).cells()]
-    assert parse_spec(a).cells()[0].inputs["norm"] == 1.0 and isinstance(parse_spec(a).cells()[0].inputs["norm"], float)
+    assert parse_spec(a).cells()[0].inputs["norm"] == 1.0 and isinstance(parse_spec(a).cells()[0].inputs["norm"], float)  # exact: a spec value, coerced from int
 
 
 def test_key_covers_label_dtype_replicates_and_matrix():
@@ -153,7 +153,7 @@ def test_overlapping_blocks_run_shared_cells_once():
     raw["estimators"] = [{"name": "eva", "window": [4, 8], "chunk_size": 4}, {"name": "eva", "window": 8, "chunk_size": [2, 4]}]
     cells = parse_spec(raw).cells()
     assert len(cells) == 2 * 3
-    assert sorted((c.params["window"], c.params["chunk_size"]) for c in cells if c.inputs["norm"] == 0.5) == [(4, 4), (8, 2), (8, 4)]
+    assert sorted((c.params["window"], c.params["chunk_size"]) for c in cells if c.inputs["norm"] == 0.5) == [(4, 4), (8, 2), (8, 4)]  # exact: spec values, filtered on
 
 
 def test_invalid_combination_is_a_cell_error_not_a_spec_error():

@@ -157,5 +157,5 @@ def test_check_instances_flips_boolean_options_or_asks_the_class():
         def _check_instances(cls):
             return [cls(size=0.5), cls(size=2.0)]
 
-    assert [e.size for e in check_instances(Custom)] == [0.5, 2.0]
-    assert [(e.size, e.shared_noise) for e in check_instances(Jitter)] == [(0.1, True), (0.1, False)]
+    assert [e.size for e in check_instances(Custom)] == [0.5, 2.0]  # exact: constructor arguments, read back
+    assert [(e.size, e.shared_noise) for e in check_instances(Jitter)] == [(0.1, True), (0.1, False)]  # exact: constructor arguments, read back

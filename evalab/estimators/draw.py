@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import _checks
+
 
 @dataclass(frozen=True, eq=False)
 class Draw:
@@ -30,6 +32,8 @@ class Draw:
             raise TypeError(f"noise must be a torch.Tensor, got {type(self.noise).__name__}")
         if self.noise.dim() < 1:
             raise ValueError(f"noise must have a leading replicate dimension, got shape {tuple(self.noise.shape)}")
+        if self.noise.is_floating_point() and self.noise.device.type != "meta":
+            _checks.finite("noise", self.noise)
 
     @property
     def replicates(self) -> int:

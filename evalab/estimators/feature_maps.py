@@ -1,9 +1,10 @@
 """Feature maps phi of linear attention, on scaled coordinates x = sqrt(scale) q (docs/theory.md, "Feature maps
-and window hybrids"): the fixed ones (elu + 1, relu, taylor, dpfp) and the learned ones (t2r, hedgehog), whose
-weights (*heads, r, d) and biases (*heads, r) broadcast against the batch axes of x (*b, L, d).
+and window hybrids"): the fixed ones (elu + 1, relu, taylor, dpfp) and the learned ones (t2r, hedgehog, rebased),
+whose weights (*heads, r, d) and biases (*heads, r) (rebased: (*heads, d) both) broadcast against the batch axes
+of x (*b, L, d).
 
 Each function returns the features (*b, L, F) only; the estimators add the constant guard column of maps that can
-vanish for every key (relu, dpfp, t2r: see evalab.estimators.linear).
+vanish for every key (relu, dpfp, t2r, rebased: see evalab.estimators.linear).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 #: ``softmax_dim``), one softmax over [2u, -2u] (flash-linear-attention's HedgehogFeatureMap), and the paper's
 #: [exp(u), exp(-u)] (stabilised by factors that cancel in the attention ratio).
 HEDGEHOG_VARIANTS = ("softmax", "joint_softmax", "exp")
+#: The epsilon of ReBased's layer norm (torch's and flash-linear-attention's default).
+LAYER_NORM_EPS = 1e-5
 
 
 def elu(x: torch.Tensor) -> torch.Tensor:
@@ -74,3 +77,13 @@ def hedgehog(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, variant:
     both = torch.cat([u, -u], dim=-1)
     top = both.amax(dim=(-2, -1) if keys else -1, keepdim=True).detach()  # cancels: no gradient through it
     return torch.exp(both - top)
+
+
+def rebased(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ReBased (Aksenov et al. 2024): z = layer_norm(x) * weight + bias (weight, bias (*heads, d)), then
+    [z_i^2 / sqrt d, z_i z_j sqrt(2 / d) (i < j, row-major)] (flash-linear-attention's RebasedFeatureMap order), so
+    that phi(x).psi(y) = (z_x.z_y)^2 / d: (*b, L, d (d + 1) / 2); may vanish."""
+    d = x.shape[-1]
+    z = F.layer_norm(x, (d,), eps=LAYER_NORM_EPS) * weight.unsqueeze(-2) + bias.unsqueeze(-2)
+    i, j = torch.triu_indices(d, d, 1, device=x.device)
+    return torch.cat([z * z / math.sqrt(d), z[..., i] * z[..., j] * math.sqrt(2 / d)], dim=-1)

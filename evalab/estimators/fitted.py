@@ -1,5 +1,5 @@
 """Fitted estimators on disk: save and load a learned estimator's parameters with a content hash, and name the
-file in a sweep spec (docs/theory.md section 16).
+file in a sweep spec (docs/theory.md section 17).
 
 A learned estimator is a frozen dataclass whose class attribute ``learnable_fields`` names its tensor fields;
 its other fields are hyper-parameters. A file holds those tensors (safetensors: no pickle, nothing but

@@ -1,4 +1,4 @@
-"""Learned feature maps as estimators: T2R and Hedgehog (docs/theory.md, "Feature maps and window hybrids"), with
+"""Learned feature maps as estimators: T2R, Hedgehog and ReBased (docs/theory.md, "Feature maps and window hybrids"), with
 separate parameters for queries and keys, per head, and the exact-window hybrid of evalab.estimators.linear
 (LoLCATs is Hedgehog with a sliding window).
 
@@ -118,7 +118,16 @@ class LearnedMap(FeatureAttention):
         """q_weight, q_bias, k_weight, k_bias in ``like``'s dtype and device; ``like`` (*b, L, d) must have d = self.d."""
         if like.shape[-1] != self.d:
             raise ValueError(f"q and k have head size {like.shape[-1]}, but {type(self).__name__} has d={self.d}")
-        return [t.to(device=like.device, dtype=like.dtype) for t in (self.q_weight, self.q_bias, self.k_weight, self.k_bias)]
+        batch = tuple(like.shape[:-2])
+        try:
+            fits = tuple(torch.broadcast_shapes(self.heads, batch)) == batch
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"the parameters' leading axes heads={self.heads} must broadcast against q's batch axes "
+                             f"{batch} without enlarging them")
+        tensors = (self.q_weight, self.q_bias, self.k_weight, self.k_bias)
+        return [t.to(device=like.device, dtype=like.dtype) for t in tensors]
 
     def map_flops(self, N: int, M: int, d: int) -> tuple[float, float]:
         """The projections W x (2 (N + M) r d, matrix products) and ELEMENTWISE_PER_FEATURE per feature."""
@@ -173,9 +182,10 @@ class Hedgehog(LearnedMap):
 
     @classmethod
     def _check_instances(cls) -> list:
-        return [cls(d=8, feature_dim=6, variant=variant, causal=c) for variant in feature_maps.HEDGEHOG_VARIANTS
-                for c in (False, True)] + [cls(d=8, feature_dim=8, window=8, window_kind="block", causal=c)
-                                           for c in (False, True)]
+        return [cls(d=8, feature_dim=6, variant="softmax"),
+                cls(d=8, feature_dim=6, variant="joint_softmax", causal=True),
+                cls(d=8, feature_dim=6, variant="exp"),
+                cls(d=8, feature_dim=8, window=8, window_kind="block", causal=True)]
 
     def columns(self, d: int) -> int:
         """2 r."""
@@ -185,3 +195,46 @@ class Hedgehog(LearnedMap):
         wq, bq, wk, bk = self._weights(x)
         return (feature_maps.hedgehog(x, wq, bq, self.variant),
                 feature_maps.hedgehog(y, wk, bk, self.variant, keys=True))
+
+
+@dataclass(frozen=True, eq=False)
+class ReBased(LearnedMap):
+    """ReBased (Aksenov et al. 2024): a layer norm with learned ``q_weight``, ``q_bias`` (queries) and ``k_weight``,
+    ``k_bias`` (keys), each (*heads, d), then the quadratic kernel (z_x.z_y)^2 / d over d (d + 1) / 2 features plus
+    the guard column. feature_dim is d (None: d). Released initialisation: weight 1, bias 0 (``init="identity"``,
+    flash-linear-attention's RebasedFeatureMap; its layer norm's epsilon 1e-5).
+
+    Call: est(q, k, v, draw) -> (R, *b, N, dv), every replicate the same; draw noise (R, 0).
+    """
+
+    feature_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.feature_dim is None:
+            object.__setattr__(self, "feature_dim", self.d)
+        if self.feature_dim != self.d or self.init != "identity":
+            raise ValueError(f"ReBased's layer norm has feature_dim = d and init='identity', got "
+                             f"feature_dim={self.feature_dim}, d={self.d}, init={self.init!r}")
+        super().__post_init__()
+
+    @classmethod
+    def _check_instances(cls) -> list:
+        return [cls(d=8), cls(d=8, causal=True, window=8, window_kind="sliding")]
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """Layer-norm weights 1 and biases 0 (*heads, d), gamma 0 (*heads)."""
+        ones, zeros = torch.ones(*self.heads, self.d), torch.zeros(*self.heads, self.d)
+        return {"q_weight": ones, "q_bias": zeros, "k_weight": ones.clone(), "k_bias": zeros.clone(),
+                "gamma": torch.zeros(self.heads)}
+
+    def columns(self, d: int) -> int:
+        """d (d + 1) / 2 + 1: the features and the guard column."""
+        return d * (d + 1) // 2 + 1
+
+    def feature_pair(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wq, bq, wk, bk = self._weights(x)
+        return with_guard(feature_maps.rebased(x, wq, bq)), with_guard(feature_maps.rebased(y, wk, bk))
+
+    def map_flops(self, N: int, M: int, d: int) -> tuple[float, float]:
+        """No matrix product; the layer norm and its affine map (8 per input entry) and 3 per feature."""
+        return 0.0, (N + M) * (8 * d + 3 * self.columns(d))

@@ -5,8 +5,8 @@ exp(x.y), so the gap it leaves does not shrink with any budget; it is the baseli
   Y_n = sum_m phi(x_n).psi(y_m) v_m / sum_m phi(x_n).psi(y_m)       (causal: m <= n)
 
 on scaled coordinates x = sqrt(scale) q, y = sqrt(scale) k; phi = psi for the fixed maps of
-evalab.estimators.feature_maps (elu + 1, relu, taylor, dpfp), separate for the learned ones (T2R, Hedgehog).
-relu, dpfp and t2r features can meet no key at all (phi(x_n).psi(y_m) = 0 for every m); their kernel is then
+evalab.estimators.feature_maps (elu + 1, relu, taylor, dpfp), separate for the learned ones (T2R, Hedgehog,
+ReBased). relu, dpfp, t2r and rebased features can meet no key at all (phi(x_n).psi(y_m) = 0 for every m); their kernel is then
 taken as phi(x).psi(y) + RELU_EPS (one constant feature column sqrt(RELU_EPS) on both sides), so such a query
 attends uniformly over its keys instead of dividing 0 by 0.
 
@@ -20,8 +20,9 @@ with g = sigmoid(gamma) per head, a = 1 - g (``affine=True``, evalab's default) 
 affine_attention_factors=False), and c_n = 0 (``shift="none"``, evalab's: the exact terms are e^{x.y}
 themselves, and g = 1/2 with affine gives the plain sum) or the largest logit in the window (``shift="row_max"``,
 LoLCATs'). The keys outside the window are a prefix [0, lo_n) and (non-causal) a suffix [hi_n, M), summed over
-blocks of queries with a carried state, so no N x M tensor is formed. A window covering every key gives softmax;
-with shift "none", e^{x.y} must stay finite in the compute dtype (|x.y| < 88 in float32).
+blocks of queries with a carried state, so no N x M tensor is formed. The two sums are combined in log space
+(the window's as its logsumexp), so float32 stays finite at any logit size. A window covering every key gives
+softmax.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ class FeatureAttention(NoDraws):
     def _check_window_fields(self) -> None:
         _checks.boolean("causal", self.causal)
         _checks.real("scale", self.scale, allow_none=True, strict=True)
-        check_window(self.window, self.window_kind)
+        check_window(self.window, self.window_kind, kind_name="window_kind")
         _checks.choice("shift", self.shift, SHIFTS)
         _checks.boolean("affine", self.affine)
         if not isinstance(self.gamma, torch.Tensor):
@@ -137,10 +138,6 @@ class FeatureAttention(NoDraws):
                              f"{tuple(out.shape[:-2])}; expected them to broadcast against (*b) without enlarging it")
         return out.to(inp.out_dtype).expand(draw.replicates, *out.shape)
 
-    def mixing_weight(self, like: torch.Tensor) -> torch.Tensor:
-        """g = sigmoid(gamma) in ``like``'s dtype and device: a scalar tensor, or (*heads) for a per-head gamma."""
-        return torch.sigmoid(torch.as_tensor(self.gamma).to(device=like.device, dtype=like.dtype))
-
     def _hybrid(self, inp: Scaled, qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor:
         """Exact window + features outside it, one normaliser (module docstring)."""
         N, M, dv = inp.x.shape[-2], inp.y.shape[-2], inp.v.shape[-1]
@@ -151,11 +148,13 @@ class FeatureAttention(NoDraws):
         outside = prefix_sums(qf, kf, v1, lo, block)
         if not self.causal:  # the suffix [hi_n, M) is a prefix of the reversed keys, for the reversed queries
             outside = outside + prefix_sums(qf.flip(-2), kf.flip(-2), v1.flip(-2), (M - hi)[::-1].copy(), block).flip(-2)
-        g = self.mixing_weight(inp.x).unsqueeze(-1)  # (*heads, 1): broadcasts against (*b, N)
-        mass = g * torch.exp(lse - top if self.shift == "row_max" else lse)  # (*b, N)
-        rest = outside * (1 - g).unsqueeze(-1) if self.affine else outside
-        numerator = mass.unsqueeze(-1) * inside + rest[..., :dv]
-        return numerator / (mass + rest[..., dv]).unsqueeze(-1)
+        gamma = torch.as_tensor(self.gamma, dtype=inp.x.dtype, device=inp.x.device).unsqueeze(-1)  # (*heads, 1)
+        log_mass = torch.nn.functional.logsigmoid(gamma) + (lse - top if self.shift == "row_max" else lse)  # (*b, N)
+        rest = outside * torch.sigmoid(-gamma).unsqueeze(-1) if self.affine else outside  # 1 - g = sigmoid(-gamma)
+        # both sums divided by e^c, c the larger log-mass (it cancels): finite in float32 at any logit size
+        c = torch.maximum(log_mass, torch.log(rest[..., dv])).detach()
+        mass, rest = torch.exp(log_mass - c), rest * torch.exp(-c).unsqueeze(-1)
+        return (mass.unsqueeze(-1) * inside + rest[..., :dv]) / (mass + rest[..., dv]).unsqueeze(-1)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
         """All deterministic, with F = columns(d) feature columns; the maps' own FLOPs from map_flops.
@@ -225,7 +224,8 @@ class LinearAttention(FeatureAttention):
     def columns(self, d: int) -> int:
         """Feature columns F: d (elu), d + 1 (relu), 1 + d + d (d + 1) / 2 (taylor), 2 d nu + 1 (dpfp); the + 1 is
         the guard column of maps that can vanish."""
-        return {"elu": d, "relu": d + 1, "taylor": feature_maps.taylor_columns(d), "dpfp": 2 * d * self.nu + 1}[self.feature]
+        columns = {"elu": d, "relu": d + 1, "taylor": feature_maps.taylor_columns(d), "dpfp": 2 * d * self.nu + 1}
+        return columns[self.feature]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) for scaled x (*b, L, d): (*b, L, columns(d)), the guard column included."""

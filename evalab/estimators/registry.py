@@ -19,7 +19,7 @@ import inspect
 from .control_variates import ControlVariates
 from .eva import EVA
 from .lara import LARA
-from .learned import T2R, Hedgehog
+from .learned import T2R, Hedgehog, ReBased
 from .linear import LinearAttention
 from .nystrom import Nystrom
 from .ra import RA
@@ -31,7 +31,8 @@ from .window import LocalWindow
 ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": ControlVariates,
                "ra": RA, "lara": LARA,
                "nystrom": Nystrom, "linear_attention": LinearAttention, "scatterbrain": Scatterbrain}
-ESTIMATORS.update({"local_window": LocalWindow, "t2r": T2R, "hedgehog": Hedgehog})
+ESTIMATORS.update({"local_window": LocalWindow, "t2r": T2R, "hedgehog": Hedgehog,
+                   "rebased": ReBased})
 ENTRY_POINTS = "evalab.estimators"
 FITTED = "fitted"  # the name of a fitted estimator loaded from a file: "fitted" or "fitted:<file>"
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
@@ -110,11 +111,12 @@ def is_builtin(name: str) -> bool:
 
 def estimator_parameters(cls: type) -> dict:
     """The parameters a spec may set on ``cls`` -> their defaults (``REQUIRED`` when there is none): its dataclass
-    fields that ``__init__`` takes, or the keyword parameters of its constructor."""
+    fields that ``__init__`` takes and its repr shows (fields left out of the repr, e.g. learned tensors, are not
+    spec parameters), or the keyword parameters of its constructor."""
     if dataclasses.is_dataclass(cls):
         out = {}
         for f in dataclasses.fields(cls):
-            if not f.init:
+            if not f.init or not f.repr:
                 continue
             if f.default is not dataclasses.MISSING:
                 out[f.name] = f.default

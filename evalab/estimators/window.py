@@ -106,10 +106,11 @@ def finite(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == -math.inf, 0.0)
 
 
-def check_window(window: int, kind: str, *, minimum: int = 0) -> None:
-    """ValueError naming ``window`` or ``kind`` when they are not a window size >= minimum and one of KINDS."""
+def check_window(window: int, kind: str, *, minimum: int = 0, kind_name: str = "kind") -> None:
+    """ValueError naming ``window`` or the kind (as ``kind_name``) when they are not a window size >= minimum and
+    one of KINDS."""
     _checks.integer("window", window, minimum=minimum)
-    _checks.choice("kind", kind, KINDS)
+    _checks.choice(kind_name, kind, KINDS)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from .. import _checks
 from ..estimators.base import Cost
 
 
@@ -16,6 +17,10 @@ def estimate_cost(estimator, *, N: int, M: int, d: int, dv: int, batch: int = 1,
 
     Estimators without a ``cost`` method report NaN FLOPs and, as memory, their output only.
     """
+    N, M, d, dv, batch = (_checks.integer(name, value) for name, value in
+                          (("N", N), ("M", M), ("d", d), ("dv", dv), ("batch", batch)))
+    if itemsize not in (2, 4, 8) or isinstance(itemsize, bool):
+        raise ValueError(f"itemsize must be 2, 4 or 8 (bytes per element), got {itemsize!r}")
     model = getattr(estimator, "cost", None)
     if model is None:
         return Cost.per_element(math.nan, math.nan, 0.0, N * dv, batch=batch, itemsize=itemsize)

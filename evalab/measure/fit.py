@@ -1,4 +1,4 @@
-"""Attention transfer (docs/theory.md section 16): fit a learned estimator's parameters to a
+"""Attention transfer (docs/theory.md section 17): fit a learned estimator's parameters to a
 model's captured q, k, v so that its attention mimics softmax.
 
     res = ev.fit(ev.Hedgehog(), train, heldout=heldout, loss="attention", steps=200, lr=1e-2, seed=0)

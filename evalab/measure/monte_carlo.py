@@ -21,8 +21,8 @@ from .cost import estimate_cost
 from ..estimators.base import Cost
 from ..estimators.draw import Draw, seeded_generator
 from .intervals import Estimate, jackknife_interval, mean_interval, quantile_interval
-from ..estimators.registry import estimator_name
-from ..estimators.softmax import softmax_attention
+from ..estimators.registry import ESTIMATORS, estimator_name, make_estimator
+from ..estimators.softmax import softmax_attention, softmax_bytes
 
 NOISE_BLOCK = 64
 GROUPS = 20
@@ -102,12 +102,12 @@ class MCResult:
 
 
 def estimator_params(estimator) -> dict:
-    """Hyper-parameters of a dataclass estimator as a flat dict (empty for other estimators); tensor fields (a
-    learned estimator's parameters) are left out."""
+    """Hyper-parameters of a dataclass estimator as a flat dict (empty for other estimators). Fields left out of
+    its repr and tensor values (learned parameters, wrapped modules) are not hyper-parameters and are skipped."""
     if not dataclasses.is_dataclass(estimator):
         return {}
-    values = {f.name: getattr(estimator, f.name) for f in dataclasses.fields(estimator)}
-    return {name: value for name, value in values.items() if not isinstance(value, torch.Tensor)}
+    return {f.name: value for f in dataclasses.fields(estimator)
+            if f.repr and not isinstance(value := getattr(estimator, f.name), torch.Tensor)}
 
 
 def iter_draws(estimator, q, k, replicates: int, seed: int, batch: int) -> Iterator[tuple[int, Draw]]:
@@ -143,6 +143,43 @@ def batch_size(cost: Cost, replicates: int, max_memory: float, extra_per_replica
     if b == replicates:
         return b
     return b - b % NOISE_BLOCK if b >= NOISE_BLOCK else 1 << (b.bit_length() - 1)
+
+
+def held_bytes(*, N: int, M: int, dv: int, batch: int, itemsize: int, replicates: int, exact_reference: bool) -> int:
+    """Bytes a monte_carlo run holds besides its batches: the reference (its computation's working memory when
+    ``exact_reference``), its float64 copy, replicate 0 and the per-group float64 sums of _Accumulator."""
+    groups = min(GROUPS, replicates)
+    reference = softmax_bytes(N=N, M=M, dv=dv, batch=batch, itemsize=itemsize) if exact_reference else batch * N * dv * itemsize
+    return reference + batch * N * ((groups + 2) * dv * 8 + 2 * dv * itemsize + (groups + 1) * 8)
+
+
+def plan_batches(estimator, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4, replicates: int,
+                 max_memory: float, matrix: bool | None = None, exact_reference: bool = True, device: str = "cpu",
+                 held: float = 0.0, option: str = "max_memory") -> tuple[int, bool, str | None]:
+    """monte_carlo's memory plan, made before it allocates anything: (replicates per batch, whether the matrix
+    metrics run, why not). ``held`` bytes are taken already (the inputs). Raises a one-line MemoryError naming the
+    sizes and ``option`` when even one replicate does not fit in ``max_memory`` bytes."""
+    cost = estimate_cost(estimator, N=N, M=M, d=d, dv=dv, batch=batch, itemsize=itemsize)
+    fixed = held + held_bytes(N=N, M=M, dv=dv, batch=batch, itemsize=itemsize, replicates=replicates,
+                              exact_reference=exact_reference)
+    out_bytes = 3 * batch * N * dv * 8
+    sizes = f"N={N}, M={M}, d={d}, dv={dv}, batch={batch}"
+    requested, matrix = matrix, batch * N * M <= MATRIX_ELEMENTS if matrix is None else matrix
+    if matrix:  # the matrix call (dv = M), its float64 copies and the exact matrix share each batch
+        matrix_cost = estimate_cost(estimator, N=N, M=M, d=d, dv=M, batch=batch, itemsize=itemsize)
+        with_matrix = dataclasses.replace(cost, fixed_bytes=fixed + cost.fixed_bytes + matrix_cost.fixed_bytes
+                                          + batch * N * M * (8 + itemsize))
+        extra = out_bytes + matrix_cost.replicate_bytes + 3 * batch * N * M * 8
+        one = with_matrix.fixed_bytes + with_matrix.replicate_bytes + extra
+        if one <= max_memory:
+            return batch_size(with_matrix, replicates, max_memory, extra, device), True, None
+        if requested:
+            _checks.memory(f"monte_carlo with the matrix metrics ({sizes})", one, max_memory,
+                           f"pass matrix=False to skip them, shrink the inputs or raise {option}")
+    base = dataclasses.replace(cost, fixed_bytes=fixed + cost.fixed_bytes)
+    _checks.memory(f"monte_carlo ({sizes}, one replicate per batch)", base.fixed_bytes + base.replicate_bytes + out_bytes,
+                   max_memory, f"shrink the inputs or raise {option}")
+    return batch_size(base, replicates, max_memory, out_bytes, device), False, "over max_memory" if matrix else "disabled"
 
 
 class _Accumulator:
@@ -272,6 +309,20 @@ def _rows_are_distributions(a_hat: torch.Tensor) -> str | None:
     return None
 
 
+def as_estimator(estimator):
+    """``estimator`` itself, or the estimator a registered name (any case: "RFA", "eva") builds with defaults."""
+    if not isinstance(estimator, str):
+        if not callable(getattr(estimator, "draw", None)):
+            raise TypeError(f"estimator must be an estimator (with draw and __call__) or a registered name, got "
+                            f"{estimator!r} ({type(estimator).__name__})")
+        return estimator
+    names = {name.lower(): name for name in ESTIMATORS}
+    if estimator.lower() not in names:
+        raise ValueError(f"estimator={estimator!r} is not a registered estimator; expected an estimator or one of "
+                         f"{', '.join(map(repr, ESTIMATORS))}")
+    return make_estimator(names[estimator.lower()])
+
+
 def monte_carlo(
     estimator,
     q: torch.Tensor,
@@ -287,58 +338,60 @@ def monte_carlo(
 ) -> MCResult:
     """Bias, variance and error of ``estimator`` over ``replicates`` independent draws, with 95% intervals.
 
-    q (*b, N, d), k (*b, M, d), v (*b, M, dv); ``reference`` (*b, N, dv) defaults to exact softmax attention.
-    ``max_memory`` (bytes, default 2 GiB) bounds each vectorised batch of replicates. ``matrix`` adds metrics of
+    ``estimator``: an estimator, or a registered name ("RFA", "eva") built with its defaults.
+    q (*b, N, d), k (*b, M, d), v (*b, M, dv) (detached: no gradients flow); ``reference`` (*b, N, dv) defaults
+    to exact softmax attention. ``max_memory`` (bytes, default 2 GiB) bounds the run: the reference, the
+    per-group sums and each vectorised batch of replicates; a run that cannot fit one replicate is refused with a
+    MemoryError before anything is allocated. ``progress`` shows bars (with an ETA) for the exact reference and the
+    replicates. ``matrix`` adds metrics of
     the implied attention matrix (V = I_M); by default when batch x N x M <= MATRIX_ELEMENTS and the matrix
     work fits in ``max_memory`` (otherwise ``matrix_skipped`` says why); ``matrix=True`` raises a MemoryError
     when it does not fit.
     """
+    estimator = as_estimator(estimator)
     _checks.integer("replicates", replicates, minimum=2)
     _checks.integer("seed", seed, minimum=0)
+    _checks.boolean("progress", progress)
     _checks.qkv(q, k, v, causal=getattr(estimator, "causal", False))
+    q, k, v = q.detach(), k.detach(), v.detach()  # measurement needs no autograd graph (see gradient_gap)
     max_memory = _checks.DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
     batch_elems, (N, d), (M, dv) = math.prod(q.shape[:-2]), q.shape[-2:], v.shape[-2:]
     sizes = {"seq_len": N, "key_len": M, "d": d, "dv": dv, "batch": batch_elems}
     itemsize = 8 if _checks.compute_dtype(q, k, v) == torch.float64 else 4
     cost = estimate_cost(estimator, N=N, M=M, d=d, dv=dv, batch=batch_elems, itemsize=itemsize)
     scale, causal = getattr(estimator, "scale", None), getattr(estimator, "causal", False)
+    if reference is not None:
+        _checks.tensor("reference", reference, min_dim=1)
+        if reference.shape != q.shape[:-1] + (dv,):
+            raise ValueError(f"reference must have shape {tuple(q.shape[:-1]) + (dv,)}, got {tuple(reference.shape)}")
+        _checks.finite("reference", reference)
+        reference = reference.detach()
+    b, matrix, skipped = plan_batches(estimator, N=N, M=M, d=d, dv=dv, batch=batch_elems, itemsize=itemsize,
+                                      replicates=replicates, max_memory=max_memory, matrix=matrix,
+                                      exact_reference=reference is None, device=q.device.type)
     if reference is None:
-        reference = softmax_attention(q, k, v, scale=scale, causal=causal)
-    elif reference.shape != q.shape[:-1] + (dv,):
-        raise ValueError(f"reference must have shape {tuple(q.shape[:-1]) + (dv,)}, got {tuple(reference.shape)}")
-    requested, matrix = matrix, batch_elems * N * M <= MATRIX_ELEMENTS if matrix is None else matrix
-    out_bytes = 3 * batch_elems * N * dv * 8
-    b, skipped = None, None if matrix else "disabled"
-    if matrix:  # the matrix call (dv = M), its float64 copies and the exact matrix share each batch
-        matrix_cost = estimate_cost(estimator, N=N, M=M, d=d, dv=M, batch=batch_elems, itemsize=itemsize)
-        fixed = cost.fixed_bytes + matrix_cost.fixed_bytes + batch_elems * N * M * (8 + itemsize)
-        extra = matrix_cost.replicate_bytes + 3 * batch_elems * N * M * 8
-        try:
-            b = batch_size(dataclasses.replace(cost, fixed_bytes=fixed), replicates, max_memory, out_bytes + extra,
-                           q.device.type)
-        except MemoryError as err:
-            if requested:
-                raise MemoryError(f"{err} (with the matrix metrics; pass matrix=False to skip them)") from None
-            matrix, skipped = False, "over max_memory"
-    if b is None:
-        b = batch_size(cost, replicates, max_memory, out_bytes, q.device.type)
+        reference = softmax_attention(q, k, v, scale=scale, causal=causal, max_memory=max_memory, progress=progress)
 
     acc = _Accumulator(reference, replicates)
     matrix_rows = []
     if matrix:
         eye = _one_hot_values(k)
-        exact_matrix = softmax_attention(q, k, eye, scale=scale, causal=causal)
+        exact_matrix = softmax_attention(q, k, eye, scale=scale, causal=causal, max_memory=max_memory)
     draws = iter_draws(estimator, q, k, replicates, seed, b)
     if progress:
         from tqdm.auto import tqdm
 
-        draws = tqdm(draws, total=math.ceil(replicates / b), desc="replicates", unit="batch")
+        bar = tqdm(total=replicates, desc=f"monte_carlo {estimator_name(estimator)}", unit="replicate")
     for start, draw in draws:
         acc.add(start, estimator(q, k, v, draw))
         if matrix and skipped is None:
             a_hat = estimator(q, k, eye, draw)
             skipped = _rows_are_distributions(a_hat)
             matrix_rows.append(_matrix_errors(a_hat, exact_matrix))
+        if progress:
+            bar.update(draw.replicates)
+    if progress:
+        bar.close()
     metrics, loo, per_query, errors, rel = acc.finish()
     if matrix and skipped is None:
         values = torch.cat(matrix_rows).cpu().numpy()
@@ -352,8 +405,11 @@ def monte_carlo(
 class Comparison:
     """Metrics of several estimators on the same input and seed, with paired differences.
 
-    results: name -> MCResult. Estimators whose draws share kind and layout saw the same noise (common
-    random numbers), which makes their differences sharper; others are compared as independent samples.
+    results: name -> MCResult. Every estimator ran on the same inputs with the same seed; shared_draws[a, b]
+    says whether a and b also saw the same noise, which holds only where their draws have the same kind and
+    layout (common random numbers, sharper differences: e.g. RFA and ControlVariates with the same features and sampler,
+    not RFA and EVA).
+    Differences without shared draws are still valid, as between independent samples.
     """
 
     results: dict
@@ -395,11 +451,13 @@ def compare(estimators: dict, q, k, v, *, replicates: int, seed: int = 0, **opti
     """Run ``monte_carlo`` for each named estimator with the same seed; ``options`` go to monte_carlo."""
     if not isinstance(estimators, dict) or len(estimators) < 2:
         raise ValueError(f"estimators must be a dict of at least two named estimators, got {estimators!r}")
+    estimators = {name: as_estimator(e) for name, e in estimators.items()}
     if "reference" not in options:
         causal = {getattr(e, "causal", False) for e in estimators.values()}
         scale = {getattr(e, "scale", None) for e in estimators.values()}
         if len(causal) == 1 and len(scale) == 1:
-            options["reference"] = softmax_attention(q, k, v, scale=scale.pop(), causal=causal.pop())
+            options["reference"] = softmax_attention(q, k, v, scale=scale.pop(), causal=causal.pop(),
+                                                     max_memory=options.get("max_memory"))
     results = {name: monte_carlo(est, q, k, v, replicates=replicates, seed=seed, **options) for name, est in estimators.items()}
     key = {n: (e.noise_kind, tuple(e.noise_layout(q, k))) for n, e in estimators.items()}
     shared = {(a, b): key[a] == key[b] for a in key for b in key}

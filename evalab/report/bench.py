@@ -5,13 +5,21 @@ achieved FLOP/s (by the cost model) against a plain matmul measured in the same 
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
 on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
 memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) ``fit``: Hedgehog fitted on all 6 x 12
-heads of all-MiniLM-L6-v2 at seq_len 512. Prints a markdown table, writes bench.json and
-bench.png into ``out``.
+heads of all-MiniLM-L6-v2 at seq_len 512. Prints a markdown table, writes bench.json,
+bench.md and bench.png into ``out`` (default: a new folder under the user cache, :func:`default_out`).
+
+Noise and signal: every timing goes through :func:`_time`, which returns a :class:`Timing` (a float, the median
+over the repeats, that carries the repeats). :func:`run_bench` finds every Timing in the report, writes its spread
+next to it (``<key>_timing``: min, quartiles, max, repeats, spread) and lists the timings whose spread is too wide
+to trust; it also measures how busy the machine was (:class:`Load`). The markdown starts with these warnings, and
+:func:`time_cell` prints a timing with its spread, so a new section gets both by timing through ``_time``.
 """
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
+import os
 import platform
 import statistics
 import time
@@ -67,6 +75,7 @@ class Plan:
     model_texts: int = 100  # (f): model_gap over this many verses (0: skip)
     fit_texts: int = 8  # (g): fit Hedgehog on this many training passages of 512 tokens (0: skip)
     fit_steps: int = 50  # (g): Adam steps, minibatches of 2 passages
+    repeats: int = 3  # timed repeats per measurement after a warm-up (2 from seq_len 16384 on in (c))
 
 
 PLANS = {
@@ -74,8 +83,69 @@ PLANS = {
     "quick": Plan(engine=((128, 1000, 200), (2048, 100, 10)), lengths=(1024, 2048, 4096, 8192), slope_from=1024,
                   performer_seq_len=1024, fit_texts=2, fit_steps=5),
     "tiny": Plan(engine=((16, 8, 4),), lengths=(64, 128), slope_from=64, performer_seq_len=64, matmul_n=64,
-                 memory=False, attribution_seq_len=16, model_texts=0, fit_texts=0),
+                 memory=False, attribution_seq_len=16, model_texts=0, repeats=2, fit_texts=0),
 }
+
+
+#: A timing whose spread, (max - min) / median over its repeats, exceeds this is reported as too noisy to trust.
+WIDE_SPREAD = 0.5
+#: The machine counts as busy when other processes used more than this fraction of its cores during the run
+#: (or, where /proc/stat is missing, when the 1-minute load average before the run exceeds it times the cores).
+BUSY_SHARE = 0.25
+
+
+class Timing(float):
+    """Wall seconds of repeated calls: the float value is the median over ``times`` (the repeats, sorted).
+
+    Multiplying or dividing by a plain number scales every repeat (a Timing again); any other arithmetic gives a
+    plain float (a speed-up ``naive / engine`` is a float)."""
+
+    times: tuple[float, ...]
+
+    def __new__(cls, times) -> "Timing":
+        times = tuple(sorted(float(t) for t in times))
+        if not times:
+            raise ValueError("times must hold at least one repeat, got none")
+        self = super().__new__(cls, statistics.median(times))
+        self.times = times
+        return self
+
+    def _scaled(self, factor):
+        return Timing(t * factor for t in self.times)
+
+    def __mul__(self, other):
+        if isinstance(other, (int, float)) and not isinstance(other, Timing):
+            return self._scaled(other)
+        return float(self) * other
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        if isinstance(other, (int, float)) and not isinstance(other, Timing):
+            return self._scaled(1 / other)
+        return float(self) / other
+
+    def __reduce__(self):
+        return Timing, (self.times,)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median over the repeats; NaN for a single repeat (its spread is unknown)."""
+        if len(self.times) < 2 or float(self) <= 0:
+            return math.nan
+        return (self.times[-1] - self.times[0]) / float(self)
+
+    @property
+    def wide(self) -> bool:
+        """More than WIDE_SPREAD apart over the repeats: too noisy to trust."""
+        return self.spread > WIDE_SPREAD
+
+    def summary(self) -> dict:
+        """min, first and third quartile, max, repeats and spread: the JSON beside the median."""
+        q1, q3 = (statistics.quantiles(self.times, n=4, method="inclusive")[i] for i in (0, 2)) \
+            if len(self.times) > 1 else (self.times[0], self.times[0])
+        return {"min": self.times[0], "q1": q1, "q3": q3, "max": self.times[-1], "repeats": len(self.times),
+                "spread": None if math.isnan(self.spread) else self.spread}
 
 
 def _sync(device: torch.device) -> None:
@@ -83,8 +153,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device, repeats: int = 3) -> float:
-    """Median wall seconds of ``fn()`` after one warm-up call."""
+def _time(fn, device, repeats: int = 3) -> Timing:
+    """Wall seconds of ``fn()`` over ``repeats`` calls after one warm-up call: a Timing (the median, with its
+    repeats). Every timing of the bench goes through here, so that its spread is reported."""
     fn()
     times = []
     for _ in range(repeats):
@@ -93,7 +164,100 @@ def _time(fn, device, repeats: int = 3) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return Timing(times)
+
+
+def _proc_stat() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot from /proc/stat, or None where it is missing."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [float(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / hz, sum(fields[:8]) / hz
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and its finished children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class Load:
+    """How busy the machine was around a measurement: the 1-minute load average before it and, on Linux, the
+    share of all cores that *other* processes used while it ran (all CPU time from /proc/stat minus this
+    process's and its children's)."""
+
+    def __init__(self):
+        self.cores = os.cpu_count() or 1
+        self.load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+        self._stat, self._own, self._wall = _proc_stat(), _own_cpu(), time.perf_counter()
+
+    def report(self) -> dict:
+        """cores, load_before, others_share (NaN without /proc/stat), busy and a one-line reason when busy."""
+        others = math.nan
+        end = _proc_stat()
+        wall = time.perf_counter() - self._wall
+        if self._stat is not None and end is not None and wall > 0:
+            others = max(0.0, (end[0] - self._stat[0]) - (_own_cpu() - self._own)) / (wall * self.cores)
+        if not math.isnan(others):
+            busy = others > BUSY_SHARE
+            why = f"other processes used {others:.0%} of the {self.cores} cores during the run"
+        else:
+            busy = self.load_before > BUSY_SHARE * self.cores
+            why = f"1-minute load average {self.load_before:.2f} on {self.cores} cores before the run"
+        return {"cores": self.cores, "load_before": self.load_before,
+                "others_share": None if math.isnan(others) else others, "busy": bool(busy),
+                "reason": why if busy else None}
+
+
+def _timings(node, path: str = ""):
+    """(path, key, container, Timing) for every Timing value in a report's nested dicts and lists."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in list(items):
+        where = f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
+        if isinstance(value, Timing):
+            yield where.lstrip("."), key, node, value
+        else:
+            yield from _timings(value, where)
+
+
+def spread_report(report: dict) -> list[str]:
+    """Replace every Timing in ``report`` by its median (a plain float) with ``<key>_timing`` (its
+    :meth:`Timing.summary`) beside it; return the paths of the timings whose spread exceeds WIDE_SPREAD."""
+    wide = []
+    for where, key, container, value in list(_timings(report)):
+        container[key] = float(value)
+        if isinstance(container, dict):
+            container[f"{key}_timing"] = value.summary()
+        if value.wide:
+            wide.append(f"{where} ({value.spread:.0%})")
+    return wide
+
+
+def noisy(row: dict, *keys: str) -> bool:
+    """Whether any of the timings ``keys`` of ``row`` (after :func:`spread_report`) is too wide to trust."""
+    return any((row.get(f"{key}_timing") or {}).get("spread") is not None
+               and row[f"{key}_timing"]["spread"] > WIDE_SPREAD for key in keys)
+
+
+def time_cell(row: dict, key: str, scale: float = 1.0, unit: str = "") -> str:
+    """A markdown cell for timing ``key`` of ``row``: the median (times ``scale``) and, after
+    :func:`spread_report`, +-half its spread; "!" marks a spread wider than WIDE_SPREAD."""
+    text = f"{row[key] * scale:.3g}{unit}"
+    info = row.get(f"{key}_timing") or {}
+    if info.get("spread") is not None:
+        text += f" ±{info['spread'] / 2:.0%}" + (" !" if info["spread"] > WIDE_SPREAD else "")
+    return text
+
+
+def default_out(plan: str) -> Path:
+    """Where a bench run writes by default: ``$XDG_CACHE_HOME/evalab/bench/<plan>-<date>-<time>`` (else under
+    ``~/.cache``), outside any checkout."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "evalab" / "bench" / f"{plan}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _inputs(seq_len: int, device, batch=()):
@@ -128,8 +292,9 @@ def bench_engine(device, plan: Plan) -> list[dict]:
         for label, est in (("rfa S=64", RFA(num_features=64)), ("rfa S=256", RFA(num_features=256)),
                            ("eva w=32 c=8", EVA(window=32, chunk_size=8))):
             exact = softmax_attention(q, k, v)
-            engine = _time(lambda: monte_carlo(est, q, k, v, replicates=R, reference=exact, matrix=False), device, 1)
-            naive = _time(lambda: naive_loop(est, q, k, v, R_naive), device, 1) * R / R_naive
+            engine = _time(lambda: monte_carlo(est, q, k, v, replicates=R, reference=exact, matrix=False), device,
+                           plan.repeats)
+            naive = _time(lambda: naive_loop(est, q, k, v, R_naive), device, plan.repeats) * R / R_naive
             flops = estimate_cost(est, N=N, M=N, d=D, dv=D).flops(R)
             rows.append({"case": label, "seq_len": N, "replicates": R, "engine_s": engine, "naive_s": naive,
                          "speedup": naive / engine, "gflops": flops / engine / 1e9, "matmul_gflops": similar / 1e9,
@@ -191,7 +356,7 @@ def bench_scaling(device, plan: Plan) -> tuple[list[dict], dict]:
     methods = ("softmax", "sdpa", *[name for name in SCALING if name != "softmax"])
     for name in methods:
         for N in lengths:
-            seconds = _time(_forward(name, N, device), device, 1 if N >= 16384 else 3)
+            seconds = _time(_forward(name, N, device), device, min(2, plan.repeats) if N >= 16384 else plan.repeats)
             peak = peak_memory(name, N, device) if plan.memory else None
             rows.append({"method": name, "seq_len": N, "seconds": seconds, "peak_bytes": peak})
     slopes = {}
@@ -203,7 +368,9 @@ def bench_scaling(device, plan: Plan) -> tuple[list[dict], dict]:
     for name in methods[2:]:
         faster = [r["seq_len"] for r in rows if r["method"] == name and r["seconds"] < sdpa[r["seq_len"]]]
         crossover[name] = min(faster) if faster else None
-    return rows, {"slopes": slopes, "slope_range": [lo, lengths[-1]], "crossover_vs_sdpa": crossover}
+    noisy_slopes = sorted({r["method"] for r in rows if r["seq_len"] >= lo and r["seconds"].wide})
+    return rows, {"slopes": slopes, "slope_range": [lo, lengths[-1]], "crossover_vs_sdpa": crossover,
+                  "noisy_slopes": noisy_slopes}
 
 
 def bench_performer(device, plan: Plan) -> dict | None:
@@ -217,8 +384,8 @@ def bench_performer(device, plan: Plan) -> dict | None:
     fast = FastAttention(dim_heads=D, nb_features=S, causal=False).to(device)
     ours = RFA(num_features=S, eps=1e-4)
     draw = Draw(fast.projection_matrix.unsqueeze(0).to(torch.float64), ours.noise_kind)
-    theirs_s = _time(lambda: fast(q, k, v), device)
-    ours_s = _time(lambda: ours(q, k, v, draw), device)
+    theirs_s = _time(lambda: fast(q, k, v), device, plan.repeats)
+    ours_s = _time(lambda: ours(q, k, v, draw), device, plan.repeats)
     diff = float((fast(q, k, v) - ours(q, k, v, draw)[0]).abs().max())
     return {"num_features": S, "seq_len": N, "heads": heads, "evalab_s": ours_s, "performer_s": theirs_s,
             "time_ratio": ours_s / theirs_s, "max_abs_diff": diff}
@@ -301,27 +468,58 @@ def bench_fit(plan: Plan, seq_len: int = 512) -> dict | None:
             "heldout_initial": float(held.iloc[0]), "heldout_final": float(held.iloc[-1])}
 
 
+def warnings(report: dict) -> list[str]:
+    """One line per reason to distrust the report's timings: a busy machine, timings too wide to trust."""
+    out = []
+    load = report.get("load") or {}
+    if load.get("busy"):
+        out.append(f"the machine was busy ({load['reason']}): timings, speed-ups and slopes may be off by a "
+                   "large factor; rerun on an idle machine")
+    wide = report.get("wide_timings") or []
+    if wide:
+        out.append(f"{len(wide)} timing(s) vary by more than {WIDE_SPREAD:.0%} of their median over their repeats "
+                   f"(marked !; numbers derived from them are marked ? and are noise, not signal): "
+                   + ", ".join(wide[:8]) + (", ..." if len(wide) > 8 else ""))
+    return out
+
+
 def markdown(report: dict) -> str:
-    """The report as markdown tables."""
-    lines = [f"# evalab bench ({report['device']}, torch {report['torch']}, plan {report['plan']})", "",
-             f"| case | N | R | engine s | naive loop s | speed-up | GFLOP/s | (N,{D})@({D},{FEATURE_COLUMNS}) GFLOP/s | roofline "
-             "| square GFLOP/s | of square |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """The report as markdown: the warnings first, then the tables (timings as median ±half their spread)."""
+    lines = [f"# evalab bench ({report['device']}, torch {report['torch']}, plan {report['plan']})", ""]
+    load = report.get("load") or {}
+    if load:
+        others = load.get("others_share")
+        lines.append(f"Machine: {load['cores']} cores, 1-minute load {load['load_before']:.2f} before the run"
+                     + ("" if others is None else f", other processes used {others:.0%} of the cores during it")
+                     + f". Timings: median over repeats, ± half their spread (max - min) / median.")
+        lines.append("")
+    for line in warnings(report):
+        lines.append(f"**Warning:** {line}.")
+    if lines[-1]:
+        lines.append("")
+    lines += [f"| case | N | R | engine s | naive loop s | speed-up | GFLOP/s | (N,{D})@({D},{FEATURE_COLUMNS}) GFLOP/s "
+              "| roofline | square GFLOP/s | of square |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["engine"]:
-        lines.append(f"| {r['case']} | {r['seq_len']} | {r['replicates']} | {r['engine_s']:.3g} | {r['naive_s']:.3g} | "
-                     f"{r['speedup']:.1f}x | {r['gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['roofline_fraction']:.0%} | "
-                     f"{r['peak_gflops']:.1f} | {r['peak_fraction']:.0%} |")
+        mark = " ?" if noisy(r, "engine_s", "naive_s") else ""
+        lines.append(f"| {r['case']} | {r['seq_len']} | {r['replicates']} | {time_cell(r, 'engine_s')} | "
+                     f"{time_cell(r, 'naive_s')} | {r['speedup']:.1f}x{mark} | {r['gflops']:.1f}{mark} | "
+                     f"{r['matmul_gflops']:.1f} | {r['roofline_fraction']:.0%}{mark} | "
+                     f"{r['peak_gflops']:.1f} | {r['peak_fraction']:.0%}{mark} |")
     lines += ["", "| method | " + " | ".join(str(n) for n in sorted({r['seq_len'] for r in report['scaling']})) + " | slope |",
               "|---|" + "---|" * (len({r['seq_len'] for r in report['scaling']}) + 1)]
+    noisy_slopes = set(report["scaling_fit"].get("noisy_slopes", ()))
     for name, slope in report["scaling_fit"]["slopes"].items():
-        cells = [f"{r['seconds']:.3g}s" + (f" / {r['peak_bytes'] / 2**20:.0f}MiB" if r["peak_bytes"] is not None else "")
+        cells = [time_cell(r, "seconds", unit="s") + (f" / {r['peak_bytes'] / 2**20:.0f}MiB" if r["peak_bytes"] is not None else "")
                  for r in report["scaling"] if r["method"] == name]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {slope:.2f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {slope:.2f}{' ?' if name in noisy_slopes else ''} |")
     lines.append(f"\nCrossover vs SDPA (first length where faster): {report['scaling_fit']['crossover_vs_sdpa']}")
     if report.get("performer"):
         p = report["performer"]
-        lines.append(f"\nperformer-pytorch, S={p['num_features']}, N={p['seq_len']}, heads={p['heads']}: evalab {p['evalab_s']:.3g}s, "
-                     f"performer {p['performer_s']:.3g}s, ratio {p['time_ratio']:.2f}, max |diff| {p['max_abs_diff']:.2g}")
+        lines.append(f"\nperformer-pytorch, S={p['num_features']}, N={p['seq_len']}, heads={p['heads']}: evalab "
+                     f"{time_cell(p, 'evalab_s', unit='s')}, performer {time_cell(p, 'performer_s', unit='s')}, ratio "
+                     f"{p['time_ratio']:.2f}{' ?' if noisy(p, 'evalab_s', 'performer_s') else ''}, "
+                     f"max |diff| {p['max_abs_diff']:.2g}")
     if report.get("attribution"):
         a = report["attribution"]
         peak = "" if a["peak_rss_bytes"] is None else f", peak RSS {a['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
@@ -351,10 +549,15 @@ def plot(report: dict, path: Path) -> None:
     for name in report["scaling_fit"]["slopes"]:
         pts = [r for r in report["scaling"] if r["method"] == name]
         label = f"{name} (slope {report['scaling_fit']['slopes'][name]:.2f})"
-        ax[0].loglog([r["seq_len"] for r in pts], [r["seconds"] for r in pts], "o-", label=label)
+        spread = [r.get("seconds_timing") or {} for r in pts]  # error bars: min to max over the repeats
+        yerr = [[r["seconds"] - t.get("min", r["seconds"]) for r, t in zip(pts, spread)],
+                [t.get("max", r["seconds"]) - r["seconds"] for r, t in zip(pts, spread)]]
+        ax[0].errorbar([r["seq_len"] for r in pts], [r["seconds"] for r in pts], yerr=yerr, fmt="o-", capsize=2,
+                       label=label)
         if all(r["peak_bytes"] is not None for r in pts):
             ax[1].loglog([r["seq_len"] for r in pts], [max(r["peak_bytes"], 1) / 2**20 for r in pts], "o-", label=name)
-    ax[0].set(xlabel="seq_len", ylabel="forward seconds", title=f"time ({report['device']})")
+    ax[0].set(xscale="log", yscale="log", xlabel="seq_len", ylabel="forward seconds (bars: min to max)",
+              title=f"time ({report['device']})" + (", busy machine" if (report.get("load") or {}).get("busy") else ""))
     ax[1].set(xlabel="seq_len", ylabel="peak MiB", title="peak memory")
     ax[0].legend()
     fig.tight_layout()
@@ -362,10 +565,14 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path = "bench") -> dict:
-    """Run every section of ``plan`` (full | quick | tiny); write bench.json, bench.md, bench.png under ``out``."""
+def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path | None = None) -> dict:
+    """Run every section of ``plan`` (full | quick | tiny); write bench.json, bench.md, bench.png under ``out``
+    (default :func:`default_out`, outside the checkout; the report's ``out`` says where). Every Timing in the
+    report becomes its median with ``<key>_timing`` beside it; ``load`` and ``wide_timings`` say how far to
+    trust them (:func:`warnings`)."""
     if plan not in PLANS:
         raise ValueError(f"plan={plan!r} is not known; expected one of {', '.join(map(repr, PLANS))}")
+    load = Load()
     dev, sizes = torch.device(device), PLANS[plan]
     report = {"evalab": __version__, "torch": torch.__version__, "device": str(dev), "plan": plan, "sizes": asdict(sizes),
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
@@ -375,8 +582,11 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path = "ben
     report["attribution"] = bench_attribution(dev, sizes)
     report["model"] = bench_model(sizes)
     report["fit"] = bench_fit(sizes)
-    out = Path(out)
+    report["load"] = load.report()
+    report["wide_timings"] = spread_report(report)
+    out = default_out(plan) if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    report["out"] = str(out.resolve())
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text(markdown(report) + "\n")
     plot(report, out / "bench.png")

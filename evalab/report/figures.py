@@ -28,13 +28,15 @@ import seaborn as sns
 __all__ = [
     "VARIANTS", "variant", "with_variant", "by_variant", "color", "marker", "palette", "ordered", "style",
     "require_columns", "require_frame", "save", "interval", "errorbar", "band", "pareto_front", "legend",
-    "log_positive", "sizes", "value_ticks", "tidy_log", "DPI",
+    "log_positive", "sizes", "value_ticks", "tidy_log", "tick_label", "softmax_flops", "mark_softmax_cost",
+    "softmax_cost_handle", "ratio_text", "DPI",
 ]
 
 DPI = 150
 
-# Display name -> (colour, marker), in legend order. Colours from seaborn's colour-blind palette; RFA samplers
-# are cool colours, EVA and local attention warm, exact softmax black.
+# Display name -> (colour, marker), in legend order. Colours from seaborn's colour-blind palette (the field of F10
+# partly from Paul Tol's muted one, so that no two of its series share a hue); RFA samplers are cool colours, EVA
+# and local attention warm, exact softmax black.
 VARIANTS: dict[str, tuple[str, str]] = {
     "RFA iid": ("#0173b2", "o"),
     "RFA orthogonal": ("#56b4e9", "s"),
@@ -52,11 +54,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "RFA hyperbolic orthogonal": ("#117733", "v"),
     "EVA, samples per chunk": ("#a6761d", "X"),
     "Scatterbrain": ("#6a3d9a", ">"),
-    "Nystromformer": ("#008080", "<"),
-    "Nystromformer, exact pinv": ("#80cdc1", "d"),
+    "Nystromformer": ("#88ccee", "<"),
+    "Nystromformer, exact pinv": ("#882255", "d"),
     "elu+1": ("#999999", "H"),
     "RA": ("#e7298a", "p"),
-    "LARA": ("#66a61e", "8"),
+    "LARA": ("#999933", "8"),
     # fixed and learned feature maps, window hybrids (F12)
     "taylor": ("#8c564b", "s"),
     "taylor + window (g = 1/2)": ("#c49c94", "D"),
@@ -291,6 +293,62 @@ def legend(target, names: Iterable[str], *, extra: Iterable = (), **kwargs):
     return target.legend(handles=handles, **kwargs)
 
 
+def softmax_flops(frame: pd.DataFrame) -> np.ndarray:
+    """The cost model's FLOPs of one exact softmax attention call (evalab.Softmax) on each row's inputs, from the
+    size columns seq_len, key_len, d, dv and batch (key_len and dv default to seq_len and d, batch to 1): (rows,)."""
+    from ..measure.cost import estimate_cost
+    from ..estimators.softmax import Softmax
+
+    require_columns(frame, ["seq_len", "d"], "softmax_flops")
+
+    def size(row, name, default):
+        value = _value(row, name, default)
+        return int(value) if value is not None else int(default)
+
+    return np.array([estimate_cost(Softmax(), N=size(r, "seq_len", 0), M=size(r, "key_len", r["seq_len"]),
+                                   d=size(r, "d", 0), dv=size(r, "dv", r["d"]), batch=size(r, "batch", 1)).flops(1)
+                     for r in frame.to_dict("records")], dtype=float)
+
+
+def mark_softmax_cost(ax, flops, *, text: str = "softmax (exact)") -> None:
+    """Exact softmax's own cost on a FLOPs axis: a black dash-dot vertical line at each distinct value of
+    ``flops`` (a number or an array), labelled ``text`` along its top. Estimators to its right cost more than
+    the attention they approximate."""
+    for value in sorted({float(v) for v in np.atleast_1d(flops) if np.isfinite(v) and v > 0}):
+        ax.axvline(value, color=color("softmax"), linestyle="-.", linewidth=1.2, zorder=1)
+        ax.annotate(text, (value, 1), xycoords=("data", "axes fraction"), rotation=90, xytext=(-11, -4),
+                    textcoords="offset points", va="top", ha="left", fontsize=8)
+
+
+def softmax_cost_handle(text: str = "softmax's own cost (exact, rel_mse = 0)"):
+    """The legend entry of :func:`mark_softmax_cost`'s line."""
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=color("softmax"), linestyle="-.", linewidth=1.2, label=text)
+
+
+def ratio_text(num: float, den: float, *, high: float | None = None, percent: bool = False) -> str:
+    """``num / den`` for a caption, where both are non-negative quantities and ``num`` may be an unbiased estimate
+    (a squared bias) that falls below 0: then it is not resolved from 0, and the text gives the bound from
+    ``num``'s 95% upper limit ``high`` ("< 0.004 (not resolved from 0)") instead of a negative ratio. Percentages
+    are clipped to 100%; a zero or non-finite ``den`` gives "n/a"."""
+    if not (np.isfinite(den) and den > 0 and np.isfinite(num)):
+        return "n/a"
+
+    def show(r):
+        if not percent:
+            return f"{r:.3g}"
+        r = min(r, 1.0)
+        return "<1%" if 0 < r < 0.005 else f"{r:.0%}"
+
+    if num > 0:
+        return show(num / den)
+    if high is not None and np.isfinite(high) and high > 0:
+        bound = show(high / den)
+        return f"< {bound.lstrip('<')} (not resolved from 0)"
+    return f"{show(0.0)} (not resolved from 0)"
+
+
 def _values(frame: pd.DataFrame, column: str) -> str:
     values = sorted(frame[column].dropna().unique()) if column in frame.columns else []
     shown = [f"{v:g}" if isinstance(v, (float, np.floating)) else str(v) for v in values]
@@ -322,27 +380,35 @@ def value_ticks(ax, values, axis: str = "x") -> None:
 
 
 def tidy_log(ax) -> None:
-    """Readable log axes: on an axis spanning under two decades, ticks at 1, 2, 5 x 10^k with plain labels;
-    minor ticks never labelled (no overlapping 2x10^-1, 3x10^-1, ... labels)."""
-    from matplotlib.ticker import LogLocator, NullFormatter
+    """Readable log axes: on an axis spanning under two decades, ticks at 1, 2, 5 x 10^k, or, when fewer than two
+    of those fall inside (a sub-decade axis), at round linear steps (1.5e6, 2e6, 2.5e6); every label gives its
+    tick's value (:func:`tick_label`); minor ticks are never labelled."""
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
 
     for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
         if axis.get_scale() != "log" or not (lo > 0 and hi > 0):
             continue
+        lo, hi = min(lo, hi), max(lo, hi)
         axis.set_minor_formatter(NullFormatter())
         if isinstance(axis.get_major_locator(), matplotlib.ticker.FixedLocator):
             continue
         if math.log10(hi / lo) < 2:
-            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            axis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tick_label))
+            decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+            inside = [m * 10.0**e for e in decades for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)) if len(inside) >= 2
+                                   else MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+            axis.set_major_formatter(matplotlib.ticker.FuncFormatter(tick_label))
 
 
-def _tick_label(value: float, _pos=None) -> str:
-    """1, 2, 5 x 10^k ticks: plain numbers between 0.001 and 10^4, mathtext powers of ten otherwise."""
-    if value <= 0:
+def tick_label(value: float, _pos=None) -> str:
+    """A log-axis tick label that gives the tick's value to three significant digits: a plain number between
+    0.001 and 10^4 (0.05, 1.5, 2000), a power of ten or m x 10^k otherwise (10^6, 1.5 x 10^6)."""
+    if not value > 0:
         return ""
     if 1e-3 <= value < 1e4:
-        return f"{value:g}"
+        return f"{float(f'{value:.3g}'):g}"
     exponent = math.floor(math.log10(value) + 1e-9)
-    mantissa = round(value / 10**exponent)
-    return f"$10^{{{exponent}}}$" if mantissa == 1 else f"${mantissa}\\times10^{{{exponent}}}$"
+    mantissa = float(f"{value / 10**exponent:.3g}")
+    if mantissa >= 10:  # 9.999e5 rounds to 10 x 10^5
+        mantissa, exponent = mantissa / 10, exponent + 1
+    return f"$10^{{{exponent}}}$" if mantissa == 1 else f"${mantissa:g}\\times10^{{{exponent}}}$"

@@ -22,11 +22,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .. import _checks
 from ..estimators import registry
 from ..inputs import kinds
-from ..measure.monte_carlo import monte_carlo
+from ..inputs.synthetic import gaussian_bytes
+from ..measure.monte_carlo import monte_carlo, plan_batches
 from . import store
-from .spec import Cell, Spec, SpecError, check_device, load_spec, parse_spec
+from .spec import Cell, Spec, SpecError, check_device, input_parameters, load_spec, parse_spec
 
 EXECUTORS = ("local", "dask")
 SIZE_COLUMNS = ("seq_len", "key_len", "d", "dv", "batch")
@@ -78,19 +80,60 @@ class RunOptions:
 _INPUT_CACHE: dict = {}  # the last input workload built in this process: (key, QKV)
 
 
-def build_inputs(cell: Cell, device, dtype: torch.dtype):
-    """The cell's input workload (QKV) as every sweep builds it: its parameters and input seed, then cast."""
+def build_inputs(cell: Cell, device, dtype: torch.dtype, max_memory: float | None = None):
+    """The cell's input workload (QKV) as every sweep builds it: its parameters and input seed, then cast;
+    ``max_memory`` goes to input kinds that take one."""
     params = dict(cell.inputs)
     if cell.input_seed is not None:
         params["seed"] = cell.input_seed
+    if max_memory is not None and "max_memory" in input_parameters(cell.kind):
+        params["max_memory"] = max_memory
     return kinds.make_inputs(cell.kind, **params).to(device=device, dtype=dtype)
 
 
-def _make_inputs(cell: Cell, device: str):
+#: Peak bytes of building an input kind's workload from a cell's inputs (kinds whose sizes a spec gives).
+INPUT_BYTES = {"gaussian": lambda inputs, itemsize: gaussian_bytes(
+    seq_len=inputs["seq_len"], d=inputs["d"], dv=inputs.get("dv"), batch=tuple(inputs.get("batch") or ()),
+    key_len=inputs.get("key_len"), itemsize=itemsize)}
+
+
+def check_memory(cells: list[Cell], max_memory: float | None, device: str = "cpu") -> None:
+    """Refuse, before any input is built, a sweep with a cell whose inputs and Monte-Carlo run (one replicate
+    per batch) cannot fit in ``max_memory`` bytes (the spec's max_memory_gb; default 2 GiB): a SpecError naming
+    the cell, the size and max_memory_gb. Cells of input kinds without a size model are not checked."""
+    budget = _checks.DEFAULT_MAX_MEMORY if max_memory is None else max_memory
+    limit = f"max_memory_gb={budget / 2**30:.3g}" + (" (the default)" if max_memory is None else "")
+    for cell in cells:
+        sizes = INPUT_BYTES.get(cell.kind)
+        if sizes is None or cell.error is not None:
+            continue
+        itemsize = 8 if cell.dtype == "float64" else 4
+        inputs, params = cell.inputs, dict(cell.params)
+        if params.get("scale", 0) is None:
+            params["scale"] = 1.0  # the inputs' scale: no bearing on memory
+        try:
+            estimator = registry.make_estimator(_buildable_name(cell), **params)
+        except Exception:  # noqa: BLE001 -- the cell itself records why it cannot be built
+            continue
+        N, d = inputs["seq_len"], inputs["d"]
+        M, dv, batch = inputs.get("key_len") or N, inputs.get("dv") or d, math.prod(inputs.get("batch") or ())
+        try:
+            peak = sizes(inputs, itemsize)
+            if peak > budget:
+                raise MemoryError(f"its inputs need about {peak / 2**30:.3g} GiB, over {limit}; lower seq_len, "
+                                  "key_len, d, dv or batch, or raise max_memory_gb")
+            plan_batches(estimator, N=N, M=M, d=d, dv=dv, batch=batch, itemsize=itemsize, replicates=cell.replicates,
+                         max_memory=budget, matrix=cell.matrix, device=device.split(":")[0],
+                         held=batch * (N * d + M * d + M * dv) * itemsize, option="max_memory_gb")
+        except MemoryError as err:
+            raise SpecError(f"cell {cell.description!r} (seq_len={inputs.get('seq_len')}, d={inputs.get('d')}): {err}") from None
+
+
+def _make_inputs(cell: Cell, device: str, max_memory: float | None = None):
     key = (cell.inputs_id, cell.dtype, device)
     if key in _INPUT_CACHE:
         return _INPUT_CACHE[key]
-    qkv = build_inputs(cell, device, getattr(torch, cell.dtype))
+    qkv = build_inputs(cell, device, getattr(torch, cell.dtype), max_memory)
     _INPUT_CACHE.clear()
     _INPUT_CACHE[key] = qkv
     return qkv
@@ -117,7 +160,7 @@ def _input_columns(cell: Cell) -> dict:
 
 
 def _monte_carlo_row(cell: Cell, options: RunOptions) -> dict:
-    qkv = _make_inputs(cell, options.device)
+    qkv = _make_inputs(cell, options.device, options.max_memory)
     params = dict(cell.params)
     if "scale" in params and params["scale"] is None:
         params["scale"] = qkv.scale
@@ -350,6 +393,10 @@ def run_sweep(
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     start = time.perf_counter()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file; expected a directory (existing or to be created)")
+    max_memory = None if spec.max_memory_gb is None else spec.max_memory_gb * 2**30
+    check_memory(spec.cells(), max_memory, device)
     out.mkdir(parents=True, exist_ok=True)
     with store.lock(out) as stale:  # one sweep per directory; raises DirectoryLocked if taken
         if stale is not None:
@@ -368,10 +415,7 @@ def run_sweep(
         for i, c in enumerate(todo):
             first.setdefault(c.inputs_id, i)
         todo.sort(key=lambda c: first[c.inputs_id])
-        options = RunOptions(
-            device=device, max_memory=None if spec.max_memory_gb is None else spec.max_memory_gb * 2**30,
-            spec_name=spec.name, spec_hash=spec.hash,
-        )
+        options = RunOptions(device=device, max_memory=max_memory, spec_name=spec.name, spec_hash=spec.hash)
         invalid = [c for c in todo if c.error is not None]
         runnable = [c for c in todo if c.error is None]
         done = 0

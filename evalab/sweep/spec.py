@@ -38,8 +38,8 @@ DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 DEVICE_CHOICES = "'cpu', 'cuda', 'cuda:N', 'mps'"
 TOP_LEVEL = ("name", "description", "replicates", "seed", "device", "dtype", "max_memory_gb", "matrix", "inputs", "estimators")
 REQUIRED = ("name", "replicates", "inputs", "estimators")
-# Input parameters that the sweep itself supplies: set them at the top level of the spec.
-SUPPLIED = ("dtype", "device")
+# Input parameters that the sweep itself supplies: set them at the top level of the spec (under these names).
+SUPPLIED = {"dtype": "dtype", "device": "device", "max_memory": "max_memory_gb"}
 
 
 class SpecError(ValueError):
@@ -285,7 +285,7 @@ def _validate_inputs(raw: object) -> dict:
         if name == "kind":
             continue
         if name in SUPPLIED:
-            raise SpecError(f"inputs.{name}: {value!r}; set {name} at the top level of the spec (it applies to the whole sweep)")
+            raise SpecError(f"inputs.{name}: {value!r}; set {SUPPLIED[name]} at the top level of the spec (it applies to the whole sweep)")
         if name not in params and not _accepts_any(kind):
             raise SpecError(f"inputs.{name}: unknown parameter of inputs kind {kind!r}; its parameters: {', '.join(settable)}")
         out[name] = _check_value(f"inputs.{name}", value)
@@ -296,6 +296,13 @@ def _validate_inputs(raw: object) -> dict:
         for i, s in enumerate(out["seed"] if isinstance(out["seed"], list) else [out["seed"]]):
             if isinstance(s, bool) or not isinstance(s, int) or s < 0:
                 raise SpecError(f"inputs.seed: {s!r} must be an integer >= 0")
+    if kind == "model":  # the model kind only names and checks its settings (evalab.model_gap runs the model)
+        names, values = _axes(out, ("kind",))
+        for combo in itertools.product(*values):
+            try:
+                kinds.make_inputs(kind, **dict(zip(names, combo)))
+            except (ValueError, TypeError) as err:
+                raise SpecError(f"inputs: {err}") from None
     return out
 
 

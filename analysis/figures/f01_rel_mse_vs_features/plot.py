@@ -51,7 +51,8 @@ def _split(frames):
 
 
 def plot(frames):
-    rows, theory, _ = _split(frames)
+    rows, theory, per_feature = _split(frames)
+    softmax = fg.softmax_flops(rows[:1])
     fig, (ax, ax_cost) = plt.subplots(1, 2, figsize=(12, 4.6))
     for a in (ax, ax_cost):
         a.set_yscale("log")
@@ -72,6 +73,8 @@ def plot(frames):
     for name, group in fg.by_variant(theory):
         group = group.sort_values("num_features")
         ax.plot(group["num_features"], group["rel_mse_predicted"], color=fg.color(name), linestyle=":", linewidth=2)
+    fg.mark_softmax_cost(ax, softmax / per_feature)
+    fg.mark_softmax_cost(ax_cost, softmax)
     fg.value_ticks(ax, rows[rows["estimator"] == "rfa"]["num_features"])
     ax.set_xlabel("num_features  (EVA, local window: RFA iid num_features of equal flops)")
     ax.set_ylabel("rel_mse")
@@ -79,7 +82,10 @@ def plot(frames):
     ax_cost.set_xlabel("flops per replicate")
     ax_cost.set_ylabel("rel_mse")
     ax_cost.set_title("(b) error vs cost")
-    extra = [Line2D([], [], color="0.3", linestyle=":", linewidth=2, label="delta-method prediction"),
+    for a in (ax, ax_cost):
+        fg.tidy_log(a)
+    extra = [fg.softmax_cost_handle("softmax's own cost (exact)"),
+             Line2D([], [], color="0.3", linestyle=":", linewidth=2, label="delta-method prediction"),
              Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white",
                     label="placed at equal cost")]
     fg.legend(fig, names, extra=extra, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -94,7 +100,7 @@ def _slope(group, x, y):
 
 def caption(frames):
     rows, theory, per_feature = _split(frames)
-    rfa = rows[rows["estimator"] == "rfa"]
+    softmax = float(fg.softmax_flops(rows[:1])[0])
     iid = rows[rows["variant"] == "RFA iid"].sort_values("num_features")
     s_max, s_min = int(iid["num_features"].max()), int(iid["num_features"].min())
     at = lambda name, s: rows[(rows["variant"] == name) & (rows["num_features"] == s)]["rel_mse"]
@@ -107,7 +113,9 @@ def caption(frames):
         "hyperbolic features on the same inputs. EVA (window 32, chunk_size c, one sample per chunk) and "
         "window-only local attention (window w) are placed in panel (a) at the num_features that gives RFA iid "
         f"the same FLOPs per replicate ({per_feature:.3g} FLOPs per feature here); panel (b) plots every "
-        "estimator against its FLOPs directly.",
+        "estimator against its FLOPs directly. The dash-dot vertical line is exact softmax's own cost "
+        f"({softmax:.3g} FLOPs, the num_features S = {softmax / per_feature:.0f} in panel (a)): points to its right "
+        "cost more than the attention they approximate.",
     ]
     others = [f"{name.removeprefix('RFA ')} {float(at(name, s_max).iloc[0] / at('RFA iid', s_max).iloc[0]):.2f}"
               for name in RFA_VARIANTS[1:] if len(at(name, s_max))]
@@ -128,6 +136,8 @@ def caption(frames):
             f"with S = {s_eq:.0f}, where RFA iid has about {rfa_there:.3g} (interpolated): EVA is "
             f"{'better' if best['rel_mse'] < rfa_there else 'worse'} at equal cost on these inputs."
         )
+    dearer = [f"{name} {int((group['flops'] > softmax).sum())} of {len(group)}" for name, group in fg.by_variant(rows)]
+    lines.append("Points costing more than exact softmax: " + ", ".join(dearer) + ".")
     local = rows[rows["variant"] == "local window"].sort_values("window")
     if len(local):
         lines.append("Window-only local attention (deterministic, all bias): rel_mse " + ", ".join(

@@ -77,6 +77,15 @@ def plot(frames):
     return fig
 
 
+def _ratio(row):
+    """rel_bias2 / rel_variance of one row, never negative (a bound when rel_bias2 is not resolved from 0)."""
+    return fg.ratio_text(row["rel_bias2"], row["rel_variance"], high=row["rel_bias2_high"])
+
+
+def _bias2(row):
+    return fg.ratio_text(row["rel_bias2"], 1.0, high=row["rel_bias2_high"])
+
+
 def caption(frames):
     rows = _rows(frames)
     text = [
@@ -91,16 +100,18 @@ def caption(frames):
     for norm, part in rows.groupby("norm"):
         iid = part[part["variant"] == "RFA iid"].sort_values("num_features")
         if len(iid):
-            r = (iid["rel_bias2"] / iid["rel_variance"]).to_numpy()
+            first, last = iid.iloc[0], iid.iloc[-1]
             findings.append(
-                f"norm {norm:g}: RFA iid bias2/variance = {r[0]:.3g} at S = {int(iid['num_features'].iloc[0])} and "
-                f"{r[-1]:.3g} at S = {int(iid['num_features'].iloc[-1])} (first order: bias2 = O(1/S^2), variance = O(1/S), so the ratio falls like 1/S)")
+                f"norm {norm:g}: RFA iid bias2/variance = {_ratio(first)} at S = {int(first['num_features'])} and "
+                f"{_ratio(last)} at S = {int(last['num_features'])} (first order: bias2 = O(1/S^2), variance = O(1/S), "
+                "so the ratio falls like 1/S)")
         eva = part[part["variant"] == "EVA"].sort_values("samples_per_chunk")
         if len(eva):
             findings.append(
                 f"EVA variance {eva['rel_variance'].iloc[0]:.3g} -> {eva['rel_variance'].iloc[-1]:.3g} and bias2 "
-                f"{eva['rel_bias2'].iloc[0]:.3g} -> {eva['rel_bias2'].iloc[-1]:.3g} from "
+                f"{_bias2(eva.iloc[0])} -> {_bias2(eva.iloc[-1])} from "
                 f"{int(eva['samples_per_chunk'].iloc[0])} to {int(eva['samples_per_chunk'].iloc[-1])} samples per chunk")
     unresolved = int((rows["rel_bias2"] <= 0).sum())
-    text.append("Findings: " + "; ".join(findings) + f". {unresolved} of {len(rows)} points have rel_bias2 <= 0.")
+    text.append("Findings: " + "; ".join(findings) + f". {unresolved} of {len(rows)} points have rel_bias2 <= 0 "
+                "(not resolved from 0: their ratios are given as bounds from the 95% upper limit).")
     return "\n\n".join(text)

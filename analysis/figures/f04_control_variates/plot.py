@@ -61,8 +61,8 @@ def plot(frames):
             ax.set_yticks(np.arange(0, n, step) + 0.5, [str(i) for i in range(0, n, step)])
             ax.grid(False)
             ax.set_facecolor("#f4f4f4")
-            ax.text(n / 2, n / 2, f"0 (exact)\nlargest: {grid_values.to_numpy().max():.1e}\n(float rounding)",
-                    ha="center", va="center", fontsize=11, color="0.2")
+            ax.text(n / 2, n / 2, _zero_text(grid_values.to_numpy().max(), "\n"), ha="center", va="center",
+                    fontsize=11, color="0.2")
         else:
             sns.heatmap(grid_values, ax=ax, norm=norm, cmap="rocket_r", cbar=ax is axes[0],
                         cbar_ax=cbar_ax if ax is axes[0] else None,
@@ -84,9 +84,8 @@ def plot(frames):
     for label in labels:
         part = profile[profile["coefficient"] == label]
         name = _variant(label)
-        if part["variance"].max() < 1e-20:  # nothing to draw on a log axis: a legend entry says so
-            handles.append(Line2D([], [], color=fg.color(name), marker=fg.marker(name), linestyle="none",
-                                  label=f"{label}: 0 at every key (exact)"))
+        if part["variance"].max() < 1e-20:  # nothing to draw on a log axis: a text-only legend entry says so
+            handles.append(Line2D([], [], linestyle="none", label=f"{label}: 0 at every key (exact), not drawn"))
             continue
         (line,) = ax_profile.plot(part["key"], part["variance"], color=fg.color(name), marker=fg.marker(name),
                                   markersize=3, linewidth=1.2, label=f"{label} (total {part['variance'].sum():.3g})")
@@ -94,9 +93,16 @@ def plot(frames):
     ax_profile.set_xlabel("key m")
     ax_profile.set_ylabel("variance of ghat_m, mean over queries")
     ax_profile.set_title("per-key profile")
-    ax_profile.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    ax_profile.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, handlelength=1.5)
     fg.tidy_log(ax_profile)
     return fig
+
+
+def _zero_text(largest: float, sep: str = " ") -> str:
+    """What the optimal rule's heatmap holds: exactly 0, or 0 up to floating-point rounding."""
+    if largest == 0:
+        return f"0 (exact){sep}at every (n, m)"
+    return f"0 (exact){sep}largest: {largest:.1e}{sep}(float rounding)"
 
 
 def caption(frames):
@@ -114,14 +120,17 @@ def caption(frames):
         "(trace over the value dimension) for every query n and key m, under the shared coefficient (one beta per "
         f"query: exactly RFA), the {chunked_label} coefficient (one beta per chunk of {int(r['chunk_size'])} "
         "contiguous keys, white lines: chunk edges; EVA's idea) and the optimal coefficient beta_m = v_m (exactly "
-        "softmax attention: zero variance). Right: the per-key profile, the same variances averaged over queries "
+        "softmax attention: zero variance). Bottom: the per-key profile, the same variances averaged over queries "
         "(legend: their sum over keys). One synthetic input: "
         f"seq_len = {int(r['seq_len'])}, d = {int(r['d'])}, scaled norm {r['norm']:g}, {r['mode']} keys (clustered "
         f"around queries), num_features = {int(r['num_features'])} positive iid features, {int(r['replicates'])} "
         "replicates (shared draws across the three rules).",
         f"Findings: mean per-term variance {shared:.3g} (shared) vs {chunked:.3g} ({chunked_label}), a ratio of "
-        f"{chunked / shared:.2f}; the optimal rule's largest term variance is {optimal:.1e} (floating-point "
-        f"rounding: zero in exact arithmetic). Under the shared rule the noisiest key carries "
+        f"{chunked / shared:.2f}; "
+        + ("the optimal rule's term variances are exactly 0 at every (query, key)" if optimal == 0 else
+           f"the optimal rule's largest term variance is {optimal:.1e} (floating-point rounding: zero in exact "
+           "arithmetic)")
+        + ". Under the shared rule the noisiest key carries "
         f"{per_key.max() / per_key.mean():.1f}x the mean per-key variance and the quietest "
         f"{per_key.min() / per_key.mean():.2f}x.",
     ])
