@@ -335,6 +335,10 @@ def caption(frames):
         "MiniLM: all-MiniLM-L6-v2's q/k/v on passages of the shipped books, fits on Genesis passages (train), "
         "measured on Exodus passages (held-out)." + fits,
         "Does a fitted map beat EVA at matched FLOPs on held-out heads, and by how much does its error grow from "
-        "train to held-out? Measured answer: " + " | ".join(answer(rows)) + ".",
+        "train to held-out? EVA's rel_mse is read at the fitted map's FLOPs by log-log interpolation along its chunk "
+        "sizes; where the fitted map costs more than EVA's dearest point, EVA is taken at that point (fewer FLOPs: "
+        "in the fitted map's favour). \"Beats\" and \"loses\" need disjoint intervals. Exact softmax's own FLOPs per "
+        "query are given per panel: at short sequences the feature maps cost about as much. Measured answer: "
+        + " | ".join(answer(rows)) + ".",
     ]
     return "\n\n".join(text)
