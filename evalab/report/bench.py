@@ -4,8 +4,9 @@ Sections: (a) the vectorised Monte-Carlo engine against the natural per-replicat
 achieved FLOP/s (by the cost model) against a plain matmul measured in the same run; (c) forward time and peak
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
 on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
-memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) ``fit``: Hedgehog fitted on all 6 x 12
-heads of all-MiniLM-L6-v2 at seq_len 512. Prints a markdown table, writes bench.json,
+memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) ``model_gap`` over 16 held-out passages of
+512 tokens, 4 replicates, 2 threads (exact runs uncached, then cached); (h) ``fit``:
+Hedgehog fitted on all 6 x 12 heads of all-MiniLM-L6-v2 at seq_len 512. Prints a markdown table, writes bench.json,
 bench.md and bench.png into ``out`` (default: a new folder under the user cache, :func:`default_out`).
 
 Noise and signal: every timing goes through :func:`_time`, which returns a :class:`Timing` (a float, the median
@@ -73,8 +74,9 @@ class Plan:
     memory: bool = True  # peak memory per forward (a fresh process per point on CPU)
     attribution_seq_len: int = 256  # (e): key_variance at N = M = this, d = 64, S = 64, chunk_size 16, R = 256
     model_texts: int = 100  # (f): model_gap over this many verses (0: skip)
-    fit_texts: int = 8  # (g): fit Hedgehog on this many training passages of 512 tokens (0: skip)
-    fit_steps: int = 50  # (g): Adam steps, minibatches of 2 passages
+    model_passages: int = 16  # (g): model_gap over this many held-out passages of 512 tokens (0: skip)
+    fit_texts: int = 8  # (h): fit Hedgehog on this many training passages of 512 tokens (0: skip)
+    fit_steps: int = 50  # (h): Adam steps, minibatches of 2 passages
     repeats: int = 3  # timed repeats per measurement after a warm-up (2 from seq_len 16384 on in (c))
 
 
@@ -83,7 +85,7 @@ PLANS = {
     "quick": Plan(engine=((128, 1000, 200), (2048, 100, 10)), lengths=(1024, 2048, 4096, 8192), slope_from=1024,
                   performer_seq_len=1024, fit_texts=2, fit_steps=5),
     "tiny": Plan(engine=((16, 8, 4),), lengths=(64, 128), slope_from=64, performer_seq_len=64, matmul_n=64,
-                 memory=False, attribution_seq_len=16, model_texts=0, repeats=2, fit_texts=0),
+                 memory=False, attribution_seq_len=16, model_texts=0, model_passages=0, repeats=2, fit_texts=0),
 }
 
 
@@ -440,8 +442,38 @@ def bench_model(plan: Plan) -> dict | None:
             "embedding_cosine": res.embedding_cosine.value}
 
 
+PASSAGE_LEN = 512
+
+
+def bench_model_passages(plan: Plan) -> dict | None:
+    """(g): ``model_gap`` of EVA(window=32, chunk_size=8) in all-MiniLM-L6-v2 over ``plan.model_passages``
+    held-out passages of 512 tokens, 4 replicates in one batched forward pass per passage, 2 threads, on the CPU:
+    first with the exact model's runs not yet cached (one exact and one batched approximate pass per passage),
+    then again with RFA(num_features=64) on the same passages (the exact runs come from the cache). None
+    without the optional model packages or with model_passages = 0."""
+    if not plan.model_passages:
+        return None
+    try:
+        from ..measure.model_gap import clear_exact_cache, model_gap
+        model_gap(EVA(window=32, chunk_size=8), texts=3, seq_len=16, replicates=2)  # loads the model (timed apart)
+    except ImportError:
+        return None
+    clear_exact_cache()
+    kwargs = dict(texts=plan.model_passages, seq_len=PASSAGE_LEN, split="heldout", replicates=4, threads=2)
+    start = time.perf_counter()
+    res = model_gap(EVA(window=32, chunk_size=8), **kwargs)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    model_gap(RFA(num_features=64), **kwargs)
+    warm = time.perf_counter() - start
+    clear_exact_cache()
+    return {"passages": plan.model_passages, "seq_len": PASSAGE_LEN, "replicates": 4, "threads": 2,
+            "seconds": cold, "cached_seconds": warm, "embedding_cosine": res.embedding_cosine.value,
+            "flops_fraction": res.flops_fraction}
+
+
 def bench_fit(plan: Plan, seq_len: int = 512) -> dict | None:
-    """(g): ``evalab.fit`` of Hedgehog(d=32, feature_dim=32) with the attention cross-entropy on all 6 x 12 heads of
+    """(h): ``evalab.fit`` of Hedgehog(d=32, feature_dim=32) with the attention cross-entropy on all 6 x 12 heads of
     all-MiniLM-L6-v2 (one set of parameters per layer and head) over ``plan.fit_texts`` training passages of
     ``seq_len`` tokens, ``plan.fit_steps`` Adam steps on minibatches of 2 passages, the held-out loss on 2
     held-out passages at the start and the end; on the CPU, captures loaded first (timed apart). None without
@@ -529,6 +561,12 @@ def markdown(report: dict) -> str:
         m = report["model"]
         lines.append(f"\nmodel_gap, EVA(window=8, chunk_size=4) in all-MiniLM-L6-v2, {m['texts']} verses, "
                      f"{m['replicates']} replicates (CPU): {m['seconds']:.3g}s (embedding cosine {m['embedding_cosine']:.3f})")
+    if report.get("model_passages"):
+        m = report["model_passages"]
+        lines.append(f"\nmodel_gap, EVA(window=32, chunk_size=8) in all-MiniLM-L6-v2, {m['passages']} held-out passages of "
+                     f"{m['seq_len']} tokens, {m['replicates']} replicates, {m['threads']} threads (CPU): {m['seconds']:.3g}s; "
+                     f"RFA(num_features=64) on the same passages, exact runs cached: {m['cached_seconds']:.3g}s "
+                     f"(EVA: embedding cosine {m['embedding_cosine']:.3f} at {m['flops_fraction']:.2f}x softmax's FLOPs)")
     if report.get("fit"):
         f = report["fit"]
         lines.append(f"\nfit, Hedgehog(feature_dim=32) on all-MiniLM-L6-v2's {f['layers']} x {f['heads']} heads, seq_len "
@@ -581,6 +619,7 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path | None
     report["performer"] = bench_performer(dev, sizes)
     report["attribution"] = bench_attribution(dev, sizes)
     report["model"] = bench_model(sizes)
+    report["model_passages"] = bench_model_passages(sizes)
     report["fit"] = bench_fit(sizes)
     report["load"] = load.report()
     report["wide_timings"] = spread_report(report)

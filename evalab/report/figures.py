@@ -99,12 +99,14 @@ def _derived(row) -> str:
         return "EVA"
     if est == "control_variates":
         return f"CV {_value(row, 'coefficient', 'shared')}"
+    if est == "local_window":
+        return "local window"
     return str(_value(row, "label", est) or "unknown")
 
 
 def variant(row) -> str:
     """Display name of a result row's estimator variant: "RFA iid", "RFA orthogonal", "RFA qmc", "RFA hyperbolic",
-    "RFA trig", "EVA", "local window" (EVA with chunk_size 0), "softmax", "CV shared|chunked|optimal".
+    "RFA trig", "EVA", "local window" (local_window, or EVA with chunk_size 0), "softmax", "CV shared|chunked|optimal".
 
     A sweep ``label`` is used as the name when it is specific: labels that only repeat the estimator family
     ("rfa", "RFA", "eva", "EVA", ...) give the derived name, so "RFA" rows still split into their samplers.
