@@ -117,7 +117,9 @@ def _per_head(estimator, batch: tuple[int, ...], dtype, device):
 
 
 def transfer_loss(estimator, w: QKV, kind: str) -> torch.Tensor:
-    """The mean over heads and queries of the chosen loss on one workload (a 0-dim tensor)."""
+    """The mean over heads and queries of loss ``kind`` ("attention" or "output", see the module docstring) of
+    ``estimator`` on one workload ``w`` (a QKV or (q, k, v)): a 0-dim tensor, differentiable in its parameters."""
+    _checks.choice("loss", kind, LOSSES)
     q, k, v = w
     causal = getattr(estimator, "causal", False)
     draw = estimator.draw(q, k, replicates=1, generator=0)
