@@ -76,7 +76,7 @@ class Plan:
     model_texts: int = 100  # (f): model_gap over this many verses (0: skip)
     model_passages: int = 16  # (g): model_gap over this many held-out passages of 512 tokens (0: skip)
     fit_texts: int = 8  # (h): fit Hedgehog on this many training passages of 512 tokens (0: skip)
-    fit_steps: int = 50  # (h): Adam steps, minibatches of 2 passages
+    fit_steps: int = 100  # (h): Adam steps, minibatches of 2 passages
     repeats: int = 3  # timed repeats per measurement after a warm-up (2 from seq_len 16384 on in (c))
 
 
