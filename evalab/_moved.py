@@ -33,8 +33,9 @@ class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install() -> None:
     """Alias the modules already imported, and put the finder on ``sys.meta_path`` (once) for the others.
 
-    Aliasing up front matters where a module shares its name with a function of the package face
-    (``evalab.model_gap``): a first import through the finder would set ``evalab.model_gap`` to the module.
+    Where an old path shares its name with a function of the package face (``evalab.model_gap``), importing
+    it binds the module on ``evalab`` as any submodule import does; the face's module class (evalab/__init__.py)
+    refuses that binding, so ``ev.model_gap`` stays the function after ``import evalab.model_gap``.
     """
     for old, new in MOVED.items():
         if new in sys.modules:

@@ -2,7 +2,8 @@
 
 Each subcommand is one ``add_<name>_command(commands)`` function that adds its subparser and sets
 ``run=<function(args) -> exit status>`` with ``set_defaults``; ``build_parser`` calls them in ``COMMANDS``
-order. Subcommands import their machinery inside ``run`` so that ``evalab --help`` stays fast.
+order. Subcommands import their machinery inside ``run``, and the package face is lazy (evalab/__init__.py), so
+``evalab --help`` and ``evalab --version`` import neither torch nor pandas (tests/test_lazy.py).
 
 Errors are one line on stderr, ``evalab <command>: error: ...``. Exit status: 0 success, 1 a failure (a failed
 cell or figure, an unwritable directory, an unreachable scheduler, any unexpected error), 2 a usage error (bad
@@ -184,7 +185,8 @@ def add_reproduce_command(commands) -> None:
                    help="output folder for the figures (default: results/figures, ignored by git; "
                         "--out figures refreshes the committed gallery)")
     p.add_argument("--device", help="torch device for the Monte-Carlo work (cpu, cuda, cuda:N, mps)")
-    p.add_argument("--analysis", metavar="DIR", help="the figure definitions (default: analysis/figures of the source checkout)")
+    p.add_argument("--analysis", metavar="DIR",
+                   help="the figure definitions (default: the analysis/figures that ships with evalab)")
     p.add_argument("--work", metavar="DIR", help="where sweeps and tables are stored (default: results/<scale>)")
     p.add_argument("--only", action="append", metavar="NAME", help="run only figures whose name starts with NAME (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress output (the summary is still printed)")
@@ -213,9 +215,42 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+# --- evalab notebooks -------------------------------------------------------------------------------------
+
+
+def add_notebooks_command(commands) -> None:
+    p = commands.add_parser(
+        "notebooks",
+        help="copy the example notebooks into a folder, to open in Jupyter",
+        description="Copy the notebooks that ship with evalab (and their README.md) into DIR. Each notebook is "
+                    "self-contained: it writes what it makes into a temporary folder.",
+    )
+    p.add_argument("dir", metavar="DIR", help="destination folder (created if missing)")
+    p.add_argument("--force", action="store_true", help="overwrite notebooks already in DIR")
+    p.set_defaults(run=run_notebooks_command)
+
+
+def run_notebooks_command(args: argparse.Namespace) -> int:
+    import shutil
+
+    from ._shipped import shipped
+
+    out = _output_dir(args.dir, "DIR")
+    source = shipped("notebooks")
+    files = sorted(source.glob("*.ipynb")) + [source / "README.md"]
+    clash = [f.name for f in files if (out / f.name).exists()]
+    if clash and not args.force:
+        raise UsageError(f"DIR {args.dir!r} already holds {', '.join(clash)}; pass --force to overwrite them")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, out / f.name)
+    print(f"copied {len(files) - 1} notebooks and README.md to {out}; open them with: jupyter lab {out}")
+    return 0
+
+
 # --- the parser -------------------------------------------------------------------------------------------
 
-COMMANDS = (add_sweep_command, add_bench_command, add_reproduce_command)
+COMMANDS = (add_sweep_command, add_bench_command, add_reproduce_command, add_notebooks_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import types
 from pathlib import Path
 
@@ -22,6 +21,11 @@ import pandas as pd
 import pytest
 import torch
 from matplotlib.colors import to_hex
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 import evalab as ev
 from evalab import figures as fg

@@ -5,9 +5,10 @@ achieved FLOP/s (by the cost model) against a plain matmul measured in the same 
 memory against sequence length, with log-log slopes; (d) evalab RFA against performer-pytorch's FastAttention
 on the same projection matrix; (e) ``key_variance`` (per-(query, key) variance attribution): time and peak
 memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) ``model_gap`` over 16 held-out passages of
-512 tokens, 4 replicates, 2 threads (exact runs uncached, then cached); (h) ``fit``:
-Hedgehog fitted on all 6 x 12 heads of all-MiniLM-L6-v2 at seq_len 512. Prints a markdown table, writes bench.json,
-bench.md and bench.png into ``out`` (default: a new folder under the user cache, :func:`default_out`).
+512 tokens, 4 replicates, 2 threads (exact runs uncached, then cached); (h) start-up: ``evalab --help`` against
+``python -c pass`` and ``import evalab`` against ``import torch``, each in a fresh interpreter; (i) ``fit``:
+Hedgehog fitted on all 6 x 12 heads of all-MiniLM-L6-v2 at seq_len 512. Prints a markdown table, writes
+bench.json, bench.md and bench.png into ``out`` (default: a new folder under the user cache, :func:`default_out`).
 
 Noise and signal: every timing goes through :func:`_time`, which returns a :class:`Timing` (a float, the median
 over the repeats, that carries the repeats). :func:`run_bench` finds every Timing in the report, writes its spread
@@ -23,6 +24,8 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,8 +78,8 @@ class Plan:
     attribution_seq_len: int = 256  # (e): key_variance at N = M = this, d = 64, S = 64, chunk_size 16, R = 256
     model_texts: int = 100  # (f): model_gap over this many verses (0: skip)
     model_passages: int = 16  # (g): model_gap over this many held-out passages of 512 tokens (0: skip)
-    fit_texts: int = 8  # (h): fit Hedgehog on this many training passages of 512 tokens (0: skip)
-    fit_steps: int = 100  # (h): Adam steps, minibatches of 2 passages
+    fit_texts: int = 8  # (i): fit Hedgehog on this many training passages of 512 tokens (0: skip)
+    fit_steps: int = 100  # (i): Adam steps, minibatches of 2 passages
     repeats: int = 3  # timed repeats per measurement after a warm-up (2 from seq_len 16384 on in (c))
 
 
@@ -472,8 +475,42 @@ def bench_model_passages(plan: Plan) -> dict | None:
             "flops_fraction": res.flops_fraction}
 
 
+#: (h): the start-up commands (report key -> what it runs in a fresh interpreter), and rounds of them per plan.
+STARTUP = {"pass_s": "python -c pass", "help_s": "evalab --help", "import_evalab_s": "import evalab",
+           "import_torch_s": "import torch", "first_use_s": "import evalab; ev.RFA"}
+STARTUP_REPEATS = {"full": 10, "quick": 5, "tiny": 1}
+
+
+def startup_commands() -> dict[str, list[str]]:
+    """The argv of each STARTUP command; evalab --help is the console script beside this interpreter (``-m evalab``
+    where there is none)."""
+    script = Path(sys.executable).with_name("evalab")
+    evalab = [str(script)] if script.is_file() else [sys.executable, "-m", "evalab"]
+    code = {"pass_s": "pass", "import_evalab_s": "import evalab", "import_torch_s": "import torch",
+            "first_use_s": "import evalab as ev; ev.RFA"}
+    return {key: [*evalab, "--help"] if key == "help_s" else [sys.executable, "-c", code[key]] for key in STARTUP}
+
+
+def bench_startup(repeats: int) -> dict:
+    """(h): wall seconds of each STARTUP command over ``repeats`` rounds (the commands interleaved within a round,
+    so a load that comes and goes touches all of them), and ``help_overhead_s``: the median of evalab --help
+    minus that of python -c pass."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is not supported; expected an int >= 1")
+    commands = startup_commands()
+    times = {key: [] for key in commands}
+    for _ in range(repeats):
+        for key, argv in commands.items():
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[key].append(time.perf_counter() - start)
+    row = {"repeats": repeats, **{key: Timing(t) for key, t in times.items()}}
+    row["help_overhead_s"] = float(row["help_s"]) - float(row["pass_s"])
+    return row
+
+
 def bench_fit(plan: Plan, seq_len: int = 512) -> dict | None:
-    """(h): ``evalab.fit`` of Hedgehog(d=32, feature_dim=32) with the attention cross-entropy on all 6 x 12 heads of
+    """(i): ``evalab.fit`` of Hedgehog(d=32, feature_dim=32) with the attention cross-entropy on all 6 x 12 heads of
     all-MiniLM-L6-v2 (one set of parameters per layer and head) over ``plan.fit_texts`` training passages of
     ``seq_len`` tokens, ``plan.fit_steps`` Adam steps on minibatches of 2 passages, the held-out loss on 2
     held-out passages at the start and the end; on the CPU, captures loaded first (timed apart). None without
@@ -557,6 +594,11 @@ def markdown(report: dict) -> str:
         peak = "" if a["peak_rss_bytes"] is None else f", peak RSS {a['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
         lines.append(f"\nkey_variance, N={a['seq_len']}, d={a['d']}, S={a['num_features']}, chunk_size={a['chunk_size']}, "
                      f"R={a['replicates']} (CPU): {a['seconds']:.3g}s wall, {a['cpu_seconds']:.3g}s CPU{peak}")
+    if report.get("startup"):
+        st = report["startup"]
+        cells = ", ".join(f"{what} {time_cell(st, key, unit=' s')}" for key, what in STARTUP.items())
+        lines.append(f"\nstart-up, median of {st['repeats']} fresh interpreters: {cells}; evalab --help is "
+                     f"{st['help_overhead_s']:.3f} s above python -c pass")
     if report.get("model"):
         m = report["model"]
         lines.append(f"\nmodel_gap, EVA(window=8, chunk_size=4) in all-MiniLM-L6-v2, {m['texts']} verses, "
@@ -620,6 +662,7 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path | None
     report["attribution"] = bench_attribution(dev, sizes)
     report["model"] = bench_model(sizes)
     report["model_passages"] = bench_model_passages(sizes)
+    report["startup"] = bench_startup(STARTUP_REPEATS[plan])
     report["fit"] = bench_fit(sizes)
     report["load"] = load.report()
     report["wide_timings"] = spread_report(report)

@@ -41,6 +41,7 @@ import pandas as pd
 
 from .. import __version__
 from .._files import atomic_write
+from .._shipped import repository_root, shipped
 from ..sweep import Spec, load_results, load_spec, parse_spec, run_sweep
 from ..sweep.runner import build_inputs
 from ..sweep.spec import short_hash
@@ -71,22 +72,17 @@ class FigureError(RuntimeError):
 # --- locating the figures ---------------------------------------------------------------------------------
 
 
-def repository_root() -> Path:
-    """The parent of the evalab package directory: the repository root of a source checkout."""
-    return Path(__file__).resolve().parents[2]
-
-
 def find_analysis(analysis: str | os.PathLike | None = None) -> Path:
     """The folder holding the figure folders (fNN_name/).
 
-    ``analysis`` may name that folder or its parent (``analysis/``); by default ``<repository root>/analysis/
-    figures``. Raises FileNotFoundError with a hint when it is not there (e.g. evalab installed from a wheel).
+    ``analysis`` may name that folder or its parent (``analysis/``); by default the ``analysis/figures`` that
+    ships with evalab (inside the installed package, or at the top of a source checkout). Raises
+    FileNotFoundError with a hint when it is not there.
     """
     candidates = []
     if analysis is None:
-        candidates.append(repository_root() / "analysis" / "figures")
-        hint = ("evalab reproduce reads the figure definitions from analysis/figures/ of a source checkout "
-                "(git clone, then pip install -e .); pass --analysis DIR to point at that folder")
+        candidates.append(shipped("analysis") / "figures")
+        hint = "pass --analysis DIR to point at an analysis/figures folder"
     else:
         base = Path(analysis).expanduser()
         candidates += [base, base / "figures"]

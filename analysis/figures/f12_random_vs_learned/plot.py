@@ -26,6 +26,7 @@ import torch
 import evalab as ev
 from evalab import figures as fg
 from evalab import registry
+from evalab.estimators.fitted import fingerprints
 from evalab.intervals import mean_interval
 from evalab.sweep.spec import short_hash
 
@@ -76,7 +77,7 @@ def _fit(ctx, kind, label, train, held, sizes):
     factory, loss, lr, fraction = FITS[label]
     steps = max(1, round(sizes["steps"] * fraction))
     initial = factory(train[0].q.shape[-1], sizes["window"])
-    key = {"kind": kind, "label": label, "loss": loss, "train": sorted(set().union(*map(ev.estimators.fitted.fingerprints, train))),
+    key = {"kind": kind, "label": label, "loss": loss, "train": sorted(set().union(*map(fingerprints, train))),
            "steps": steps, "lr": lr, "batch": sizes["batch"], "window": sizes["window"], "format": 1}
     path = ctx.work / "fitted" / f"{kind}-{_slug(label)}-{short_hash(key, 12)}.safetensors"
     curve_path = path.with_suffix(".parquet")
