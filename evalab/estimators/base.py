@@ -25,7 +25,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .. import _checks
 from .draw import Draw
 
 
@@ -75,19 +74,3 @@ class Cost:
     def as_dict(self) -> dict[str, float]:
         """Columns for result tables: flops and bytes per replicate (the deterministic part amortised once)."""
         return {"flops": self.fixed_flops + self.replicate_flops, "peak_bytes": self.fixed_bytes + self.replicate_bytes}
-
-
-class NoDraws:
-    """The noise of a deterministic estimator (softmax, Nystromformer, linear attention): kind "none", an empty
-    draw (R, 0) per call, so the Monte-Carlo engine treats it like any other and measures variance 0."""
-
-    noise_kind = "none"
-
-    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
-        return (0,)
-
-    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """An empty draw: (R, 0)."""
-        _checks.integer("replicates", replicates)
-        return Draw(torch.zeros(replicates, 0, dtype=torch.float64), self.noise_kind)
-

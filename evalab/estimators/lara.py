@@ -32,7 +32,7 @@ import torch
 
 from .. import _checks
 from .base import Cost
-from .draw import Draw, gaussian_noise, make_generator
+from .draw import Draw, GaussianDraws, noise_batch
 from .scaled import Scaled
 
 WEIGHTS = ("balance", "optimal")
@@ -42,7 +42,7 @@ ALPHA_FLOOR = 1e-8
 
 
 @dataclass(frozen=True)
-class LARA:
+class LARA(GaussianDraws):
     """LARA with C = ``num_proposals`` Gaussian proposals and S_c = ``samples_per_proposal`` noise rows each.
 
     weights: balance | optimal (``alpha`` scales the optimal weights' query term; alpha = 0 is balance where
@@ -97,14 +97,8 @@ class LARA:
     def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
         """Shape of one replicate's noise: eps (C, S_c, d), with the batch axes of q first when not shared."""
         _checks.tensor("q", q)
-        batch = () if self.shared_noise else tuple(q.shape[:-2])
+        batch = noise_batch(q, self.shared_noise)
         return (*batch, self.num_segments(q.shape[-2]), self.samples_per_proposal, q.shape[-1])
-
-    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """Sample eps ~ N(0, I): Draw with noise (R, *layout), float64 on the generator's device."""
-        _checks.integer("replicates", replicates)
-        noise = gaussian_noise(replicates, *self.noise_layout(q, k), generator=make_generator(generator))
-        return Draw(noise, self.noise_kind)
 
     def _check_lengths(self, N: int, M: int) -> None:
         if self.proposal == "mean" and N != M:

@@ -35,8 +35,8 @@ import torch
 
 from .. import _checks
 from . import feature_maps
-from .base import Cost, NoDraws
-from .draw import Draw
+from .base import Cost
+from .draw import Draw, NoDraws
 from .rfa import CAUSAL_BLOCK, causal_feature_attention, feature_attention
 from .scaled import Scaled
 from .window import bounds, check_window, local_attention, pairs, query_block

@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import _checks
-from .base import Cost, NoDraws
-from .draw import Draw
+from .base import Cost
+from .draw import Draw, NoDraws
 from .scaled import Scaled
 
 PINVS = ("iterative", "exact")

@@ -4,6 +4,8 @@ An estimator is named in a spec (or ``make_estimator``) in one of three ways, lo
 - a name in ``ESTIMATORS``: the built-ins, and classes added in this process with :func:`register_estimator`;
 - a name in the ``evalab.estimators`` entry-point group of an installed package;
 - an import path ``"package.module:Class"``.
+A fitted estimator saved by ``evalab.save_fitted`` is named ``"fitted"`` (with parameters ``file`` and optionally
+``sha256``) or ``"fitted:<file>"`` (evalab.estimators.fitted).
 Any class following the protocol of :mod:`evalab.estimators.base` works; the parameters a spec may set are its
 dataclass fields (or, for other classes, the keyword parameters of its constructor).
 """
@@ -34,6 +36,7 @@ ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": Co
 ESTIMATORS.update({"local_window": LocalWindow, "t2r": T2R, "hedgehog": Hedgehog,
                    "rebased": ReBased})
 ENTRY_POINTS = "evalab.estimators"
+FITTED = "fitted"  # the name of a fitted estimator loaded from a file: "fitted" or "fitted:<file>"
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
 
 
@@ -86,6 +89,10 @@ def estimator_class(name: str) -> type:
         raise ValueError(f"estimator name {name!r} must be a non-empty string")
     if name in ESTIMATORS:
         return ESTIMATORS[name]
+    if name == FITTED or name.startswith(FITTED + ":"):
+        from .fitted import Fitted
+
+        return Fitted
     if ":" in name:
         return _import(name)
     entry = _entry_point(name)
@@ -144,6 +151,8 @@ def estimator_parameters(estimator) -> dict:
 
 def make_estimator(name: str, **params):
     """Build an estimator by name or import path: ``make_estimator("rfa", num_features=64)``."""
+    if isinstance(name, str) and name.startswith(FITTED + ":"):
+        name, params = FITTED, {"file": name[len(FITTED) + 1:], **params}
     cls = estimator_class(name)
     known = estimator_parameters(cls)
     unknown = sorted(set(params) - set(known))

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from .. import _checks
-from .base import Cost, NoDraws
-from .draw import Draw
+from .base import Cost
+from .draw import Draw, NoDraws
 from .scaled import Scaled
 
 KINDS = ("block", "sliding")

@@ -176,7 +176,10 @@ def monte_carlo_row(cell, options) -> dict:
     est = build_estimator(cell, **params)
     res = monte_carlo(est, qkv.q, qkv.k, qkv.v, replicates=cell.replicates, seed=cell.mc_seed,
                       max_memory=options.max_memory, matrix=cell.matrix)
-    return {**res.to_frame().iloc[0].to_dict(), "estimator": cell.estimator, "input_scale": qkv.scale}
+    row = {**res.to_frame().iloc[0].to_dict(), "estimator": cell.estimator, "input_scale": qkv.scale}
+    if callable(getattr(est, "split", None)):  # a fitted estimator: were these inputs among those it was fitted on?
+        row["split"] = est.split(qkv)
+    return row
 
 
 def model_gap_row(cell, options) -> dict:

@@ -318,11 +318,17 @@ def _validate_block(index: int, raw: dict) -> dict:
         names = ", ".join(map(repr, registry.ESTIMATORS))
         raise SpecError(f"{where}.name: missing (required); expected one of {names}, or an import path 'package.module:Class'")
     name = raw["name"]
+    if isinstance(name, str) and name.startswith(registry.FITTED + ":"):  # "fitted:<file>" names the file
+        if "file" in raw:
+            raise SpecError(f"{where}.file: given twice, in name {name!r} and as file = {raw['file']!r}")
+        raw = {**raw, "name": registry.FITTED, "file": name[len(registry.FITTED) + 1:], "label": raw.get("label", name)}
+        name = registry.FITTED
     try:
         cls = registry.estimator_class(name)
     except ValueError as err:
         raise SpecError(f"{where}.name: {err}") from None
-    label = raw.get("label", registry.default_label(name))
+    default_label = Path(str(raw.get("file", name))).stem if name == registry.FITTED else registry.default_label(name)
+    label = raw.get("label", default_label)
     if not isinstance(label, str) or not label:
         raise SpecError(f"{where}.label: {label!r} must be a non-empty string")
     params = registry.estimator_parameters(cls)
