@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 
 import evalab as ev
-from evalab.estimators.base import NoDraws
+from evalab.estimators.draw import NoDraws
 from evalab.estimators.scaled import Scaled
 
 

@@ -36,7 +36,7 @@ def test_a_new_result_in_a_few_lines():
     assert list(row)[:3] == ["estimator", "num_features", "feature_map"] and row["estimator"] == "rfa"
     assert [k for k in row if k.startswith(("gap", "other"))] == ["gap", "gap_low", "gap_high", "other", "other_low",
                                                                  "other_high"]
-    assert (row["gap"], row["gap_low"], row["gap_high"], row["note"]) == (0.5, 0.25, 0.75, "x")
+    assert (row["gap"], row["gap_low"], row["gap_high"], row["note"]) == (0.5, 0.25, 0.75, "x")  # exact: values passed through
     assert repr(res) == "Toy\n  gap                    0.5 [0.25, 0.75]\n  other                  1 [0.5, 2]"
 
 

@@ -267,6 +267,8 @@ def plot(frames):
         ax_split.set_title(f"{PANEL[panel]} (held-out): bias^2 (dashed), variance (dotted)")
         for ax in (ax_mse, ax_split):
             ax.set_xlabel("FLOPs per query (cost model)")
+            if "softmax_flops_per_query" in part.columns:
+                fg.mark_softmax_cost(ax, part["softmax_flops_per_query"].iloc[:1])
             fg.tidy_log(ax)
         ax_mse.set_ylabel("relative MSE")
         ax_split.set_ylabel("relative bias^2, variance")
@@ -339,7 +341,7 @@ def caption(frames):
         "train to held-out? EVA's rel_mse is read at the fitted map's FLOPs by log-log interpolation along its chunk "
         "sizes; where the fitted map costs more than EVA's dearest point, EVA is taken at that point (fewer FLOPs: "
         "in the fitted map's favour). \"Beats\" and \"loses\" need disjoint intervals. Exact softmax's own FLOPs per "
-        "query are given per panel: at short sequences the feature maps cost about as much. Measured answer: "
-        + " | ".join(answer(rows)) + ".",
+        "query are given per panel and drawn as the dash-dot line: at short sequences the feature maps cost about as "
+        "much. Findings: " + " | ".join(answer(rows)) + ".",
     ]
     return "\n\n".join(text)
