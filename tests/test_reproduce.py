@@ -254,3 +254,32 @@ def test_every_spec_pair_differs_only_in_size():
         assert [e["name"] for e in a.estimators] == [e["name"] for e in b.estimators]
         assert a.inputs["kind"] == b.inputs["kind"]
         assert a.replicates >= b.replicates and len(a.cells()) >= len(b.cells())
+
+
+def test_f13_measures_the_fitted_hybrids_like_its_sweep(tiny):
+    """F13's fitted hybrids: one row per fitted map and sweep length, on the sweep's own passages (the same
+    softmax FLOPs, texts and replicates at each length), per-layer bundles, with their FLOP fraction; the fits
+    respect the tiny size (2 Adam steps, a third of them for taylor's mixing weight)."""
+    if not HAS_MINILM:
+        pytest.skip("the optional MiniLM packages are not installed")
+    from evalab import figures as fg
+
+    name = next(f for f in FIGURES if f.startswith("f13"))
+    module = load_module(next(f for f in discover() if f.name == name))
+    frames = compute_frames(_ctx(tiny, name), module)
+    rows = fg.with_variant(frames["sweep"])
+    fitted = rows[rows["variant"].isin(list(module.FITS))]
+    swept = rows[~rows["variant"].isin(list(module.FITS))]
+    lengths = sorted(set(swept["seq_len"]))
+    assert sorted(map(tuple, fitted[["variant", "seq_len"]].values.tolist())) == sorted(
+        (v, n) for v in module.FITS for n in lengths)
+    assert fitted["per_layer"].astype(bool).all() and not swept["per_layer"].astype(bool).any()
+    for _, r in fitted.iterrows():
+        same = swept[swept["seq_len"] == r["seq_len"]]
+        assert abs(r["softmax_flops"] / same["softmax_flops"].iloc[0] - 1) < 1e-12
+        assert (r["texts"], r["replicates"]) == (same["texts"].iloc[0], same["replicates"].iloc[0])
+        assert abs(r["flops_fraction"] / (r["flops"] / r["softmax_flops"]) - 1) < 1e-12
+        assert 0.0 < r["embedding_cosine"] <= 1.0 + 1e-6 and r["call_rel_mse"] > 0
+    fits = frames["fits"].set_index("variant")
+    assert fits.loc["hedgehog + window (fitted)", "steps"] == 2 and fits.loc["taylor + window (fitted)", "steps"] == 1
+    assert (fits["seq_len"] == lengths[0]).all()

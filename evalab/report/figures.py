@@ -68,6 +68,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "hedgehog": ("#17becf", "o"),
     "hedgehog + window": ("#0b5c66", "P"),
     "t2r": ("#e377c2", "v"),
+    # the fitted window hybrids run end to end (F13): F12's markers, nearby hues
+    "taylor + window (fitted)": ("#a0522d", "D"),
+    "hedgehog + window (fitted)": ("#1f8a94", "P"),
 }
 _EXTRA_COLORS = ("#8c564b", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#843c39", "#7b4173")
 _EXTRA_MARKERS = ("p", "<", ">", "d", "H", "8")

