@@ -166,7 +166,9 @@ Each figure is a folder analysis/figures/fNN_name/ (spec.toml, spec_quick.toml, 
 tables go to results/<quick|full>/<figure>/ (for --out DIR elsewhere: DIR/../results/<quick|full>/) and reruns
 resume from them. Writes <out>/<figure>.png, <out>/<figure>.pdf and <out>/README.md (one caption per figure).
 The default --out, results/figures, is ignored by git; the committed gallery is refreshed with --out figures.
-Timing on an idle 2-core CPU: --quick about 80 s from scratch (F1-F11), the full sizes about 37 minutes (F1-F8 12, F9 7, F10 13, F11 5). A figure that fails does not stop the others;
+Timing on the 2-core CPU: --quick about 3.5 minutes from scratch (F1-F13, 219 s with one other job beside
+it), the full sizes over an hour (F1-F8 12 minutes, F9 7, F10 13, F11 5, F13 24 under load; F12 unmeasured).
+A figure that fails does not stop the others;
 the exit status is 1 when some figure failed (skipped figures, e.g. without the optional model packages, do
 not count), 2 for bad arguments or when the figure definitions are not found.
 """
@@ -180,7 +182,7 @@ def add_reproduce_command(commands) -> None:
         epilog=REPRODUCE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="small sizes: about 80 s on an idle 2-core CPU")
+    p.add_argument("--quick", action="store_true", help="small sizes: about 3.5 minutes on the 2-core CPU")
     p.add_argument("--out", default="results/figures", metavar="DIR",
                    help="output folder for the figures (default: results/figures, ignored by git; "
                         "--out figures refreshes the committed gallery)")
