@@ -11,7 +11,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
-from evalab import figures as fg  # noqa: E402
+from evalab.report import figures as fg  # noqa: E402
 from evalab.report.reproduce import discover, load_module  # noqa: E402
 
 

@@ -28,7 +28,7 @@ else:  # Python 3.10
     import tomli as tomllib
 
 import evalab as ev
-from evalab import figures as fg
+from evalab.report import figures as fg
 from evalab import registry
 from evalab.inputs.kinds import make_inputs
 from evalab.report.reproduce import discover, load_module

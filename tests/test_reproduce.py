@@ -133,7 +133,7 @@ def test_plot_rejects_frames_without_required_columns(tiny, name):
 FAKE_PLOT = """
 import matplotlib.pyplot as plt
 import pandas as pd
-from evalab import figures as fg
+from evalab.report import figures as fg
 from evalab.report.reproduce import FigureSkipped
 TITLE = "fake"
 REQUIRED = {{"numbers": ["x"]}}
@@ -262,7 +262,7 @@ def test_f13_measures_the_fitted_hybrids_like_its_sweep(tiny):
     respect the tiny size (2 Adam steps, a third of them for taylor's mixing weight)."""
     if not HAS_MINILM:
         pytest.skip("the optional MiniLM packages are not installed")
-    from evalab import figures as fg
+    from evalab.report import figures as fg
 
     name = next(f for f in FIGURES if f.startswith("f13"))
     module = load_module(next(f for f in discover() if f.name == name))

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from evalab import figures as fg
+from evalab.report import figures as fg
 from evalab.measure.theory import rfa_prediction
 
 TITLE = "Relative MSE vs num_features: RFA samplers, EVA at equal cost, delta-method theory"

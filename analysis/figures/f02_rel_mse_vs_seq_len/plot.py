@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 import evalab
-from evalab import figures as fg
+from evalab.report import figures as fg
 
 TITLE = "Relative MSE vs seq_len at matched cost: RFA, EVA, local window"
 NAME = "F2"

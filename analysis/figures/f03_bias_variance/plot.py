@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
-from evalab import figures as fg
+from evalab.report import figures as fg
 
 TITLE = "Squared bias vs variance: RFA over num_features, EVA over samples_per_chunk"
 NAME = "F3"

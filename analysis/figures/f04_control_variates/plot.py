@@ -10,7 +10,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.lines import Line2D
 
 import evalab
-from evalab import figures as fg
+from evalab.report import figures as fg
 
 TITLE = "Control-variate view: per-key variance attribution for shared, chunked and optimal coefficients"
 NAME = "F4"

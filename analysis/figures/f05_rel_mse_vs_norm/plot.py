@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from matplotlib.lines import Line2D
 
-from evalab import figures as fg
+from evalab.report import figures as fg
 from evalab.measure.theory import rfa_prediction
 from evalab.measure.theory import kernel_mse
 

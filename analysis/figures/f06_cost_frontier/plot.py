@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from evalab import figures as fg
+from evalab.report import figures as fg
 
 TITLE = "Accuracy-cost frontier: rel_mse vs FLOPs per replicate, Pareto frontier per estimator"
 NAME = "F6"

@@ -8,7 +8,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.lines import Line2D
 
-from evalab import figures as fg
+from evalab.report import figures as fg
 from evalab.measure.theory import rfa_prediction
 
 TITLE = "Pre-asymptotic regime: measured / delta-method variance of RFA iid vs num_features"

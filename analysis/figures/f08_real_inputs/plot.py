@@ -14,7 +14,7 @@ import torch
 from matplotlib.colors import LogNorm
 
 import evalab
-from evalab import figures as fg
+from evalab.report import figures as fg
 from evalab.estimators.registry import estimator_parameters
 from evalab.report.reproduce import FigureSkipped
 

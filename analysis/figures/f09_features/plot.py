@@ -14,7 +14,7 @@ import torch
 from matplotlib.lines import Line2D
 
 import evalab
-from evalab import figures as fg
+from evalab.report import figures as fg
 from evalab.estimators.features import gerf_log_features, kernel_estimate, log_features, sample_omega
 from evalab.estimators.gerf import GERF_MAPS, GerfMap, GerfParams, oprf_a
 from evalab.report.reproduce import FigureSkipped

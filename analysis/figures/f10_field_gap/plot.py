@@ -15,7 +15,7 @@ import torch
 from matplotlib.lines import Line2D
 
 import evalab
-from evalab import figures as fg
+from evalab.report import figures as fg
 from evalab.estimators.nystrom import iterative_pinv, segment_means
 
 TITLE = "The approximation gap of the field: rel_mse (bias^2 + variance) vs FLOPs per query and vs budget"

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 
 import evalab
-from evalab import figures as fg
+from evalab.report import figures as fg
 from evalab.report.reproduce import FigureSkipped
 
 try:  # the sweep runs before compute(): without the model, skip the figure as soon as it is loaded

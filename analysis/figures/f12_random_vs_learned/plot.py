@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 import evalab as ev
-from evalab import figures as fg
+from evalab.report import figures as fg
 from evalab import registry
 from evalab.estimators.fitted import fingerprints
 from evalab.intervals import mean_interval

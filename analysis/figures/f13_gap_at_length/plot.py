@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 import evalab as ev
-from evalab import figures as fg
-from evalab.reproduce import FigureSkipped
+from evalab.report import figures as fg
+from evalab.report.reproduce import FigureSkipped
 from evalab.estimators.fitted import fingerprints
 from evalab.sweep.spec import short_hash
 
