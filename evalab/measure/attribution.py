@@ -111,8 +111,9 @@ def key_variance(
             key = keys[i] if keep else _Keys.of(base, inp, values, omega, params)
             hbar, beta = key.queries(base, x, omega, log_z, params)
             a = hbar - expected_h
+            a2 = a * a
             for sum_ in sums.values():
-                sum_.add(hbar, a, beta)
+                sum_.add(hbar, a, a2, beta)
         for label, sum_ in sums.items():
             variance[label][:, n0:n0 + queries] = sum_.variance(replicates)
     variance = {label: var.reshape(*q.shape[:-1], M) for label, var in variance.items()}
@@ -152,10 +153,10 @@ class _Keys:
 
 class _Sums:
     """Per-(n, m) sums over replicates for one coefficient rule with chunks of ``size`` keys, in chunked layout
-    (B, n, C, size, .): one contraction over r of the weights (a, a^2) with the columns (beta's coordinates, 1,
-    |beta|^2) gives sum a beta, sum a, sum a^2 beta, sum a^2 and sum a^2 |beta|^2 at once. Coordinates: beta
-    itself (dv numbers) or, for size < dv, the chunk's weights w = hbar / sum_{P_c} hbar (size numbers, inner
-    products through the Gram matrix V_c V_c^T)."""
+    (B, n, C, size, .): contractions over r of the weights a and a^2 with beta's coordinates give sum a beta and
+    sum a^2 beta, and with |beta|^2 sum a^2 |beta|^2. Coordinates: beta itself (dv numbers) or, for size < dv,
+    the chunk's weights w = hbar / sum_{P_c} hbar (size numbers, inner products through the Gram matrix
+    V_c V_c^T)."""
 
     def __init__(self, v: torch.Tensor, size: int):
         """v (B, M, dv) in the compute dtype."""
@@ -164,39 +165,43 @@ class _Sums:
         self.gram = self.v_c @ self.v_c.transpose(-1, -2) if size < v.shape[-1] else None  # (B, C, size, size)
         self.sums = None
 
-    def add(self, hbar: torch.Tensor, a: torch.Tensor, beta: torch.Tensor) -> None:
-        """hbar and a = hbar - E[h]: (r, B, n, M); beta (r, B, n, dv) the coefficient over all keys (for one chunk)."""
+    def _chunks(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., M) -> (..., C, size), a view when size divides M."""
+        return t.unflatten(-1, (self.M // self.size, self.size)) if self.M % self.size == 0 else chunked(t, self.size)
+
+    def add(self, hbar: torch.Tensor, a: torch.Tensor, a2: torch.Tensor, beta: torch.Tensor) -> None:
+        """hbar, a = hbar - E[h] and a^2: (r, B, n, M); beta (r, B, n, dv) the coefficient of all keys (one chunk)."""
         if self.gram is not None:
-            h_c = chunked(hbar, self.size)
+            h_c = self._chunks(hbar)
             coords = h_c / h_c.sum(-1, keepdim=True)  # (r, B, n, C, size)
-            norm = (torch.einsum("rbncs,bcst->rbnct", coords, self.gram) * coords).sum(-1, keepdim=True)
+            norm = torch.einsum("rbncs,bcst->rbnct", coords, self.gram).mul_(coords).sum(-1)
         else:
             coords = beta.unsqueeze(-2) if self.size == self.M else chunk_coefficients(hbar, self.v, self.size)
-            norm = (coords * coords).sum(-1, keepdim=True)
-        a_c = chunked(a, self.size)  # (r, B, n, C, size)
-        weights = torch.cat([a_c, a_c * a_c], dim=-1)
-        columns = torch.cat([coords, torch.ones_like(norm), norm], dim=-1)
-        out = torch.einsum("rbncs,rbncv->bncsv", weights, columns)
-        self.sums = out if self.sums is None else self.sums.to(torch.float64).add_(out)
+            norm = (coords * coords).sum(-1)
+        a_c, a2_c = self._chunks(a), self._chunks(a2)  # (r, B, n, C, size)
+        sums = (torch.einsum("rbncs,rbncv->bncsv", a_c, coords), a_c.sum(0),
+                torch.einsum("rbncs,rbncv->bncsv", a2_c, coords), a2_c.sum(0),
+                torch.einsum("rbncs,rbnc->bncs", a2_c, norm))
+        self.sums = sums if self.sums is None else tuple(acc.to(torch.float64).add_(t) for acc, t in zip(self.sums, sums))
 
     def variance(self, R: int) -> torch.Tensor:
-        """(B, n, M) float64: (sum |u|^2 - |sum u|^2 / R) / (R - 1) for u = a (v - beta), beta's coordinates x."""
-        first, second = self.sums.to(torch.float64).split(self.size, dim=-2)  # weights a and a^2: (B, n, C, size, D + 2)
-        D = first.shape[-1] - 2
-        sum_a, sum_a_beta = first[..., D], first[..., :D]
+        """(B, n, M) float64: (sum |u|^2 - |sum u|^2 / R) / (R - 1) for u = a (v - beta). The reductions over
+        beta's coordinates run in the sums' dtype, the difference in float64."""
+        sum_a_beta, sum_a, sum_a2_beta, sum_a2, sum_a2_norm = self.sums  # (B, n, C, size, D) and (B, n, C, size)
         if self.gram is None:  # value space: v_m's coordinates are v_m, the inner product the identity
-            x = self.v_c.to(torch.float64).unsqueeze(-4)  # (B, 1, C, size, dv)
+            x = self.v_c.to(sum_a.dtype).unsqueeze(-4)  # (B, 1, C, size, dv)
             total = sum_a.unsqueeze(-1) * x - sum_a_beta  # sum_r u_r = v sum a - sum a beta
             total_sq = (total * total).sum(-1)
-            v_sq, v_dot = (x * x).sum(-1), (x * second[..., :D]).sum(-1)
+            v_sq, v_dot = (x * x).sum(-1), (x * sum_a2_beta).sum(-1)
         else:  # weight space: v_m's coordinates are the unit vector e_m, the inner product the Gram matrix
-            gram = self.gram.to(torch.float64).unsqueeze(-4)  # (B, 1, C, size, size)
+            gram = self.gram.to(sum_a.dtype).unsqueeze(-4)  # (B, 1, C, size, size)
             total = sum_a_beta.neg()
             total.diagonal(dim1=-2, dim2=-1).add_(sum_a)
             total_sq = ((total @ gram) * total).sum(-1)
-            v_sq, v_dot = gram.diagonal(dim1=-2, dim2=-1), (second[..., :D] @ gram).diagonal(dim1=-2, dim2=-1)
-        squares = second[..., D] * v_sq - 2 * v_dot + second[..., D + 1]
-        var = (squares - total_sq / R) / (R - 1)
+            v_sq, v_dot = gram.diagonal(dim1=-2, dim2=-1), (sum_a2_beta @ gram).diagonal(dim1=-2, dim2=-1)
+        f64 = lambda t: t.to(torch.float64)  # noqa: E731
+        squares = f64(sum_a2) * f64(v_sq) - 2 * f64(v_dot) + f64(sum_a2_norm)
+        var = (squares - f64(total_sq) / R) / (R - 1)
         return var.flatten(-2)[..., : self.M].clamp_min(0.0)
 
 
@@ -208,10 +213,11 @@ def _blocks(B: int, N: int, M: int, dv: int, F: int, sizes: list[int], batch: in
     result = 3 * B * N * M * 8
     padded = [math.ceil(M / s) * s for s in sizes]
     coords = [min(s, dv) for s in sizes]
-    # per query: each rule's sums (compute dtype and a float64 copy) and their float64 finishing temporaries
-    per_query = B * sum(p * (2 * (D + 2) * (itemsize + 8) + 3 * D * 8) for p, D in zip(padded, coords))
-    # per query and replicate: hbar, a, the weights and their copies, chunk sums and coordinates, query features
-    per_query_rep = B * (3 * M + sum(6 * p + 3 * (p // s) * (D + 2) for p, s, D in zip(padded, sizes, coords))
+    # per query: each rule's sums (compute dtype, a float64 copy over several blocks of replicates), their finishing
+    # temporaries (two over beta's coordinates, compute dtype) and float64 scalars
+    per_query = B * sum(p * ((2 * D + 3) * (itemsize + 8) + 2 * D * itemsize + 6 * 8) for p, D in zip(padded, coords))
+    # per query and replicate: hbar, a, a^2; per rule chunked copies, coordinates and |beta|^2; the query features
+    per_query_rep = B * (3 * M + sum(5 * p + 2 * (p // s) * (D + 1) for p, s, D in zip(padded, sizes, coords))
                          + 4 * F + 2 * dv) * itemsize
     per_key_rep = B * (2 * M * F + F * (dv + 1)) * itemsize  # features (and their log while made), sums against v
     room = max_memory - result - B * M * dv * (3 * itemsize + 2 * 8)  # v, its chunks and Gram matrices
