@@ -20,8 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from . import _moved
-
-__version__ = "0.2.0"
+from ._version import __version__
 
 #: The public face: name -> where it lives, as a dotted path below ``evalab`` (``"estimators.EVA"``: the attribute
 #: EVA of evalab.estimators; ``"measure.theory"``: the module). Adding a public name is one line here.
@@ -36,6 +35,9 @@ _FACE = {
     "Estimate": "measure.intervals.Estimate",
     "Estimator": "estimators.Estimator",
     "FeatureMapAttention": "estimators.FeatureMapAttention",
+    "FitResult": "measure.fit.FitResult",
+    "Fitted": "estimators.fitted.Fitted",
+    "FittedLayers": "estimators.fitted.FittedLayers",
     "GradientGap": "measure.gradient_gap.GradientGap",
     "Hedgehog": "estimators.Hedgehog",
     "LARA": "estimators.LARA",
@@ -55,10 +57,12 @@ _FACE = {
     "error_propagation": "measure.model_gap.error_propagation",
     "estimate_cost": "measure.cost.estimate_cost",
     "features": "estimators.features",
+    "fit": "measure.fit.fit",
     "gap_correlation": "measure.model_gap.gap_correlation",
     "gradient_gap": "measure.gradient_gap.gradient_gap",
     "inputs": "inputs",
     "key_variance": "measure.attribution.key_variance",
+    "load_fitted": "estimators.fitted.load_fitted",
     "load_results": "sweep.load_results",
     "load_spec": "sweep.load_spec",
     "model_gap": "measure.model_gap.model_gap",
@@ -66,6 +70,7 @@ _FACE = {
     "register_estimator": "estimators.registry.register_estimator",
     "registry": "estimators.registry",
     "run_sweep": "sweep.run_sweep",
+    "save_fitted": "estimators.fitted.save_fitted",
     "softmax_attention": "estimators.softmax_attention",
     "theory": "measure.theory",
 }

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 
 
 class UsageError(Exception):
@@ -248,9 +248,70 @@ def run_notebooks_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- evalab check -----------------------------------------------------------------------------------------
+
+
+def add_check_command(commands) -> None:
+    p = commands.add_parser(
+        "check", help="check that an estimator follows evalab's estimator protocol",
+        description="Run evalab.testing.check_estimator, property by property, on instances of an estimator class: "
+                    "the class's check instances, or the one built from --param values. Exit status 1 when a property "
+                    "fails.",
+    )
+    p.add_argument("estimator", metavar="NAME", help="a registered name, an evalab.estimators entry point or an "
+                                                     "import path package.module:Class")
+    p.add_argument("--param", metavar="KEY=VALUE", action="append", default=[],
+                   help="a constructor parameter (a TOML value: 8, 1.5, true, \"iid\"); repeatable")
+    p.add_argument("--seq-len", type=int, default=32, metavar="N", help="queries and keys of the test inputs (default 32)")
+    p.set_defaults(run=run_check_command)
+
+
+def _param(text: str) -> tuple[str, object]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the same parser, as a package (a dependency there)
+        import tomli as tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--param {text!r}: expected KEY=VALUE")
+    try:
+        return key.strip(), tomllib.loads(f"x = {value.strip()}")["x"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value.strip()  # a bare word: a string
+
+
+def run_check_command(args: argparse.Namespace) -> int:
+    from .estimators import registry
+    from .testing import CHECKS, check_instances, check_property
+
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len {args.seq_len}: expected an integer >= 2")
+    params = dict(_param(text) for text in args.param)
+    try:
+        cls = registry.estimator_class(args.estimator)
+        instances = [registry.make_estimator(args.estimator, **params)] if params else check_instances(cls)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+    failed = 0
+    for est in instances:
+        failures = []
+        for prop in CHECKS:
+            try:
+                check_property(est, prop, seq_len=args.seq_len)
+            except AssertionError as err:
+                failures.append(str(err))
+        failed += bool(failures)
+        print(f"{'FAILED' if failures else 'ok':<6}  {est!r}: {len(CHECKS) - len(failures)} of {len(CHECKS)} properties")
+        for message in failures:
+            print(f"        {message}")
+    print(f"{args.estimator}: {len(instances) - failed} of {len(instances)} instances pass check_estimator")
+    return 1 if failed else 0
+
+
 # --- the parser -------------------------------------------------------------------------------------------
 
-COMMANDS = (add_sweep_command, add_bench_command, add_reproduce_command, add_notebooks_command)
+COMMANDS = (add_sweep_command, add_bench_command, add_reproduce_command, add_notebooks_command, add_check_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

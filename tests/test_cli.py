@@ -157,3 +157,38 @@ def test_second_sweep_into_a_directory_in_use_and_a_stale_lock(spec, tmp_path, c
     err = capsys.readouterr().err
     assert f"took over {out}: its previous sweep (pid {holder.pid} on " in err and "Traceback" not in err
     assert len(list(store.cells_dir(out).glob("*.parquet"))) == 2 and not (out / store.OWNER).exists()
+
+
+def test_check_command(tmp_path, capsys, monkeypatch):
+    """evalab check NAME|module:Class: every property on the class's check instances (or the --param instance);
+    exit 1 naming each failing property, 2 for a name that resolves to nothing."""
+    import dataclasses
+    import types
+
+    import evalab as ev
+
+    assert main(["check", "softmax"]) == 0
+    out = capsys.readouterr().out
+    assert "ok      Softmax(causal=False, scale=None): 14 of 14 properties" in out
+    assert out.strip().endswith("softmax: 2 of 2 instances pass check_estimator")
+    assert main(["check", "rfa", "--param", "num_features=4", "--param", "sampler=\"orthogonal\"", "--seq-len", "8"]) == 0
+    assert "RFA(num_features=4, feature_map='positive', sampler='orthogonal'" in capsys.readouterr().out
+
+    @dataclasses.dataclass(frozen=True)
+    class Squeezed(ev.Softmax):  # drops the replicate axis when R = 1
+        def __call__(self, q, k, v, draw):
+            return super().__call__(q, k, v, draw).squeeze(0)
+
+    module = types.ModuleType("evalab_check_example")
+    Squeezed.__module__, Squeezed.__qualname__ = module.__name__, "Squeezed"
+    module.Squeezed = Squeezed
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert main(["check", "evalab_check_example:Squeezed"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED  Squeezed(causal=False, scale=None): 13 of 14 properties" in out
+    assert "check_estimator [replicates] Squeezed(causal=False, scale=None): draw(replicates=1) gave an output of shape" in out
+    assert out.strip().endswith("evalab_check_example:Squeezed: 0 of 2 instances pass check_estimator")
+    assert main(["check", "no_such_module:X"]) == 2
+    assert "evalab check: error: estimator 'no_such_module:X' cannot be imported: ModuleNotFoundError" in capsys.readouterr().err
+    assert main(["check", "rfa", "--param", "num_features=0"]) == 2
+    assert "evalab check: error: num_features must be >= 1, got 0" in capsys.readouterr().err

@@ -232,7 +232,7 @@ def test_no_command_is_a_usage_error(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("usage: evalab")
-    assert captured.err.strip().splitlines()[-1] == ("evalab: error: a command is required (sweep, bench, reproduce); "
+    assert captured.err.strip().splitlines()[-1] == ("evalab: error: a command is required (sweep, bench, reproduce, notebooks, check); "
                                                      "evalab --help describes them")
 
 

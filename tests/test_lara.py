@@ -1,6 +1,7 @@
 """LARA against a literal per-query loop (float64, 1e-10), the identities of docs/theory.md section 10 (zero
 proposals with the balance heuristic are RFA; balance is optimal with alpha = 0; one proposal is
 query-independent), its cost against torch's FLOP counter, and the noise conventions."""
+import dataclasses
 import math
 
 import pytest
@@ -23,9 +24,11 @@ def segments(N, C):
     return [list(range(a, a + size)) for a, size in zip(starts, sizes)]
 
 
-def lara_reference(q, k, v, noise, *, weights, alpha, proposal, antithetic, sigma):
+def lara_reference(q, k, v, noise, *, weights, alpha, proposal, antithetic, sigma, floor=1e-8, repeats=1):
     """q, k (N, d), v (N, dv), noise (R, C, S_c, d) -> (R, N, dv), one query and one sample at a time, with the
-    densities written out: p_n(w) Z_n = N(w; 0, I) xi(x_n, w) sum_m xi(y_m, w), q_c = N(w; mu_c, sigma^2 I)."""
+    densities written out: p_n(w) Z_n = N(w; 0, I) xi(x_n, w) sum_m xi(y_m, w), q_c = N(w; mu_c, sigma^2 I).
+    The optimal weights clamp at ``floor``; ``repeats`` > 1 takes their balance-heuristic term over the proposal
+    list repeated that many times (the released code's convention with two samples per proposal)."""
     N, d = q.shape
     x, y = q * d**-0.25, k * d**-0.25
     R, C, S, _ = noise.shape
@@ -63,8 +66,11 @@ def lara_reference(q, k, v, noise, *, weights, alpha, proposal, antithetic, sigm
                 if weights == "balance":
                     log_weights.append(log_p - mixture)
                 else:
-                    a = math.exp(log_q[i][c] - mixture) + alpha * (float(t[c, n]) - float(t[:, n].mean()))
-                    log_weights.append(log_p - log_q[i][c] + math.log(max(a, 1e-8)))
+                    listed = log_q[i] * repeats  # the proposal list, repeated
+                    bh = math.exp(log_q[i][c]) / sum(math.exp(a) for a in listed)
+                    t_mean = sum(float(t[j % C, n]) for j in range(len(listed))) / len(listed)
+                    a = bh + alpha * (float(t[c, n]) - t_mean)
+                    log_weights.append(log_p - log_q[i][c] + math.log(max(a, floor)))
             p = torch.softmax(torch.tensor(log_weights, dtype=torch.float64), 0)
             out[r, n] = p @ torch.stack(f)
     return out
@@ -89,6 +95,27 @@ def test_matches_per_query_loop(N, C, weights, alpha):
             ref = lara_reference(q[b], k[b], v[b], draw.noise, weights=weights, alpha=alpha, proposal=proposal,
                                  antithetic=antithetic, sigma=sigma)
             assert (out[:, b] - ref).abs().max() < TOL, (proposal, antithetic, samples, sigma)
+
+
+@pytest.mark.parametrize("samples,antithetic", [(2, False), (1, True)], ids=["two-samples", "antithetic"])
+def test_released_optimal_weights_are_alpha_doubled_with_the_floor_at_2e_8(samples, antithetic):
+    """The released code's optimal weights (BH over the proposal list repeated per sample, clamp 1e-8) equal
+    weights="optimal" with alpha doubled and alpha_floor=2e-8; alpha = 40 makes some weights clamp, where the
+    default floor gives another estimator."""
+    q, k, v = make_qkv(N=10, d=4, dv=3, batch=(2,), norm=1.0, seed=3)
+    alpha = 40.0
+    est = ev.LARA(num_proposals=3, samples_per_proposal=samples, weights="optimal", alpha=2 * alpha,
+                  alpha_floor=2e-8, antithetic=antithetic)
+    draw = est.draw(q, k, replicates=2, generator=1)
+    out = est(q, k, v, draw)
+    default_floor = dataclasses.replace(est, alpha_floor=1e-8)(q, k, v, draw)
+    for b in range(2):
+        released = lara_reference(q[b], k[b], v[b], draw.noise, weights="optimal", alpha=alpha, proposal="mean",
+                                  antithetic=antithetic, sigma=1.0, repeats=2)
+        assert (out[:, b] - released).abs().max() < TOL
+        assert (default_floor[:, b] - released).abs().max() > 10 * TOL
+    with pytest.raises(ValueError, match="alpha_floor must be > 0.0, got 0.0"):
+        ev.LARA(alpha_floor=0.0)
 
 
 def test_segments_follow_the_reference_split():

@@ -112,7 +112,7 @@ def test_plugin_sweep_by_entry_point_and_path(plugin, tmp_path):
     df = load_results(tmp_path, spec=True)
     assert (df["status"] == "ok").all()
     assert list(df["estimator"]) == ["topk", "topk", "evalab_topk:TopK", "rfa"]
-    assert list(df["label"]) == ["TopK", "TopK", "top-8", "rfa"]  # the label defaults to the class name
+    assert list(df["label"]) == ["topk", "topk", "top-8", "rfa"]  # the label defaults to the entry point's name
     assert list(df["top_k"].iloc[:3]) == [3, 16, 8] and math.isnan(df["top_k"].iloc[3])
     q, k, v = make_inputs("gaussian", seq_len=16, d=8, norm=1.5, seed=int(df["input_seed"].iloc[0]))
     exact = ev.softmax_attention(q, k, v)
@@ -149,7 +149,35 @@ def test_plugin_on_dask_worker_processes_equals_local(plugin, tmp_path, monkeypa
     assert rows["error"].iloc[3].startswith(
         "ValueError: estimator 'evalab_session_only:LocalTopK' cannot be imported: ModuleNotFoundError")
     pd.testing.assert_frame_equal(stable(load_results(tmp_path / "local")), stable(rows.iloc[:3]), check_dtype=False)
-    assert rows["flops"].iloc[:3].notna().all() and list(rows["label"].iloc[:3]) == ["TopK", "TopK", "softmax"]
+    assert rows["flops"].iloc[:3].notna().all() and list(rows["label"].iloc[:3]) == ["topk", "TopK", "softmax"]
+
+
+@pytest.mark.slow
+def test_external_dask_scheduler_checks_that_workers_import_every_estimator(plugin, tmp_path, monkeypatch):
+    """With a scheduler address (a cluster evalab did not start), the workers are asked to import every estimator
+    named by import path before any cell is sent: one they cannot import stops the sweep with an error naming
+    the estimator and the worker, and nothing is stored; the installed plugin passes and its cells run there."""
+    distributed = pytest.importorskip("dask.distributed")
+    module = types.ModuleType("evalab_session_only")
+    local = dataclasses.make_dataclass("LocalTopK", [("top_k", int, 4)], bases=(plugin,), frozen=True,
+                                       namespace={"__module__": "evalab_session_only"})
+    module.LocalTopK = local
+    monkeypatch.setitem(sys.modules, "evalab_session_only", module)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        worker = next(iter(cluster.scheduler_info["workers"]))
+        raw = spec({"name": "topk", "top_k": 3}, {"name": "evalab_session_only:LocalTopK"})
+        with pytest.raises(ImportError, match=re.escape(
+                f"Dask worker {worker} of {address} cannot import estimator 'evalab_session_only:LocalTopK' "
+                "(evalab_session_only:LocalTopK): estimator 'evalab_session_only:LocalTopK' cannot be imported: "
+                "ModuleNotFoundError")):
+            run_sweep(raw, tmp_path / "refused", executor="dask", scheduler=address, progress=False)
+        assert not list((tmp_path / "refused").glob("*.parquet")) and not list((tmp_path / "refused").glob("**/*.parquet"))
+        raw["estimators"].pop()
+        summary = run_sweep(raw, tmp_path / "ok", executor="dask", scheduler=address, progress=False)
+    assert summary.ok and summary.done == 1
+    assert list(load_results(tmp_path / "ok")["label"]) == ["topk"]
 
 
 def test_register_estimator_in_process(tmp_path, monkeypatch):
@@ -203,7 +231,7 @@ def test_a_class_that_is_not_a_dataclass(plugin, tmp_path, monkeypatch):
     raw = spec({"name": "plain", "top_k": [2, 5]}, {"name": "topk", "top_k": [2, 5]})
     run_sweep(raw, tmp_path, progress=False)
     df = load_results(tmp_path, spec=parse_spec(raw))
-    assert list(df["label"]) == ["Plain", "Plain", "TopK", "TopK"] and list(df["top_k"]) == [2, 5, 2, 5]
+    assert list(df["label"]) == ["Plain", "Plain", "topk", "topk"] and list(df["top_k"]) == [2, 5, 2, 5]
     assert list(df["rel_mse"].iloc[:2]) == list(df["rel_mse"].iloc[2:])
     assert df["flops"].iloc[:2].isna().all() and df["flops"].iloc[2:].notna().all()  # no cost method: NaN
 

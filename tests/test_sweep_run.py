@@ -295,3 +295,33 @@ def test_any_registered_inputs_kind_passes_its_parameters_through(tmp_path, monk
     assert df["input_seed"].isna().all() and (df["scale"] == 0.5).all() and (df["input_scale"] == 0.5).all()  # exact: the scale given, stored
     assert (df["seq_len"] == 6).all() and (df["d"] == 4).all() and (df["status"] == "ok").all()
     assert df["seed"].nunique() == 2  # the Monte-Carlo seed still follows the inputs
+
+
+def test_the_measurement_table_chooses_what_a_cell_measures(tmp_path, monkeypatch):
+    """A kind served by a new entry of the runner's measurement table gets that measurement's row; the Monte-Carlo
+    kinds and the model-run kind keep theirs."""
+    from evalab.inputs import kinds
+    from evalab.sweep import runner
+
+    assert runner.measurement("gaussian").name == "monte_carlo"
+    assert runner.measurement("minilm").name == "monte_carlo"
+    assert runner.measurement("model").name == "model_gap"
+    with pytest.raises(ValueError, match="inputs kind 'nope' has no measurement; expected one of 'gaussian', 'minilm', 'model'"):
+        runner.measurement("nope")
+
+    def settings(*, passes=1):
+        return {"passes": passes}
+
+    def count_row(cell, options):
+        est = runner.build_estimator(cell, **cell.params)
+        return {"passes_seen": cell.inputs["passes"], "built": type(est).__name__}
+
+    known = kinds.names()
+    monkeypatch.setattr(kinds, "names", lambda: {**known, "counting": settings})  # a kind specs may name
+    monkeypatch.setitem(runner.MEASUREMENTS, "counting",
+                        runner.Measurement("counting", lambda: {"counting": settings}, count_row))
+    raw = {"name": "counting", "replicates": 2, "inputs": {"kind": "counting", "passes": [1, 3]},
+           "estimators": [{"name": "rfa", "num_features": 4}]}
+    assert run_sweep(raw, tmp_path, progress=False).done == 2
+    df = load_results(tmp_path, spec=parse_spec(raw))
+    assert list(df["passes_seen"]) == [1, 3] and (df["built"] == "RFA").all() and (df["status"] == "ok").all()

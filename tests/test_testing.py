@@ -10,7 +10,7 @@ import torch
 import evalab as ev
 from evalab import registry
 from evalab.estimators.draw import make_generator
-from evalab.testing import check_estimator, check_instances
+from evalab.testing import CHECKS, check_estimator, check_instances, check_property, parametrize_with_checks
 
 INSTANCES = [(name, est) for name, cls in registry.ESTIMATORS.items() for est in check_instances(cls)]
 
@@ -159,3 +159,153 @@ def test_check_instances_flips_boolean_options_or_asks_the_class():
 
     assert [e.size for e in check_instances(Custom)] == [0.5, 2.0]  # exact: constructor arguments, read back
     assert [(e.size, e.shared_noise) for e in check_instances(Jitter)] == [(0.1, True), (0.1, False)]  # exact: constructor arguments, read back
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportanceKeys:
+    """A correct importance sampler: ``samples`` keys drawn with replacement from the fixed proposal
+    p_m = (m + 1) / sum (later keys likelier), the same keys for every query; self-normalised weights
+    w_s = exp(l_{n m_s}) / p_{m_s}; the output sum_s w_s v_{m_s} / sum_s w_s tends to softmax attention as 1/samples.
+    Noise: one uniform number per sample, (R, samples), mapped to keys by the proposal's inverse CDF."""
+
+    samples: int = 8
+    scale: float | None = None
+
+    noise_kind = "uniform:importance"
+    budget = "samples"
+
+    def noise_layout(self, q, k):
+        return (self.samples,)
+
+    def draw(self, q, k, *, replicates=1, generator=None):
+        noise = torch.rand(replicates, self.samples, generator=make_generator(generator), dtype=torch.float64)
+        return ev.Draw(noise, self.noise_kind)
+
+    def log_weights(self, logits, log_p):
+        """(R, *b, N, S) log importance weights."""
+        return logits - log_p
+
+    def __call__(self, q, k, v, draw):
+        u = draw.as_tensor(self.noise_layout(q, k), self.noise_kind, device=q.device, dtype=torch.float64)
+        M = k.shape[-2]
+        p = torch.arange(1, M + 1, dtype=torch.float64, device=q.device)
+        p = p / p.sum()
+        index = torch.searchsorted(p.cumsum(0), u.contiguous()).clamp(max=M - 1)     # (R, S) sampled keys
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        keys, values = k.to(ct)[..., index, :].movedim(-3, 0), v.to(ct)[..., index, :].movedim(-3, 0)  # (R, *b, S, .)
+        logits = scale * q.to(ct) @ keys.transpose(-1, -2)                                             # (R, *b, N, S)
+        log_p = p.log().to(ct)[index].reshape(index.shape[0], *[1] * (q.dim() - 1), -1)
+        w = torch.softmax(self.log_weights(logits, log_p), dim=-1)
+        out_dtype = torch.promote_types(q.dtype, v.dtype)
+        return (w @ values).to(out_dtype)
+
+
+class ForgetsImportanceWeight(ImportanceKeys):
+    """Weights exp(l) without dividing by the proposal: converges to the attention of p_m exp(l_nm), not softmax."""
+
+    def log_weights(self, logits, log_p):
+        return logits
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledJitter(Jitter):
+    """Jitter with a ``scale`` parameter (None: d**-0.5)."""
+
+    scale: float | None = None
+
+    def __call__(self, q, k, v, draw):
+        eps = self.jitter(q, k, draw)
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        logits = (q.to(ct) @ k.to(ct).transpose(-1, -2)) * scale
+        return (torch.softmax(logits + self.size * eps.to(ct), dim=-1) @ v.to(ct)).to(q.dtype)
+
+
+class IgnoresScale(ScaledJitter):
+    """Always uses d**-0.5, whatever its ``scale``."""
+
+    def __call__(self, q, k, v, draw):
+        return ScaledJitter(self.size, self.shared_noise)(q, k, v, draw)
+
+
+class DropsReplicateAxis(Jitter):
+    """Squeezes the output, so that R = 1 loses its replicate axis."""
+
+    def __call__(self, q, k, v, draw):
+        return super().__call__(q, k, v, draw).squeeze(0)
+
+
+class BFloatOut(Jitter):
+    """Returns float32 for bfloat16 inputs."""
+
+    def __call__(self, q, k, v, draw):
+        out = super().__call__(q, k, v, draw)
+        return out.float() if q.dtype == torch.bfloat16 else out
+
+
+class ChangesValuesInPlace(Jitter):
+    """Centres v in place before using it."""
+
+    def __call__(self, q, k, v, draw):
+        v -= v.mean(dim=-2, keepdim=True)
+        return super().__call__(q, k, v, draw)
+
+
+class WrongExactLimit(Jitter):
+    """Claims that size 0 is exact but keeps a fixed logit offset there."""
+
+    def exact_limit(self, N, M):
+        return OffsetJitter(size=0.0)
+
+
+class OffsetJitter(Jitter):
+    def __call__(self, q, k, v, draw):
+        out = super().__call__(q, k, v, draw)
+        return out + 0.01
+
+
+def test_correct_estimators_with_hooks_pass():
+    check_estimator(ImportanceKeys())
+    check_estimator(ImportanceKeys(samples=2))
+    check_estimator(ScaledJitter())
+    check_estimator(ScaledJitter(scale=0.2))
+
+
+@pytest.mark.parametrize("broken, prop, numbers", [
+    (DropsReplicateAxis(), "replicates", r"draw\(replicates=1\) gave an output of shape \(32, 4\), expected \(R, N, dv\) = "
+                                         r"\(1, 32, 4\): R = 1 must keep the replicate axis"),
+    (BFloatOut(), "dtypes", r"torch.bfloat16 inputs gave a torch.float32 output, expected torch.bfloat16"),
+    (IgnoresScale(), "scale", r"scale=0.2121 on \(q, k\) differs by \d.* from the default scale d\*\*-0.5 on \(c q, c k\), "
+                              r"c = 0.7746, with the same draw: the scale is not honoured"),
+    (ForgetsImportanceWeight(), "convergence", r"the mean of 32 replicates at samples=128 is \d.* \(rel_bias2\) from exact attention, more than rel_mse \d.* at "
+                                               r"samples=8 / 64: it converges to something else than softmax attention"),
+    (ChangesValuesInPlace(), "purity", r"the call modified its argument v in place \(max change \d"),
+    (WrongExactLimit(), "exactness", r"its exact limit OffsetJitter\(size=0.0, shared_noise=True\) differs from float64 "
+                                     r"softmax attention by 0.01 on N = 32, M = 32"),
+], ids=lambda x: x if isinstance(x, str) and x.isalpha() else None)
+def test_a_broken_estimator_fails_naming_what_it_broke(broken, prop, numbers):
+    with pytest.raises(AssertionError, match=rf"check_estimator \[{prop}\] {type(broken).__name__}\(.*\): {numbers}"):
+        check_estimator(broken)
+
+
+def test_parametrize_with_checks_makes_one_test_per_property():
+    mark = parametrize_with_checks([Jitter(), ImportanceKeys(samples=4)], seq_len=16)
+    assert mark.args[0] == "estimator, check"
+    params = mark.args[1]
+    assert [p.id for p in params[: len(CHECKS)]] == [f"Jitter[0]-{prop}" for prop in CHECKS]
+    assert len(params) == 2 * len(CHECKS) and params[-1].id == "ImportanceKeys[1]-convergence"
+    for param in params:
+        estimator, check = param.values
+        check(estimator)
+    estimator, check = parametrize_with_checks([ForgetsImportanceWeight()]).args[1][CHECKS.index("convergence")].values
+    with pytest.raises(AssertionError, match=r"check_estimator \[convergence\]"):
+        check(estimator)
+    with pytest.raises(ValueError, match="prop='speed' is not a check; expected one of 'protocol'"):
+        check_property(Jitter(), "speed")
+
+
+@parametrize_with_checks([Jitter(shared_noise=False), ImportanceKeys(samples=4)])
+def test_parametrize_with_checks_as_a_decorator(estimator, check):
+    check(estimator)

@@ -15,7 +15,9 @@ from .. import _checks
 from .linear import FeatureAttention, with_guard
 
 #: What the map is applied to: q and k as given ("raw", flash-linear-attention's convention: its
-#: TaylorFeatureMap divides by d^1/4 itself), or evalab's scaled coordinates x = sqrt(scale) q ("scaled").
+#: TaylorFeatureMap divides by d^1/4 itself; a non-default ``scale`` s rescales them by sqrt(s / d**-0.5), so the
+#: map sees the inputs that give the same logits at the default scale), or evalab's scaled coordinates
+#: x = sqrt(scale) q ("scaled").
 INPUTS = ("raw", "scaled")
 
 
@@ -62,8 +64,8 @@ class FeatureMapAttention(FeatureAttention):
         return with_guard(out) if self.guard else out
 
     def feature_pair(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inputs == "raw":  # undo the scaling: the map sees q and k
-            root = (x.shape[-1] ** -0.5 if self.scale is None else self.scale) ** 0.5
+        if self.inputs == "raw":  # the map sees q and k in the units of the default scale d**-0.5: q and k
+            root = x.shape[-1] ** -0.25  # themselves at that scale, rescaled by sqrt(scale / d**-0.5) at another
             x, y = x / root, y / root
         return self._apply(self.phi, x), self._apply(self.psi or self.phi, y)
 

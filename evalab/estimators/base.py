@@ -12,7 +12,10 @@ the natural form, so that ``dataclasses.replace`` gives variants and sweeps see 
   -> (R, *b, N, dv).
 
 Optionally ``cost(*, N, M, d, dv, batch=1, itemsize=4)`` returns a :class:`Cost`, the FLOPs and memory of one
-call; ``evalab.estimate_cost`` and every cost column use it (NaN FLOPs without it).
+call; ``evalab.estimate_cost`` and every cost column use it (NaN FLOPs without it). Two optional members say
+where the estimator must be right: ``exact_limit(N, M)``, the variant of itself that computes exact softmax
+attention on N queries and M keys (or None), and ``budget``, the name of the int parameter along which it
+converges to softmax attention (num_features, samples_per_query, ...).
 ``evalab.testing.check_estimator`` checks all of this on a concrete estimator.
 """
 from __future__ import annotations
@@ -22,7 +25,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .. import _checks
 from .draw import Draw
 
 
@@ -72,19 +74,3 @@ class Cost:
     def as_dict(self) -> dict[str, float]:
         """Columns for result tables: flops and bytes per replicate (the deterministic part amortised once)."""
         return {"flops": self.fixed_flops + self.replicate_flops, "peak_bytes": self.fixed_bytes + self.replicate_bytes}
-
-
-class NoDraws:
-    """The noise of a deterministic estimator (softmax, Nystromformer, linear attention): kind "none", an empty
-    draw (R, 0) per call, so the Monte-Carlo engine treats it like any other and measures variance 0."""
-
-    noise_kind = "none"
-
-    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
-        return (0,)
-
-    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """An empty draw: (R, 0)."""
-        _checks.integer("replicates", replicates)
-        return Draw(torch.zeros(replicates, 0, dtype=torch.float64), self.noise_kind)
-

@@ -9,7 +9,7 @@ The per-element terms (quadratic in length) attribute an estimator's error to in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -52,6 +52,11 @@ class ControlVariates(OmegaDraws):
     scale: float | None = None
     shared_noise: bool = True
     gerf_a: float | None = None
+    budget = "num_features"  # the parameter along which the error falls (evalab.testing)
+
+    def exact_limit(self, N: int, M: int):
+        """Exact on any N, M: the optimal per-query coefficient (evalab.testing)."""
+        return replace(self, coefficient="optimal", chunk_size=None)
 
     def __post_init__(self) -> None:
         self._check_omega_fields(("positive", "hyperbolic", *GERF_MAPS))

@@ -109,3 +109,28 @@ def make_generator(generator: torch.Generator | int | None) -> torch.Generator:
     if isinstance(generator, int) and not isinstance(generator, bool) and generator >= 0:
         return seeded_generator(generator, DRAW_PURPOSE)
     raise TypeError(f"generator must be a torch.Generator, a non-negative int seed or None, got {generator!r}")
+
+
+class NoDraws:
+    """The noise of a deterministic estimator (softmax, Nystromformer, linear attention): kind "none", an empty
+    draw (R, 0) per call, so the Monte-Carlo engine treats it like any other and measures variance 0."""
+
+    noise_kind = "none"
+
+    def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
+        return (0,)
+
+    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
+        """An empty draw: (R, 0)."""
+        _checks.integer("replicates", replicates)
+        return Draw(torch.zeros(replicates, 0, dtype=torch.float64), self.noise_kind)
+
+
+class GaussianDraws:
+    """The noise of estimators that sample standard normals eps ~ N(0, I) in their ``noise_layout`` (EVA, LARA)."""
+
+    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
+        """Sample eps ~ N(0, I): Draw with noise (R, *noise_layout), float64 on the generator's device."""
+        _checks.integer("replicates", replicates)
+        noise = gaussian_noise(replicates, *self.noise_layout(q, k), generator=make_generator(generator))
+        return Draw(noise, self.noise_kind)

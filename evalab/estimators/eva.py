@@ -11,13 +11,13 @@ Cost O(N (w + C S_c) d) per replicate; chunk_logit="exact" adds the quadratic or
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .. import _checks
 from .base import Cost
-from .draw import Draw, gaussian_noise, make_generator
+from .draw import Draw, GaussianDraws, noise_batch
 from .scaled import Scaled
 from .softmax import BLOCK_ELEMENTS
 
@@ -29,7 +29,7 @@ QUERY_BLOCK_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
-class EVA:
+class EVA(GaussianDraws):
     """EVA with a block-local ``window`` (0: none) and chunks of ``chunk_size`` keys (0: none, window only).
 
     proposal: zero | mean | half-mean (mu_c = 0, the mean of the chunk's x plus the mean of its y, or half that).
@@ -85,6 +85,12 @@ class EVA:
     noise_scale: float = 1.0
     shared_noise: bool = True
 
+    def exact_limit(self, N: int, M: int):
+        """Exact for N = M: a window covering every key (evalab.testing)."""
+        if N != M:
+            return None
+        return replace(self, window=-(-M // self.chunk_size) * self.chunk_size if self.chunk_size else M)
+
     def __post_init__(self) -> None:
         _checks.integer("window", self.window, minimum=0)
         _checks.integer("chunk_size", self.chunk_size, minimum=0)
@@ -129,15 +135,8 @@ class EVA:
 
     def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
         """Shape of one replicate's noise: eps (C, S_c, d), or (*batch, C, S_c, d) without shared noise."""
-        batch = () if self.shared_noise else tuple(q.shape[:-2])
+        batch = noise_batch(q, self.shared_noise)
         return (*batch, self.num_chunks(k), self.samples_per_chunk, q.shape[-1])
-
-    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """Sample eps ~ N(0, I): Draw with noise (R, *noise_layout), float64 on the generator's device."""
-        _checks.integer("replicates", replicates)
-        g = make_generator(generator)
-        noise = gaussian_noise(replicates, *self.noise_layout(q, k), generator=g)
-        return Draw(noise, self.noise_kind)
 
     def _check_lengths(self, N: int, M: int) -> None:
         if N == M:

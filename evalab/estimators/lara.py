@@ -21,7 +21,7 @@ The authors' reference code (HKUNLP/efficient-attention, LinearRA) departs from 
   this estimator with noise_scale=1 evaluated on noise d ** -0.25 eps: its weights are not the true ratios;
 - with antithetic or two samples per proposal, its optimal weights compute BH over the proposal list
   repeated per sample, which halves BH against the query term: it equals weights="optimal" here with alpha
-  doubled and the clamp at 2e-8.
+  doubled and the clamp at 2e-8 (``alpha_floor=2e-8``).
 """
 from __future__ import annotations
 
@@ -32,23 +32,25 @@ import torch
 
 from .. import _checks
 from .base import Cost
-from .draw import Draw, gaussian_noise, make_generator
+from .draw import Draw, GaussianDraws, noise_batch
 from .scaled import Scaled
 
 WEIGHTS = ("balance", "optimal")
 PROPOSALS = ("mean", "zero")
-#: Lower clamp of the "optimal" MIS weights alpha, as in the reference code.
+#: Default lower clamp of the "optimal" MIS weights alpha, as in the reference code.
 ALPHA_FLOOR = 1e-8
 
 
 @dataclass(frozen=True)
-class LARA:
+class LARA(GaussianDraws):
     """LARA with C = ``num_proposals`` Gaussian proposals and S_c = ``samples_per_proposal`` noise rows each.
 
     weights: balance | optimal (``alpha`` scales the optimal weights' query term; alpha = 0 is balance where
       no weight reaches the clamp). The optimal weights normalise t_cn over the query axis n, as the reference
-      code does; whether the paper normalises over n or over c is unconfirmed. The 1e-8 clamp on the weights
-      also follows the code (it is not part of the paper's estimator).
+      code does; whether the paper normalises over n or over c is unconfirmed. The clamp on the weights,
+      ``alpha_floor`` (default 1e-8), also follows the code (it is not part of the paper's estimator); with
+      antithetic or two samples per proposal the released code's weights are ``alpha`` doubled and
+      ``alpha_floor=2e-8`` (module docstring).
     proposal: mean (segment means, the authors' uneven split when C does not divide N; each token its own
       proposal when N <= C) | zero.
     antithetic: each noise row gives two samples, mu_c + sigma eps and mu_c - sigma eps (2 S_c per proposal).
@@ -68,12 +70,15 @@ class LARA:
     causal: bool = False
     shared_noise: bool = True
     scale: float | None = None
+    alpha_floor: float = ALPHA_FLOOR
+    budget = "samples_per_proposal"  # the parameter along which the error falls (evalab.testing)
 
     def __post_init__(self) -> None:
         _checks.integer("num_proposals", self.num_proposals)
         _checks.integer("samples_per_proposal", self.samples_per_proposal)
         _checks.choice("weights", self.weights, WEIGHTS)
         _checks.real("alpha", self.alpha, minimum=-math.inf)
+        _checks.real("alpha_floor", self.alpha_floor, strict=True)
         _checks.choice("proposal", self.proposal, PROPOSALS)
         _checks.real("noise_scale", self.noise_scale, strict=True)
         _checks.real("scale", self.scale, allow_none=True, strict=True)
@@ -92,14 +97,8 @@ class LARA:
     def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
         """Shape of one replicate's noise: eps (C, S_c, d), with the batch axes of q first when not shared."""
         _checks.tensor("q", q)
-        batch = () if self.shared_noise else tuple(q.shape[:-2])
+        batch = noise_batch(q, self.shared_noise)
         return (*batch, self.num_segments(q.shape[-2]), self.samples_per_proposal, q.shape[-1])
-
-    def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:
-        """Sample eps ~ N(0, I): Draw with noise (R, *layout), float64 on the generator's device."""
-        _checks.integer("replicates", replicates)
-        noise = gaussian_noise(replicates, *self.noise_layout(q, k), generator=make_generator(generator))
-        return Draw(noise, self.noise_kind)
 
     def _check_lengths(self, N: int, M: int) -> None:
         if self.proposal == "mean" and N != M:
@@ -152,7 +151,7 @@ class LARA:
             t = torch.softmax(x_bar @ inp.x.transpose(-1, -2), dim=-1)  # (*b, C, N), over the queries
             centred = (t - t.mean(-2, keepdim=True)).transpose(-1, -2).repeat_interleave(per, dim=-1)  # (*b, N, K)
             mis = torch.exp(-log_mixture).unsqueeze(-2) + self.alpha * centred  # BH_c(omega_i) + alpha (t - mean t)
-            logits += common.unsqueeze(-2) + mis.clamp_(min=ALPHA_FLOOR).log_()
+            logits += common.unsqueeze(-2) + mis.clamp_(min=self.alpha_floor).log_()
         return (torch.softmax(logits, dim=-1) @ f).to(inp.out_dtype)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:

@@ -27,7 +27,7 @@ softmax.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -35,9 +35,9 @@ import torch
 
 from .. import _checks
 from . import feature_maps
-from .base import Cost, NoDraws
-from .draw import Draw
-from .rfa import CAUSAL_BLOCK, _causal_linear, _linear
+from .base import Cost
+from .draw import Draw, NoDraws
+from .rfa import CAUSAL_BLOCK, causal_feature_attention, feature_attention
 from .scaled import Scaled
 from .window import bounds, check_window, local_attention, pairs, query_block
 
@@ -54,8 +54,8 @@ def linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, *, cau
     """sum_m qf_n.kf_m v_m / sum_m qf_n.kf_m for features qf (*b, N, F), kf (*b, M, F), v (*b, M, dv)
     (causal: m <= n, over blocks of CAUSAL_BLOCK positions): (*b, N, dv)."""
     if causal:
-        return _causal_linear(qf, kf, v)
-    return _linear(qf.unsqueeze(-2), kf.unsqueeze(-2), v)[0]
+        return causal_feature_attention(qf, kf, v)
+    return feature_attention(qf.unsqueeze(-2), kf.unsqueeze(-2), v)[0]
 
 
 def with_guard(features: torch.Tensor) -> torch.Tensor:
@@ -120,6 +120,10 @@ class FeatureAttention(NoDraws):
         _checks.boolean("affine", self.affine)
         if not isinstance(self.gamma, torch.Tensor):
             _checks.real("gamma", self.gamma, minimum=-math.inf)
+
+    def exact_limit(self, N: int, M: int):
+        """Exact for N = M: an exact window holding every key (evalab.testing)."""
+        return replace(self, window=2 * M) if N == M else None
 
     def bounds(self, N: int, M: int) -> tuple[np.ndarray, np.ndarray]:
         """The exact window of every query, keys [lo_n, hi_n): (N,) each (evalab.estimators.window)."""

@@ -24,7 +24,7 @@ import torch
 
 from .. import _checks
 from .base import Cost
-from .draw import Draw, gaussian_noise, make_generator
+from .draw import Draw, gaussian_noise, make_generator, noise_batch
 from .scaled import Scaled
 
 #: Elements of the per-block sample logits (replicates x batch x queries x samples x keys).
@@ -47,6 +47,7 @@ class RA:
     causal: bool = False
     shared_noise: bool = True
     scale: float | None = None
+    budget = "samples_per_query"  # the parameter along which the error falls (evalab.testing)
 
     def __post_init__(self) -> None:
         _checks.integer("samples_per_query", self.samples_per_query)
@@ -60,7 +61,7 @@ class RA:
     def noise_layout(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
         """Shape of one replicate's noise: (N, S, d + 1), with the batch axes of q first when not shared."""
         _checks.tensor("q", q)
-        batch = () if self.shared_noise else tuple(q.shape[:-2])
+        batch = noise_batch(q, self.shared_noise)
         return (*batch, q.shape[-2], self.samples_per_query, q.shape[-1] + 1)
 
     def draw(self, q: torch.Tensor, k: torch.Tensor, *, replicates: int = 1, generator=None) -> Draw:

@@ -4,6 +4,8 @@ An estimator is named in a spec (or ``make_estimator``) in one of three ways, lo
 - a name in ``ESTIMATORS``: the built-ins, and classes added in this process with :func:`register_estimator`;
 - a name in the ``evalab.estimators`` entry-point group of an installed package;
 - an import path ``"package.module:Class"``.
+A fitted estimator saved by ``evalab.save_fitted`` is named ``"fitted"`` (with parameters ``file`` and optionally
+``sha256``) or ``"fitted:<file>"`` (evalab.estimators.fitted).
 Any class following the protocol of :mod:`evalab.estimators.base` works; the parameters a spec may set are its
 dataclass fields (or, for other classes, the keyword parameters of its constructor).
 """
@@ -13,6 +15,8 @@ import dataclasses
 import importlib
 import importlib.metadata
 import inspect
+
+import torch
 
 from .control_variates import ControlVariates
 from .eva import EVA
@@ -32,6 +36,7 @@ ESTIMATORS = {"softmax": Softmax, "rfa": RFA, "eva": EVA, "control_variates": Co
 ESTIMATORS.update({"local_window": LocalWindow, "t2r": T2R, "hedgehog": Hedgehog,
                    "rebased": ReBased})
 ENTRY_POINTS = "evalab.estimators"
+FITTED = "fitted"  # the name of a fitted estimator loaded from a file: "fitted" or "fitted:<file>"
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
 
 
@@ -84,6 +89,10 @@ def estimator_class(name: str) -> type:
         raise ValueError(f"estimator name {name!r} must be a non-empty string")
     if name in ESTIMATORS:
         return ESTIMATORS[name]
+    if name == FITTED or name.startswith(FITTED + ":"):
+        from .fitted import Fitted
+
+        return Fitted
     if ":" in name:
         return _import(name)
     entry = _entry_point(name)
@@ -102,10 +111,27 @@ def is_builtin(name: str) -> bool:
     return cls is not None and cls.__module__.startswith("evalab.")
 
 
-def estimator_parameters(cls: type) -> dict:
-    """The parameters a spec may set on ``cls`` -> their defaults (``REQUIRED`` when there is none): its dataclass
-    fields that ``__init__`` takes and its repr shows (fields left out of the repr, e.g. learned tensors, are not
-    spec parameters), or the keyword parameters of its constructor."""
+def default_label(name: str) -> str:
+    """The label of a spec's estimator ``name`` when the spec gives none: the name itself for a built-in or an
+    entry point, the class name for an import path or a class registered in this process."""
+    if is_builtin(name) or (name not in ESTIMATORS and ":" not in name and _entry_point(name) is not None):
+        return name
+    return estimator_class(name).__name__
+
+
+def estimator_parameters(estimator) -> dict:
+    """The parameters a spec may set on an estimator class, or the values an instance holds for them.
+
+    Class: parameter -> default (``REQUIRED`` when there is none): its dataclass fields that ``__init__``
+    takes and its repr shows (fields left out of the repr, e.g. learned tensors, are not spec parameters), or the
+    keyword parameters of its constructor. Instance: parameter -> its value (the attributes of the same names;
+    tensor values, and parameters a non-dataclass instance does not keep as attributes, are left out).
+    """
+    if not inspect.isclass(estimator):
+        names = estimator_parameters(type(estimator))
+        return {name: getattr(estimator, name) for name in names
+                if hasattr(estimator, name) and not isinstance(getattr(estimator, name), torch.Tensor)}
+    cls = estimator
     if dataclasses.is_dataclass(cls):
         out = {}
         for f in dataclasses.fields(cls):
@@ -125,6 +151,8 @@ def estimator_parameters(cls: type) -> dict:
 
 def make_estimator(name: str, **params):
     """Build an estimator by name or import path: ``make_estimator("rfa", num_features=64)``."""
+    if isinstance(name, str) and name.startswith(FITTED + ":"):
+        name, params = FITTED, {"file": name[len(FITTED) + 1:], **params}
     cls = estimator_class(name)
     known = estimator_parameters(cls)
     unknown = sorted(set(params) - set(known))

@@ -54,6 +54,7 @@ class RFA(OmegaDraws):
     scale: float | None = None
     shared_noise: bool = True
     gerf_a: float | None = None
+    budget = "num_features"  # the parameter along which the error falls (evalab.testing)
 
     def __post_init__(self) -> None:
         self._check_omega_fields(FEATURE_MAPS)
@@ -74,7 +75,7 @@ class RFA(OmegaDraws):
                 out = _log(gmap.x, gmap.y, inp.v, omega, "positive", gerf=gmap, inplace=inp.inplace)
         elif self.feature_map == "trig" or self.eps > 0:
             qf, kf = self._linear_features(inp, omega)
-            out = _causal_linear(qf.movedim(-2, 0), kf.movedim(-2, 0), inp.v) if self.causal else _linear(qf, kf, inp.v)
+            out = causal_feature_attention(qf.movedim(-2, 0), kf.movedim(-2, 0), inp.v) if self.causal else feature_attention(qf, kf, inp.v)
         elif self.causal:
             out = _causal_log(log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map), inp.v)
         else:
@@ -216,7 +217,7 @@ def _causal_log(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Te
     return out
 
 
-def _linear(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def feature_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Non-causal linear attention from features qf (*b, N, R, F), kf (*b, M, R, F) -> (R, *b, N, dv)."""
     kv = torch.einsum("...mrf,...mv->...rfv", kf, v)
     num = torch.einsum("...nrf,...rfv->...nrv", qf, kv)
@@ -224,7 +225,7 @@ def _linear(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return (num / den.unsqueeze(-1)).movedim(-2, 0)
 
 
-def _causal_linear(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_feature_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal linear attention over blocks of positions with a carried (F, dv) state."""
     N = qf.shape[-2]
     state = torch.zeros(*kf.shape[:-2], kf.shape[-1], v.shape[-1], dtype=v.dtype, device=v.device)

@@ -21,7 +21,7 @@ Scatterbrain and RFA of the same features on common random numbers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -57,6 +57,11 @@ class Scatterbrain(OmegaDraws):
     causal: bool = False
     shared_noise: bool = True
     scale: float | None = None
+    budget = "num_features"  # the parameter along which the error falls (evalab.testing)
+
+    def exact_limit(self, N: int, M: int):
+        """Exact for N = M: a window support holding every key (evalab.testing)."""
+        return replace(self, window=2 * M) if N == M else None
 
     def __post_init__(self) -> None:
         _checks.integer("window", self.window, minimum=0)

@@ -188,6 +188,7 @@ def _passage_captures(seq_len: int, split: str, count: int, cache_dir) -> QKV:
         "seq_len": seq_len,
         "text": f"King James Bible, {BOOKS[split]}: {split} passages (public domain; evalab.inputs.passages)",
         "text_sha256": hashlib.sha256("".join(digests).encode()).hexdigest(),
+        "passage_sha256": digests,
         "split": split,
         "passages": len(ids),
         "layers": parts[0].info["layers"],

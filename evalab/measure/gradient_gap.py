@@ -21,14 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .. import _checks
 from ..estimators.draw import gaussian_noise, seeded_generator
 from .intervals import jackknife_interval
-from .monte_carlo import GROUPS, NOISE_BLOCK, estimator_params, iter_draws
-from ..estimators.registry import estimator_name
+from .monte_carlo import GROUPS, NOISE_BLOCK, iter_draws
+from .result import Result, estimator_columns
 
 INPUTS = ("q", "k", "v")
 METRICS = ("mse", "variance", "bias2", "rel_mse", "rel_variance", "rel_bias2")
@@ -63,8 +62,8 @@ def _gradients(fn, loss, inputs) -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(value.reshape(()), leaves, allow_unused=True)
 
 
-@dataclass(frozen=True)
-class GradientGap:
+@dataclass(frozen=True, repr=False)  # the repr of Result
+class GradientGap(Result):
     """Gradient bias/variance of one estimator on one input: metrics name -> Estimate, named
     ``grad_{q,k,v}_{mse,variance,bias2,rel_mse,rel_variance,rel_bias2}``; ``exact`` the softmax gradients."""
 
@@ -75,24 +74,11 @@ class GradientGap:
     metrics: dict
     exact: dict = field(repr=False)
 
-    def __getattr__(self, name: str):
-        metrics = self.__dict__.get("metrics", {})
-        if name in metrics:
-            return metrics[name]
-        raise AttributeError(f"GradientGap has no metric {name!r}; metrics: {', '.join(metrics)}")
+    def columns(self) -> dict:
+        return {**estimator_columns(self.estimator), **self.sizes, "replicates": self.replicates, "seed": self.seed}
 
-    def to_frame(self) -> pd.DataFrame:
-        """One tidy row: estimator, its hyper-parameters, sizes, metrics with ``_low``/``_high`` bounds."""
-        row = {"estimator": estimator_name(self.estimator), **estimator_params(self.estimator), **self.sizes,
-               "replicates": self.replicates, "seed": self.seed}
-        for name, est in self.metrics.items():
-            row.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})
-        return pd.DataFrame([row])
-
-    def __repr__(self) -> str:
-        lines = [f"GradientGap({type(self.estimator).__name__}, replicates={self.replicates}, seed={self.seed}, {self.sizes})"]
-        lines += [f"  {name:<22} {est!r}" for name, est in self.metrics.items()]
-        return "\n".join(lines)
+    def title(self) -> str:
+        return f"GradientGap({type(self.estimator).__name__}, replicates={self.replicates}, seed={self.seed}, {self.sizes})"
 
 
 def _summaries(sum_d: torch.Tensor, sum_sq: torch.Tensor, n: float, power: float) -> dict:

@@ -58,9 +58,10 @@ from .. import _checks
 from .cost import estimate_cost
 from ..estimators.draw import Draw, seeded_generator
 from ..estimators.softmax import Softmax
-from .intervals import Estimate, mean_interval
-from .monte_carlo import estimator_params, monte_carlo
-from ..estimators.registry import estimator_name
+from .intervals import mean_interval
+from .monte_carlo import monte_carlo
+from .result import Result, estimator_columns
+from ..estimators.registry import estimator_name, estimator_parameters
 
 IMPLEMENTATION = "evalab"
 MODEL_PURPOSE = 0x6D6F64  # "mod": keeps model-level noise apart from monte_carlo's streams
@@ -201,11 +202,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    if AttentionInterface._global_mapping.get(IMPLEMENTATION) is not attention:
+    # a fresh interface instance reads the library-wide table that register() writes
+    if AttentionInterface().get(IMPLEMENTATION) is not attention:
         AttentionInterface.register(IMPLEMENTATION, attention)
-    if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+    if IMPLEMENTATION not in AttentionMaskInterface():
         AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # None when nothing is masked
 
 
@@ -442,18 +444,18 @@ def describe(estimator) -> dict:
     the registered name when every layer's is the same (else the names in layer order joined by "|") and the
     plain hyper-parameters (numbers, strings, None) that every layer shares."""
     if not isinstance(estimator, Mapping):
-        return {"estimator": estimator_name(estimator), **estimator_params(estimator), "per_layer": False}
+        return {**estimator_columns(estimator), "per_layer": False}
     ests = [estimator[layer] for layer in sorted(estimator)]
     names = [estimator_name(e) for e in ests]
-    params = [estimator_params(e) for e in ests]
+    params = [estimator_parameters(e) for e in ests]
     shared = {key: value for key, value in params[0].items() if _plain(value)
               and all(key in p and _plain(p[key]) and p[key] == value for p in params[1:])}
     name = names[0] if len(set(names)) == 1 else "|".join(names)
     return {"estimator": name, **shared, "per_layer": True}
 
 
-@dataclass(frozen=True)
-class ModelGap:
+@dataclass(frozen=True, repr=False)  # the repr of Result
+class ModelGap(Result):
     """End-to-end metrics of an estimator substituted for a model's attention, against the exact model.
 
     metrics: name -> Estimate (95% t interval over replicates): embedding_cosine (mean over texts of the cosine
@@ -482,12 +484,6 @@ class ModelGap:
     seq_len: int | None = None
     split: str | None = None
 
-    def __getattr__(self, name: str) -> Estimate:
-        metrics = self.__dict__.get("metrics", {})
-        if name in metrics:
-            return metrics[name]
-        raise AttributeError(f"ModelGap has no metric {name!r}; metrics: {', '.join(metrics)}")
-
     @property
     def flops_fraction(self) -> float:
         """flops / softmax_flops: the fraction of exact attention's FLOPs the estimator spends."""
@@ -499,14 +495,11 @@ class ModelGap:
                    layers=self.layers, replicates=self.replicates, seed=self.seed)
         return row
 
-    def to_frame(self) -> pd.DataFrame:
-        """One tidy row: estimator and hyper-parameters, model, sizes, metrics with ``_low``/``_high``, flops,
-        softmax_flops and flops_fraction."""
-        row = self._base()
-        for name, est in self.metrics.items():
-            row.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})
-        row.update(flops=self.flops, softmax_flops=self.softmax_flops, flops_fraction=self.flops_fraction)
-        return pd.DataFrame([row])
+    def columns(self) -> dict:
+        return self._base()
+
+    def extra_columns(self) -> dict:
+        return {"flops": self.flops, "softmax_flops": self.softmax_flops, "flops_fraction": self.flops_fraction}
 
     def layer_frame(self) -> pd.DataFrame:
         """One row per layer: hidden_rel_error (with ``_low``/``_high``) of the hidden state after that layer."""
@@ -514,13 +507,11 @@ class ModelGap:
                  "hidden_rel_error_high": e.high} for layer, e in enumerate(self.layer_errors)]
         return pd.DataFrame(rows)
 
-    def __repr__(self) -> str:
+    def title(self) -> str:
         what = describe(self.estimator)["estimator"]
         length = "" if self.seq_len is None else f", seq_len={self.seq_len}, split={self.split!r}"
-        lines = [f"ModelGap({what}, model={self.model!r}, texts={self.texts}{length}, layers={self.layers}, "
-                 f"replicates={self.replicates}, seed={self.seed}, flops_fraction={self.flops_fraction:.3g})"]
-        lines += [f"  {name:<22} {est!r}" for name, est in self.metrics.items()]
-        return "\n".join(lines)
+        return (f"ModelGap({what}, model={self.model!r}, texts={self.texts}{length}, layers={self.layers}, "
+                f"replicates={self.replicates}, seed={self.seed}, flops_fraction={self.flops_fraction:.3g})")
 
 
 def model_gap(

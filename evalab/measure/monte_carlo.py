@@ -23,6 +23,7 @@ from .cost import estimate_cost
 from ..estimators.base import Cost
 from ..estimators.draw import Draw, seeded_generator
 from .intervals import Estimate, jackknife_interval, mean_interval, quantile_interval
+from .result import Result, estimator_columns
 from ..estimators.registry import ESTIMATORS, estimator_name, make_estimator
 from ..estimators.softmax import softmax_attention, softmax_bytes
 
@@ -40,8 +41,8 @@ METRICS = SUMMED + ("rel_error", "rel_error_median", "rel_error_p90")
 MATRIX_METRICS = ("matrix_rel_error", "row_kl", "row_tv")
 
 
-@dataclass(frozen=True)
-class MCResult:
+@dataclass(frozen=True, repr=False)  # the repr of Result
+class MCResult(Result):
     """Monte-Carlo metrics of one estimator on one input.
 
     metrics: name -> Estimate (value and 95% interval) for METRICS (+ MATRIX_METRICS when computed).
@@ -61,21 +62,13 @@ class MCResult:
     matrix_skipped: str | None = None
     leave_one_out: dict = field(default_factory=dict, repr=False)
 
-    def __getattr__(self, name: str) -> Estimate:
-        metrics = self.__dict__.get("metrics", {})
-        if name in metrics:
-            return metrics[name]
-        raise AttributeError(f"MCResult has no metric {name!r}; metrics: {', '.join(metrics)}")
+    name_width = 18
 
-    def to_frame(self) -> pd.DataFrame:
-        """One tidy row: estimator, its hyper-parameters, sizes, metrics with ``_low``/``_high`` bounds, costs."""
-        row = {"estimator": estimator_name(self.estimator), **estimator_params(self.estimator)}
-        row.update(self.sizes, replicates=self.replicates, seed=self.seed)
-        for name, est in self.metrics.items():
-            row.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})
-        row.update(self.cost.as_dict())
-        row["matrix_skipped"] = self.matrix_skipped
-        return pd.DataFrame([row])
+    def columns(self) -> dict:
+        return {**estimator_columns(self.estimator), **self.sizes, "replicates": self.replicates, "seed": self.seed}
+
+    def extra_columns(self) -> dict:
+        return {**self.cost.as_dict(), "matrix_skipped": self.matrix_skipped}
 
     def per_query_frame(self) -> pd.DataFrame:
         """One row per (batch index, query) with mse, variance, bias2."""
@@ -98,21 +91,11 @@ class MCResult:
             cols[name], cols[f"rel_{name}"] = value, value / power
         return pd.DataFrame(cols)
 
-    def __repr__(self) -> str:
-        lines = [f"MCResult({type(self.estimator).__name__}, replicates={self.replicates}, seed={self.seed}, {self.sizes})"]
-        lines += [f"  {name:<18} {est!r}" for name, est in self.metrics.items()]
-        if self.matrix_skipped:
-            lines.append(f"  matrix metrics skipped: {self.matrix_skipped}")
-        return "\n".join(lines)
+    def title(self) -> str:
+        return f"MCResult({type(self.estimator).__name__}, replicates={self.replicates}, seed={self.seed}, {self.sizes})"
 
-
-def estimator_params(estimator) -> dict:
-    """Hyper-parameters of a dataclass estimator as a flat dict (empty for other estimators). Fields left out of
-    its repr and tensor values (learned parameters, wrapped modules) are not hyper-parameters and are skipped."""
-    if not dataclasses.is_dataclass(estimator):
-        return {}
-    return {f.name: value for f in dataclasses.fields(estimator)
-            if f.repr and not isinstance(value := getattr(estimator, f.name), torch.Tensor)}
+    def notes(self) -> list[str]:
+        return [f"  matrix metrics skipped: {self.matrix_skipped}"] if self.matrix_skipped else []
 
 
 def draws_in_pieces(estimator, numbers: int, batch: int, device: str) -> bool:

@@ -23,8 +23,9 @@ from scipy.special import gammaln
 from .. import _checks
 from ..estimators.gerf import GERF_MAPS, GerfParams
 from ..estimators.scaled import Scaled
+from ..estimators.softmax import softmax_attention
 
-__all__ = ["kernel_mse", "orthogonal_covariance", "rfa_bias_variance", "RFATheory", "measured_vs_predicted"]
+__all__ = ["kernel_mse", "orthogonal_covariance", "rfa_bias_variance", "RFATheory", "measured_vs_predicted", "rfa_prediction"]
 
 KERNEL_FEATURE_MAPS = ("positive", "hyperbolic", "trig", *GERF_MAPS)
 RFA_FEATURE_MAPS = ("positive", "hyperbolic", *GERF_MAPS)
@@ -416,3 +417,16 @@ def measured_vs_predicted(
             "bias2_predicted": prediction.bias2,
         },
     )
+
+
+def rfa_prediction(qkv, *, feature_map: str = "positive") -> dict[str, float]:
+    """Delta-method prediction for RFA on one workload (a QKV), relative to mean_n |Y_n|^2, at S = 1.
+
+    Returns ``rel_variance_1`` and ``rel_bias2_1``: the prediction at S features is rel_variance_1 / S for the
+    variance, rel_bias2_1 / S^2 for the squared bias and their sum for the MSE (docs/theory.md section 7).
+    """
+    q, k, v = (t.to(torch.float64) for t in qkv)
+    th = rfa_bias_variance(q, k, v, num_features=1, feature_map=feature_map, scale=qkv.scale)
+    y = softmax_attention(q, k, v, scale=qkv.scale)
+    ref_sq = float((y * y).sum(-1).mean())
+    return {"rel_variance_1": float(th.variance.mean()) / ref_sq, "rel_bias2_1": float(th.bias2.mean()) / ref_sq}

@@ -8,7 +8,8 @@ memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) ``model_gap``
 512 tokens, 4 replicates, 2 threads (exact runs uncached, then cached); (h) start-up: ``evalab --help`` against
 ``python -c pass`` and ``import evalab`` against ``import torch``, each in a fresh interpreter; (i) Scatterbrain
 against RFA of the same features, forward time ratio; (j) RFA and EVA no-grad forward peak memory at N = 16384;
-(k) small-N Monte-Carlo throughput on CUDA. Prints a markdown table, writes bench.json, bench.md and bench.png
+(k) small-N Monte-Carlo throughput on CUDA; (l) ``fit``: Hedgehog fitted on all 6 x 12 heads of
+all-MiniLM-L6-v2 at seq_len 512. Prints a markdown table, writes bench.json, bench.md and bench.png
 into ``out`` (default: a new folder under the user cache, :func:`default_out`).
 
 Noise and signal: every timing goes through :func:`_time`, which returns a :class:`Timing` (a float, the median
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..measure.cost import estimate_cost
 from ..estimators.draw import Draw
 from ..estimators.eva import EVA
@@ -79,15 +80,17 @@ class Plan:
     attribution_seq_len: int = 256  # (e): key_variance at N = M = this, d = 64, S = 64, chunk_size 16, R = 256
     model_texts: int = 100  # (f): model_gap over this many verses (0: skip)
     model_passages: int = 16  # (g): model_gap over this many held-out passages of 512 tokens (0: skip)
+    fit_texts: int = 8  # (l): fit Hedgehog on this many training passages of 512 tokens (0: skip)
+    fit_steps: int = 100  # (l): Adam steps, minibatches of 2 passages
     repeats: int = 3  # timed repeats per measurement after a warm-up (2 from seq_len 16384 on in (c))
 
 
 PLANS = {
     "full": Plan(),
     "quick": Plan(engine=((128, 1000, 200), (2048, 100, 10)), lengths=(1024, 2048, 4096, 8192), slope_from=1024,
-                  performer_seq_len=1024),
+                  performer_seq_len=1024, fit_texts=2, fit_steps=5),
     "tiny": Plan(engine=((16, 8, 4),), lengths=(64, 128), slope_from=64, performer_seq_len=64, matmul_n=64,
-                 memory=False, attribution_seq_len=16, model_texts=0, model_passages=0, repeats=2),
+                 memory=False, attribution_seq_len=16, model_texts=0, model_passages=0, repeats=2, fit_texts=0),
 }
 
 
@@ -508,6 +511,34 @@ def bench_startup(repeats: int) -> dict:
     return row
 
 
+def bench_fit(plan: Plan, seq_len: int = 512) -> dict | None:
+    """(l): ``evalab.fit`` of Hedgehog(d=32, feature_dim=32) with the attention cross-entropy on all 6 x 12 heads of
+    all-MiniLM-L6-v2 (one set of parameters per layer and head) over ``plan.fit_texts`` training passages of
+    ``seq_len`` tokens, ``plan.fit_steps`` Adam steps on minibatches of 2 passages, the held-out loss on 2
+    held-out passages at the start and the end; on the CPU, captures loaded first (timed apart). None without
+    the optional model packages or with fit_texts = 0."""
+    if not plan.fit_texts:
+        return None
+    from ..estimators.learned import Hedgehog
+    from ..inputs.minilm import minilm
+    from ..measure.fit import fit
+
+    try:
+        train = minilm(seq_len, split="train", count=plan.fit_texts)
+        heldout = minilm(seq_len, split="heldout", count=2)
+    except ImportError:
+        return None
+    batch = min(2, plan.fit_texts)
+    start = time.perf_counter()
+    res = fit(Hedgehog(d=32, feature_dim=32), train, heldout=heldout, loss="attention", steps=plan.fit_steps,
+              lr=0.02, seed=0, batch=batch, eval_every=max(plan.fit_steps, 1), progress=False)
+    seconds = time.perf_counter() - start
+    held = res.curve[res.curve["split"] == "heldout"]["loss"]
+    return {"layers": train.q.shape[0], "heads": train.q.shape[2], "seq_len": seq_len, "texts": plan.fit_texts,
+            "steps": plan.fit_steps, "batch": batch, "threads": torch.get_num_threads(), "seconds": seconds,
+            "heldout_initial": float(held.iloc[0]), "heldout_final": float(held.iloc[-1])}
+
+
 def warnings(report: dict) -> list[str]:
     """One line per reason to distrust the report's timings: a busy machine, timings too wide to trust."""
     out = []
@@ -650,6 +681,12 @@ def markdown(report: dict) -> str:
                      f"RFA(num_features=64) on the same passages, exact runs cached: {m['cached_seconds']:.3g}s "
                      f"(EVA: embedding cosine {m['embedding_cosine']:.3f} at {m['flops_fraction']:.2f}x softmax's FLOPs)")
     lines += markdown_rows(report)
+    if report.get("fit"):
+        f = report["fit"]
+        lines.append(f"\nfit, Hedgehog(feature_dim=32) on all-MiniLM-L6-v2's {f['layers']} x {f['heads']} heads, seq_len "
+                     f"{f['seq_len']}, {f['texts']} passages, {f['steps']} steps of {f['batch']} (CPU, {f['threads']} "
+                     f"threads): {f['seconds']:.3g}s ({f['seconds'] / max(f['steps'], 1):.3g}s a step); held-out "
+                     f"cross-entropy {f['heldout_initial']:.3f} -> {f['heldout_final']:.3f}")
     return "\n".join(lines)
 
 
@@ -701,6 +738,7 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path | None
     report["scatterbrain_ratio"] = bench_scatterbrain_ratio(dev, sizes)
     report["no_grad_memory"] = bench_no_grad_memory(dev, sizes)
     report["small_n_gpu"] = bench_small_n_gpu(dev, sizes)
+    report["fit"] = bench_fit(sizes)
     report["load"] = load.report()
     report["wide_timings"] = spread_report(report)
     out = default_out(plan) if out is None else Path(out)

@@ -59,6 +59,15 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "elu+1": ("#999999", "H"),
     "RA": ("#e7298a", "p"),
     "LARA": ("#999933", "8"),
+    # fixed and learned feature maps, window hybrids (F12)
+    "taylor": ("#8c564b", "s"),
+    "taylor + window (g = 1/2)": ("#c49c94", "D"),
+    "taylor + window": ("#5c3a33", "D"),
+    "dpfp": ("#bcbd22", "^"),
+    "hedgehog (initial)": ("#9edae5", "o"),
+    "hedgehog": ("#17becf", "o"),
+    "hedgehog + window": ("#0b5c66", "P"),
+    "t2r": ("#e377c2", "v"),
 }
 _EXTRA_COLORS = ("#8c564b", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#843c39", "#7b4173")
 _EXTRA_MARKERS = ("p", "<", ">", "d", "H", "8")

@@ -39,11 +39,12 @@ from types import ModuleType
 
 import pandas as pd
 
-from .. import __version__
+from .._version import __version__
 from .._files import atomic_write
 from .._shipped import repository_root, shipped
 from ..sweep import Spec, load_results, load_spec, parse_spec, run_sweep
 from ..sweep.runner import build_inputs
+from ..measure.theory import rfa_prediction  # noqa: F401 -- still importable from here
 from ..sweep.spec import short_hash
 
 __all__ = [
@@ -268,27 +269,6 @@ class FigureContext:
             qkv = build_inputs(cell, self.torch_device, dtype or torch.float64)
             out.append(({**cell.inputs, "input_seed": cell.input_seed}, qkv))
         return out
-
-
-# --- analysis helpers for compute() functions ---------------------------------------------------------------
-
-
-def rfa_prediction(qkv, *, feature_map: str = "positive") -> dict[str, float]:
-    """Delta-method prediction for RFA on one workload, relative to mean_n |Y_n|^2, at S = 1.
-
-    Returns ``rel_variance_1`` and ``rel_bias2_1``: the prediction at S features is rel_variance_1 / S for the
-    variance, rel_bias2_1 / S^2 for the squared bias and their sum for the MSE (docs/theory.md section 7).
-    """
-    import torch
-
-    from ..estimators.softmax import softmax_attention
-    from ..measure.theory import rfa_bias_variance
-
-    q, k, v = (t.to(torch.float64) for t in qkv)
-    th = rfa_bias_variance(q, k, v, num_features=1, feature_map=feature_map, scale=qkv.scale)
-    y = softmax_attention(q, k, v, scale=qkv.scale)
-    ref_sq = float((y * y).sum(-1).mean())
-    return {"rel_variance_1": float(th.variance.mean()) / ref_sq, "rel_bias2_1": float(th.bias2.mean()) / ref_sq}
 
 
 # --- running ----------------------------------------------------------------------------------------------

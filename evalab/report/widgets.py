@@ -45,8 +45,9 @@ def has_minilm() -> bool:
 
 
 def build_estimator(name: str, params: dict):
-    """The estimator of menu entry ``name`` with the knobs in ``params``; a registered estimator takes those of
-    its fields whose default is not None (an optional knob such as ControlVariates' chunk_size keeps its default)."""
+    """The estimator of menu entry ``name`` with the knobs in ``params`` (and the head size ``d``); a registered
+    estimator takes those of its fields whose default is not None (an optional knob such as ControlVariates'
+    chunk_size keeps its default; a learned map takes ``d``)."""
     if name in BUILDERS:
         return BUILDERS[name](params)
     registered = name.removeprefix("registered: ")
@@ -133,7 +134,7 @@ class Explorer:
                 self._hold = True
                 self.controls["query"].max = q.shape[-2] - 1
                 self._hold = False
-            est = build_estimator(v["estimator"], {n: v[n] for n in KNOBS})
+            est = build_estimator(v["estimator"], {**{n: v[n] for n in KNOBS}, "d": q.shape[-1]})
             if "scale" in {f.name for f in dataclasses.fields(est)}:
                 est = dataclasses.replace(est, scale=scale)
             self.result = monte_carlo(est, q, k, values, replicates=self.replicates, seed=self.seed, matrix=False)

@@ -4,6 +4,14 @@ Who writes the store: always the process that called ``run_sweep``. Dask workers
 its one-row DataFrame; the client writes the file, so workers need no shared filesystem with the client.
 A cell that raises is recorded as a failed row (``status="failed"``, ``error``) and the sweep goes on;
 a rerun skips cells whose stored status is "ok" and retries the rest.
+
+What a cell measures comes from the measurement table ``MEASUREMENTS``, chosen by the spec's ``[inputs] kind``:
+- "monte_carlo": kinds that build q, k, v (``evalab.inputs.kinds.INPUTS``: gaussian, minilm, ...): Monte Carlo of
+  the cell's estimator on them (evalab.measure.monte_carlo);
+- "model_gap": kinds that name a pretrained model and its texts (``evalab.inputs.kinds.MODEL_RUNS``: model): the
+  model run end to end with the estimator in place of its attention (evalab.measure.model_gap).
+A measurement is the kinds it serves and a row function ``(cell, options) -> dict`` of the cell's result
+columns; a new one (fitting, say) is one more entry, and the walk over cells never asks what an input is.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +32,7 @@ import pandas as pd
 import torch
 
 from .. import _checks
+from .._version import __version__
 from ..estimators import registry
 from ..inputs import kinds
 from ..inputs.synthetic import gaussian_bytes
@@ -75,7 +85,17 @@ class RunOptions:
     threads: int | None = None  # torch intra-op threads to set in the worker (None: leave as is)
 
 
-# --- one cell ---------------------------------------------------------------------------------------------
+# --- what a cell measures: the measurement table ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Measurement:
+    """One entry of the table: ``kinds()`` the [inputs] kinds it serves, ``row(cell, options)`` the result columns
+    of one cell (``options``: the sweep's RunOptions)."""
+
+    name: str
+    kinds: Callable[[], Mapping]
+    row: Callable
+
 
 _INPUT_CACHE: dict = {}  # the last input workload built in this process: (key, QKV)
 
@@ -112,7 +132,7 @@ def check_memory(cells: list[Cell], max_memory: float | None, device: str = "cpu
         if params.get("scale", 0) is None:
             params["scale"] = 1.0  # the inputs' scale: no bearing on memory
         try:
-            estimator = registry.make_estimator(_buildable_name(cell), **params)
+            estimator = build_estimator(cell, **params)
         except Exception:  # noqa: BLE001 -- the cell itself records why it cannot be built
             continue
         N, d = inputs["seq_len"], inputs["d"]
@@ -129,7 +149,8 @@ def check_memory(cells: list[Cell], max_memory: float | None, device: str = "cpu
             raise SpecError(f"cell {cell.description!r} (seq_len={inputs.get('seq_len')}, d={inputs.get('d')}): {err}") from None
 
 
-def _make_inputs(cell: Cell, device: str, max_memory: float | None = None):
+def _cached_inputs(cell: Cell, device: str, max_memory: float | None = None):
+    """``build_inputs`` in the cell's dtype, reused by the next cell on the same inputs."""
     key = (cell.inputs_id, cell.dtype, device)
     if key in _INPUT_CACHE:
         return _INPUT_CACHE[key]
@@ -138,6 +159,52 @@ def _make_inputs(cell: Cell, device: str, max_memory: float | None = None):
     _INPUT_CACHE[key] = qkv
     return qkv
 
+
+def build_estimator(cell, **params):
+    """The cell's estimator with ``params``, built by its spec name where registered in this process, else by the
+    import path the cell carries (a Dask worker knows only the built-ins and what it can import)."""
+    name = cell.estimator if cell.target is None or cell.estimator in registry.ESTIMATORS else cell.target
+    return registry.make_estimator(name, **params)
+
+
+def monte_carlo_row(cell, options) -> dict:
+    """Monte Carlo of the cell's estimator on its q, k, v (a ``scale`` left None takes the inputs' scale)."""
+    qkv = _cached_inputs(cell, options.device, options.max_memory)
+    params = dict(cell.params)
+    if "scale" in params and params["scale"] is None:
+        params["scale"] = qkv.scale
+    est = build_estimator(cell, **params)
+    res = monte_carlo(est, qkv.q, qkv.k, qkv.v, replicates=cell.replicates, seed=cell.mc_seed,
+                      max_memory=options.max_memory, matrix=cell.matrix)
+    row = {**res.to_frame().iloc[0].to_dict(), "estimator": cell.estimator, "input_scale": qkv.scale}
+    if callable(getattr(est, "split", None)):  # a fitted estimator: were these inputs among those it was fitted on?
+        row["split"] = est.split(qkv)
+    return row
+
+
+def model_gap_row(cell, options) -> dict:
+    """The model run end to end with the cell's estimator in place of its attention (evalab.measure.model_gap)."""
+    from ..measure.model_gap import sweep_row
+
+    return sweep_row(build_estimator(cell, **cell.params), cell)
+
+
+MEASUREMENTS = {
+    "monte_carlo": Measurement("monte_carlo", lambda: kinds.INPUTS, monte_carlo_row),
+    "model_gap": Measurement("model_gap", lambda: kinds.MODEL_RUNS, model_gap_row),
+}
+
+
+def measurement(kind: str) -> Measurement:
+    """The measurement that cells of inputs ``kind`` get (the first entry of ``MEASUREMENTS`` serving it)."""
+    for m in MEASUREMENTS.values():
+        if kind in m.kinds():
+            return m
+    raise ValueError(f"inputs kind {kind!r} has no measurement; expected one of {', '.join(map(repr, kinds.names()))}")
+
+
+
+# --- one cell ---------------------------------------------------------------------------------------------
 
 def _reserved_names() -> set[str]:
     names = {"estimator", "label", "inputs", "replicates", "seed", "scale", "status", "error", "cell_id"}
@@ -159,17 +226,6 @@ def _input_columns(cell: Cell) -> dict:
     return columns
 
 
-def _monte_carlo_row(cell: Cell, options: RunOptions) -> dict:
-    qkv = _make_inputs(cell, options.device, options.max_memory)
-    params = dict(cell.params)
-    if "scale" in params and params["scale"] is None:
-        params["scale"] = qkv.scale
-    est = registry.make_estimator(_buildable_name(cell), **params)
-    res = monte_carlo(est, qkv.q, qkv.k, qkv.v, replicates=cell.replicates, seed=cell.mc_seed,
-                      max_memory=options.max_memory, matrix=cell.matrix)
-    return {**res.to_frame().iloc[0].to_dict(), "estimator": cell.estimator, "input_scale": qkv.scale}
-
-
 def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
     """Compute one cell; never raises for a failing cell: returns its row with status "failed" instead."""
     if options.threads is not None and torch.get_num_threads() != options.threads:
@@ -180,36 +236,19 @@ def run_cell(cell: Cell, options: RunOptions) -> pd.DataFrame:
     status, error = "ok", cell.error
     if error is None:
         try:
-            if cell.kind == "model":  # the estimator inside a pretrained model, end to end (evalab.model_gap)
-                from ..measure.model_gap import sweep_row
-
-                row.update(sweep_row(registry.make_estimator(_buildable_name(cell), **cell.params), cell))
-            else:
-                row.update(_monte_carlo_row(cell, options))
+            row.update(measurement(cell.kind).row(cell, options))
         except Exception as err:  # noqa: BLE001 -- failure isolation: record and go on
             error = f"{type(err).__name__}: {err}"
     if error is not None:
         status = "failed"
     row.update(
         dtype=cell.dtype, device=options.device, status=status, error=error, cell_id=cell.cell_id,
-        spec_name=options.spec_name, spec_hash=options.spec_hash, evalab_version=_version(),
+        spec_name=options.spec_name, spec_hash=options.spec_hash, evalab_version=__version__,
         torch_version=torch.__version__, host=socket.gethostname(),
         finished_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         wall_seconds=time.perf_counter() - start,
     )
     return pd.DataFrame([row])
-
-
-def _buildable_name(cell: Cell) -> str:
-    """The name this process builds the cell's estimator by: its spec name where registered here, else the
-    import path the cell carries (a Dask worker knows only the built-ins and what it can import)."""
-    return cell.estimator if cell.target is None or cell.estimator in registry.ESTIMATORS else cell.target
-
-
-def _version() -> str:
-    import evalab
-
-    return evalab.__version__
 
 
 # --- progress ---------------------------------------------------------------------------------------------
@@ -309,6 +348,8 @@ def _run_dask(cells: list[Cell], options: RunOptions, bar, *, workers: int | Non
             raise ConnectionError(f"cannot reach the Dask scheduler at {scheduler} ({err}); is it running, and is "
                                   "the address right?") from None
     try:
+        if scheduler is not None:
+            _check_workers_import(client, cells, scheduler)
         by_key = {}
         futures = []
         token = uuid.uuid4().hex[:8]
@@ -329,6 +370,31 @@ def _run_dask(cells: list[Cell], options: RunOptions, bar, *, workers: int | Non
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def import_errors(targets: list[str]) -> dict[str, str]:
+    """Import path -> why it cannot be imported in this process, for each of ``targets`` that cannot."""
+    errors = {}
+    for target in targets:
+        try:
+            registry.estimator_class(target)
+        except ValueError as err:
+            errors[target] = str(err)
+    return errors
+
+
+def _check_workers_import(client, cells: list[Cell], scheduler: str) -> None:
+    """Raise ImportError naming the estimator and the worker when a worker of an external cluster cannot import an
+    estimator the cells name by import path (the built-ins every worker has)."""
+    targets = sorted({c.target for c in cells if c.target is not None})
+    if not targets:
+        return
+    answers = client.run(import_errors, targets)  # worker address -> {target: error}
+    for worker, errors in sorted(answers.items()):
+        for target, error in errors.items():
+            label = next(c.estimator for c in cells if c.target == target)
+            raise ImportError(f"Dask worker {worker} of {scheduler} cannot import estimator {label!r} ({target}): "
+                              f"{error}; install its package on every worker (or put its module on their PYTHONPATH)")
 
 
 def _probe(address: str) -> None:

@@ -263,7 +263,7 @@ def _check_scalar(path: str, value: object) -> object:
 
 def input_parameters(kind: str) -> dict[str, inspect.Parameter]:
     """The keyword parameters of a registered inputs kind (name -> inspect.Parameter)."""
-    sig = inspect.signature(kinds.INPUTS[kind])
+    sig = inspect.signature(kinds.kind_function(kind))
     return {
         name: p for name, p in sig.parameters.items()
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -271,18 +271,19 @@ def input_parameters(kind: str) -> dict[str, inspect.Parameter]:
 
 
 def _accepts_any(kind: str) -> bool:
-    sig = inspect.signature(kinds.INPUTS[kind])
+    sig = inspect.signature(kinds.kind_function(kind))
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
 
 
 def _validate_inputs(raw: object) -> dict:
     if not isinstance(raw, dict):
         raise SpecError(f"inputs: {raw!r} must be a table ([inputs])")
+    known = kinds.names()
     if "kind" not in raw:
-        raise SpecError(f"inputs.kind: missing (required); expected one of {', '.join(map(repr, kinds.INPUTS))}")
+        raise SpecError(f"inputs.kind: missing (required); expected one of {', '.join(map(repr, known))}")
     kind = raw["kind"]
-    if kind not in kinds.INPUTS:
-        raise SpecError(f"inputs.kind: {kind!r} is not a registered inputs kind; expected one of {', '.join(map(repr, kinds.INPUTS))}")
+    if kind not in known:
+        raise SpecError(f"inputs.kind: {kind!r} is not a registered inputs kind; expected one of {', '.join(map(repr, known))}")
     params = input_parameters(kind)
     settable = [name for name in params if name not in SUPPLIED]
     out = {"kind": kind}
@@ -301,7 +302,7 @@ def _validate_inputs(raw: object) -> dict:
         for i, s in enumerate(out["seed"] if isinstance(out["seed"], list) else [out["seed"]]):
             if isinstance(s, bool) or not isinstance(s, int) or s < 0:
                 raise SpecError(f"inputs.seed: {s!r} must be an integer >= 0")
-    if kind == "model":  # the model kind only names and checks its settings (evalab.model_gap runs the model)
+    if kind in kinds.MODEL_RUNS:  # these kinds only check their settings (cheap): check every combination now
         names, values = _axes(out, ("kind",))
         for combo in itertools.product(*values):
             try:
@@ -317,11 +318,17 @@ def _validate_block(index: int, raw: dict) -> dict:
         names = ", ".join(map(repr, registry.ESTIMATORS))
         raise SpecError(f"{where}.name: missing (required); expected one of {names}, or an import path 'package.module:Class'")
     name = raw["name"]
+    if isinstance(name, str) and name.startswith(registry.FITTED + ":"):  # "fitted:<file>" names the file
+        if "file" in raw:
+            raise SpecError(f"{where}.file: given twice, in name {name!r} and as file = {raw['file']!r}")
+        raw = {**raw, "name": registry.FITTED, "file": name[len(registry.FITTED) + 1:], "label": raw.get("label", name)}
+        name = registry.FITTED
     try:
         cls = registry.estimator_class(name)
     except ValueError as err:
         raise SpecError(f"{where}.name: {err}") from None
-    label = raw.get("label", name if registry.is_builtin(name) else cls.__name__)
+    default_label = Path(str(raw.get("file", name))).stem if name == registry.FITTED else registry.default_label(name)
+    label = raw.get("label", default_label)
     if not isinstance(label, str) or not label:
         raise SpecError(f"{where}.label: {label!r} must be a non-empty string")
     params = registry.estimator_parameters(cls)

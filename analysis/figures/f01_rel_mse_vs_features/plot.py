@@ -8,7 +8,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 
 from evalab import figures as fg
-from evalab.report.reproduce import rfa_prediction
+from evalab.measure.theory import rfa_prediction
 
 TITLE = "Relative MSE vs num_features: RFA samplers, EVA at equal cost, delta-method theory"
 NAME = "F1"

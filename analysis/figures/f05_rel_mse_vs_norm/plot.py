@@ -10,7 +10,7 @@ import torch
 from matplotlib.lines import Line2D
 
 from evalab import figures as fg
-from evalab.report.reproduce import rfa_prediction
+from evalab.measure.theory import rfa_prediction
 from evalab.measure.theory import kernel_mse
 
 TITLE = "Error vs input norm: RFA samplers and feature maps, EVA, with closed-form references"

@@ -9,7 +9,7 @@ import seaborn as sns
 from matplotlib.lines import Line2D
 
 from evalab import figures as fg
-from evalab.report.reproduce import rfa_prediction
+from evalab.measure.theory import rfa_prediction
 
 TITLE = "Pre-asymptotic regime: measured / delta-method variance of RFA iid vs num_features"
 NAME = "F7"

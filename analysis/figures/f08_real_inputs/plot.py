@@ -15,7 +15,7 @@ from matplotlib.colors import LogNorm
 
 import evalab
 from evalab import figures as fg
-from evalab.measure.monte_carlo import estimator_params
+from evalab.estimators.registry import estimator_parameters
 from evalab.report.reproduce import FigureSkipped
 
 TITLE = "Real inputs (all-MiniLM-L6-v2): error per layer x head at matched cost, and the |x + y|^2 they bring"
@@ -58,7 +58,7 @@ def error_tables(*, seq_len, replicates, seed, device):
         res = evalab.monte_carlo(est, q, k, v, replicates=replicates, seed=seed, reference=exact.to(q.dtype),
                                  matrix=False)
         per_head = res.per_query["mse"].mean(-1) / ref_sq
-        params = {key: val for key, val in estimator_params(est).items() if key != "scale"}
+        params = {key: val for key, val in estimator_parameters(est).items() if key != "scale"}
         layers, n_heads = per_head.shape
         for layer in range(layers):
             for head in range(n_heads):
