@@ -181,7 +181,7 @@ class _Sums:
         a_c, a2_c = self._chunks(a), self._chunks(a2)  # (r, B, n, C, size)
         sums = (torch.einsum("rbncs,rbncv->bncsv", a_c, coords), a_c.sum(0),
                 torch.einsum("rbncs,rbncv->bncsv", a2_c, coords), a2_c.sum(0),
-                torch.einsum("rbncs,rbnc->bncs", a2_c, norm))
+                (a2_c * norm.unsqueeze(-1)).sum(0))
         self.sums = sums if self.sums is None else tuple(acc.to(torch.float64).add_(t) for acc, t in zip(self.sums, sums))
 
     def variance(self, R: int) -> torch.Tensor:
@@ -213,26 +213,28 @@ def _blocks(B: int, N: int, M: int, dv: int, F: int, sizes: list[int], batch: in
     result = 3 * B * N * M * 8
     padded = [math.ceil(M / s) * s for s in sizes]
     coords = [min(s, dv) for s in sizes]
-    # per query: each rule's sums (compute dtype, a float64 copy over several blocks of replicates), their finishing
-    # temporaries (two over beta's coordinates, compute dtype) and float64 scalars
-    per_query = B * sum(p * ((2 * D + 3) * (itemsize + 8) + 2 * D * itemsize + 6 * 8) for p, D in zip(padded, coords))
-    # per query and replicate: hbar, a, a^2; per rule chunked copies, coordinates and |beta|^2; the query features
-    per_query_rep = B * (3 * M + sum(5 * p + 2 * (p // s) * (D + 1) for p, s, D in zip(padded, sizes, coords))
-                         + 4 * F + 2 * dv) * itemsize
-    per_key_rep = B * (2 * M * F + F * (dv + 1)) * itemsize  # features (and their log while made), sums against v
-    room = max_memory - result - B * M * dv * (3 * itemsize + 2 * 8)  # v, its chunks and Gram matrices
     reps = min(batch, NOISE_BLOCK)
-    least = per_query + per_query_rep + per_key_rep
+    copy = 8 if reps < R else 0  # float64 sums over several blocks of replicates
+    # per query: each rule's sums, their finishing temporaries (two over beta's coordinates) and float64 scalars
+    per_query = B * sum(p * ((2 * D + 3) * (itemsize + copy) + 2 * D * itemsize + 6 * 8) for p, D in zip(padded, coords))
+    # per query and replicate: hbar, a, a^2; per rule their padded chunks, the weights w (w, w G and a^2 |beta|^2)
+    # and beta's coordinates with |beta|^2 per chunk; the query features
+    per_query_rep = B * (3 * M + sum(3 * (p - M > 0) * p + 3 * (s < dv) * p + 2 * (p // s) * (D + 1)
+                                     for p, s, D in zip(padded, sizes, coords)) + 4 * F + 2 * dv) * itemsize
+    per_key_rep = B * (M * F + F * (dv + 1)) * itemsize  # features and their sums against v
+    making = B * M * F * itemsize  # per replicate: the log-features while the features are made
+    room = max_memory - result - B * M * dv * (3 * itemsize + 2 * 8)  # v, its chunks and Gram matrices
+    least = per_query + per_query_rep + per_key_rep + making
     if room < least:
         raise MemoryError(
             f"key_variance needs about {(max_memory - room + least) / 2**30:.3g} GiB "
             f"(its three (*b, N, M) = {B} x {N} x {M} float64 results take {result / 2**30:.3g} GiB), over "
             f"max_memory={max_memory / 2**30:.3g} GiB; raise max_memory or pass fewer queries or keys"
         )
-    keep = room - R * per_key_rep >= per_query + reps * per_query_rep
+    keep = room - R * per_key_rep - reps * making >= per_query + reps * per_query_rep
     if not keep:  # each block of queries makes the key features of each block of replicates again
-        reps = max(1, min(reps, int((room - per_query) // (per_query_rep + per_key_rep))))
-    room -= R * per_key_rep if keep else reps * per_key_rep
+        reps = max(1, min(reps, int((room - per_query) // (per_query_rep + per_key_rep + making))))
+    room -= (R if keep else reps) * per_key_rep + reps * making
     budget = min(room, max(WORKING_SET, per_query + reps * per_query_rep))
     reps = max(1, min(reps, int((budget - per_query) // per_query_rep)))
     queries = max(1, min(N, int(budget // (per_query + reps * per_query_rep))))
