@@ -214,9 +214,9 @@ def _blocks(B: int, N: int, M: int, dv: int, F: int, sizes: list[int], batch: in
     padded = [math.ceil(M / s) * s for s in sizes]
     coords = [min(s, dv) for s in sizes]
     reps = min(batch, NOISE_BLOCK)
-    copy = 8 if reps < R else 0  # float64 sums over several blocks of replicates
-    # per query: each rule's sums, their finishing temporaries (two over beta's coordinates) and float64 scalars
-    per_query = B * sum(p * ((2 * D + 3) * (itemsize + copy) + 2 * D * itemsize + 6 * 8) for p, D in zip(padded, coords))
+    # per query: each rule's sums (and their float64 copy over several blocks of replicates), their finishing
+    # temporaries (two over beta's coordinates) and float64 scalars
+    per_query = B * sum(p * ((2 * D + 3) * (itemsize + 8) + 2 * D * itemsize + 6 * 8) for p, D in zip(padded, coords))
     # per query and replicate: hbar, a, a^2; per rule their padded chunks, the weights w (w, w G and a^2 |beta|^2)
     # and beta's coordinates with |beta|^2 per chunk; the query features
     per_query_rep = B * (3 * M + sum(3 * (p - M > 0) * p + 3 * (s < dv) * p + 2 * (p // s) * (D + 1)
@@ -237,5 +237,7 @@ def _blocks(B: int, N: int, M: int, dv: int, F: int, sizes: list[int], batch: in
     room -= (R if keep else reps) * per_key_rep + reps * making
     budget = min(room, max(WORKING_SET, per_query + reps * per_query_rep))
     reps = max(1, min(reps, int((budget - per_query) // per_query_rep)))
+    if reps == R:  # one block of replicates: no float64 copy of the sums
+        per_query -= B * sum(p * (2 * D + 3) * 8 for p, D in zip(padded, coords))
     queries = max(1, min(N, int(budget // (per_query + reps * per_query_rep))))
     return queries, reps, keep
