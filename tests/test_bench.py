@@ -42,6 +42,8 @@ def test_bench_tiny_plan_writes_report(tmp_path):
     text = (tmp_path / "bench.md").read_text()
     assert "Timings: median over repeats" in text and (("**Warning:**" in text) == bool(wide or saved["load"]["busy"]))
     assert "key_variance, N=16" in (tmp_path / "bench.md").read_text()
+    kv = saved["key_variance_scale"]
+    assert kv["seq_len"] == 16 and kv["replicates"] == 64 and kv["seconds"] > 0 and "key_variance at scale, N=16" in text
     if report["performer"] is not None:  # same projection, same stabiliser: agreement to float32 precision
         assert report["performer"]["max_abs_diff"] < 1e-5
 

@@ -83,3 +83,32 @@ def test_independent_noise_per_batch_element(coefficient, chunk_size):
     q, k, v = make_qkv(N=7, M=9, d=4, dv=3, batch=(2, 3), norm=0.9)
     est = ev.ControlVariates(num_features=5, coefficient=coefficient, chunk_size=chunk_size, shared_noise=False)
     assert_independent_noise_per_element(est, q, k, v)
+
+
+@pytest.mark.parametrize("N, M, dv, chunk_size, feature_map", [
+    (7, 13, 6, 4, "positive"),     # chunks of fewer than dv keys (weight space), the last one padded
+    (6, 11, 3, 5, "hyperbolic"),   # chunks in value space, the last one padded
+    (5, 4, 6, 3, "positive"),      # fewer keys than dv: the shared coefficient in weight space too
+])
+def test_key_variance_equals_a_direct_float64_reference(N, M, dv, chunk_size, feature_map):
+    """Reference computed the naive way in float64: hbar from the random-feature kernel estimate and Z, every
+    chunk's beta by a loop over chunks, ghat (R, *b, N, M, dv) in full, its sample variance over draws."""
+    from evalab.estimators.features import kernel_estimate
+    from evalab.measure.monte_carlo import iter_draws
+    q, k, v = make_qkv(N=N, M=M, d=4, dv=dv, batch=(2,), norm=1.0, seed=3)
+    R = 24
+    est = ev.ControlVariates(num_features=5, feature_map=feature_map)
+    result = ev.key_variance(q, k, v, num_features=5, chunk_size=chunk_size, replicates=R, seed=2,
+                             feature_map=feature_map)
+    omega = next(iter_draws(est, q, k, R, 2, R))[1].noise
+    x, y = q * 4 ** -0.25, k * 4 ** -0.25
+    logits = x @ y.transpose(-1, -2)
+    z = logits.exp().sum(-1, keepdim=True)
+    hbar, expected = kernel_estimate(x, y, omega, feature_map) / z, logits.exp() / z
+    for label, size in {"shared": M, f"chunked ({chunk_size})": chunk_size}.items():
+        beta = torch.empty(R, 2, N, M, dv, dtype=torch.float64)
+        for c in range(0, M, size):
+            h = hbar[..., c:c + size]
+            beta[..., c:c + size, :] = ((h @ v[..., c:c + size, :]) / h.sum(-1, keepdim=True)).unsqueeze(-2)
+        ghat = hbar.unsqueeze(-1) * v.unsqueeze(-3) - beta * (hbar - expected).unsqueeze(-1)
+        torch.testing.assert_close(result.variance[label], ghat.var(0).sum(-1), rtol=1e-10, atol=1e-15)

@@ -78,15 +78,20 @@ class ControlVariates(OmegaDraws):
         ct = _checks.compute_dtype(q, k)
         return GerfParams.of(self.feature_map, q.to(ct) * root, k.to(ct) * root, self.gerf_a)
 
+    def log_features(self, x: torch.Tensor, y: torch.Tensor, omega: torch.Tensor,
+                     params: GerfParams | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log phi of scaled queries x (*b, N, d) and keys y (*b, M, d): (R, *b, N, F), (R, *b, M, F); ``params``:
+        the map's parameters (default: from x and y). An empty x or y (no rows) computes the other side only."""
+        if self.feature_map in GERF_MAPS:
+            if params is None:
+                params = GerfParams.of(self.feature_map, x, y, self.gerf_a)
+            return gerf_log_features(GerfMap.build(x, y, params), omega)
+        return log_features(x, omega, self.feature_map), log_features(y, omega, self.feature_map)
+
     def _hbar(self, inp: Scaled, omega: torch.Tensor, log_z: torch.Tensor,
               params: GerfParams | None = None) -> torch.Tensor:
         """hbar (R, *b, N, M) for log Z_n (*b, N, 1); ``params``: the map's parameters (default: from inp)."""
-        if self.feature_map in GERF_MAPS:
-            if params is None:
-                params = GerfParams.of(self.feature_map, inp.x, inp.y, self.gerf_a)
-            lx, ly = gerf_log_features(GerfMap.build(inp.x, inp.y, params), omega)
-        else:
-            lx, ly = log_features(inp.x, omega, self.feature_map), log_features(inp.y, omega, self.feature_map)
+        lx, ly = self.log_features(inp.x, inp.y, omega, params)
         a, b = lx.amax(-1, keepdim=True), ly.amax((-2, -1), keepdim=True)
         return ((lx - a).exp() @ (ly - b).exp().transpose(-1, -2)) * (a + b - log_z).exp()
 
@@ -104,8 +109,8 @@ class ControlVariates(OmegaDraws):
         # sum_m ghat_m = sum_c beta_c sum_{m in P_c} E[h_m], beta_c = sum_{P_c} hbar_m v_m / sum_{P_c} hbar_m
         hbar = self._hbar(inp, omega, log_z)
         size = self._chunk(hbar.shape[-1])
-        beta_c = _chunk_coefficients(hbar, inp.v, size)
-        out = (beta_c * _chunked(expected_h, size).sum(-1, keepdim=True)).sum(-2)
+        beta_c = chunk_coefficients(hbar, inp.v, size)
+        out = (beta_c * chunked(expected_h, size).sum(-1, keepdim=True)).sum(-2)
         return out.to(inp.out_dtype)
 
     def cost(self, *, N: int, M: int, d: int, dv: int, batch: int = 1, itemsize: int = 4) -> Cost:
@@ -147,7 +152,7 @@ class ControlVariates(OmegaDraws):
             beta = vals.expand(R, *expected_h.shape, dv)
         else:
             size = self._chunk(M)
-            beta = _chunk_coefficients(hbar, inp.v, size).repeat_interleave(size, dim=-2)[..., :M, :]
+            beta = chunk_coefficients(hbar, inp.v, size).repeat_interleave(size, dim=-2)[..., :M, :]
         ghat = hbar.unsqueeze(-1) * vals - beta * (hbar - expected_h).unsqueeze(-1)
         return ControlVariateTerms(hbar, expected_h, beta, ghat)
 
@@ -168,14 +173,16 @@ def _expected_h(inp: Scaled) -> tuple[torch.Tensor, torch.Tensor]:
     return (logits - log_z).exp(), log_z
 
 
-def _chunk_coefficients(hbar: torch.Tensor, v: torch.Tensor, size: int) -> torch.Tensor:
-    """beta_c = sum_{P_c} hbar_m v_m / sum_{P_c} hbar_m: hbar (R, *b, N, M), v (*b, M, dv) -> (R, *b, N, C, dv)."""
-    h_c = _chunked(hbar, size)
-    return torch.einsum("r...ncm,...vcm->r...ncv", h_c, _chunked(v.transpose(-1, -2), size)) / h_c.sum(-1, keepdim=True)
+def chunk_coefficients(hbar: torch.Tensor, v: torch.Tensor, size: int) -> torch.Tensor:
+    """The coefficient of each chunk P_c of ``size`` consecutive keys, beta_c = sum_{P_c} hbar_m v_m / sum_{P_c} hbar_m:
+    hbar (R, *b, N, M), v (*b, M, dv) -> (R, *b, N, C, dv), C = ceil(M / size)."""
+    h_c = chunked(hbar, size)
+    return torch.einsum("r...ncm,...vcm->r...ncv", h_c, chunked(v.transpose(-1, -2), size)) / h_c.sum(-1, keepdim=True)
 
 
-def _chunked(t: torch.Tensor, size: int) -> torch.Tensor:
-    """Split the last dimension into chunks of ``size`` (zero-padded): (..., M) -> (..., C, size)."""
+def chunked(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Split the last dimension into C = ceil(M / size) chunks of ``size``, the last one zero-padded:
+    (..., M) -> (..., C, size)."""
     M = t.shape[-1]
     pad = (-M) % size
     return torch.nn.functional.pad(t, (0, pad)).unflatten(-1, (math.ceil(M / size), size))

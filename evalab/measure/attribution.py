@@ -8,6 +8,13 @@ ghat_m - E[h_m] v_m = a_m (v_m - beta_m) (docs/theory.md section 4), so the vari
 needs, per (n, m), only sum_r a_m, sum_r a_m beta_m and sum_r a_m^2 |v_m - beta_m|^2
 = sum_r a_m^2 (|v_m|^2 - 2 v_m.beta_m + |beta_m|^2); these are accumulated in blocks of queries and
 replicates, never R x N x M x dv at once.
+
+The work: the key features of every replicate are computed once (and kept across blocks of queries when they
+fit in memory); per block, one GEMM per replicate gives hbar = phi(x_n).phi(y_m) / Z_n, and one contraction over
+the replicates of the weights (a_m, a_m^2) with the columns (beta, 1, |beta|^2) gives every sum at once. beta has
+coordinates in value space (beta itself, dv numbers; the shared beta from the features, sum_m phi(y_m) v_m^T
+once per replicate) or, for chunks of fewer than dv keys, in weight space (beta_c = sum_{m in P_c} w_m v_m with
+w = hbar / sum_{P_c} hbar, chunk_size numbers, inner products through the chunk's Gram matrix V_c V_c^T).
 """
 from __future__ import annotations
 
@@ -19,10 +26,12 @@ import pandas as pd
 import torch
 
 from .. import _checks
-from ..estimators.control_variates import ControlVariates, _chunk_coefficients, _chunked
+from ..estimators.control_variates import ControlVariates, chunk_coefficients, chunked
+from ..estimators.features import num_columns
+from ..estimators.scaled import Scaled
 from .monte_carlo import NOISE_BLOCK, iter_draws
 
-WORKING_SET = 128 * 2**20  # bytes a block of queries and replicates aims at (within max_memory)
+WORKING_SET = 256 * 2**20  # bytes a block of queries and replicates aims at (within max_memory)
 
 
 @dataclass(frozen=True)
@@ -80,70 +89,155 @@ def key_variance(
     batch = replicates if batch is None else _checks.integer("batch", batch)
     max_memory = _checks.DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
     base = ControlVariates(num_features=num_features, **options)
-    sizes = {"shared": k.shape[-2], f"chunked ({chunk_size})": _checks.integer("chunk_size", chunk_size)}
-    B, N, M, dv = math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], v.shape[-1]
-    queries, reps = _blocks(B, N, M, dv, num_features, min(batch, replicates), max_memory)
-    draws = list(iter_draws(base, q, k, replicates, seed, reps))
+    M = k.shape[-2]
+    sizes = {"shared": M, f"chunked ({chunk_size})": min(_checks.integer("chunk_size", chunk_size), M)}
+    inp = Scaled.of(q, k, v, base.scale)
+    B, N, dv = math.prod(q.shape[:-2]), q.shape[-2], v.shape[-1]
+    F = num_columns(base.feature_map, num_features)
+    queries, reps, keep = _blocks(B, N, M, dv, F, list(sizes.values()), min(batch, replicates), replicates,
+                                  inp.x.element_size(), max_memory)
     params = base.gerf_params(q, k)  # oprf/sderf/saderf: parameters from all queries, shared by the blocks
-    variance = {label: torch.empty(*q.shape[:-1], M, dtype=torch.float64) for label in sizes}
-    values = v.to(_checks.compute_dtype(q, k, v))
+    values = inp.v.reshape(B, M, dv)
+    omegas = [draw.for_estimator(base, q, k, inp.x) for _, draw in iter_draws(base, q, k, replicates, seed, reps)]
+    keys = [_Keys.of(base, inp, values, omega, params) for omega in omegas] if keep else None
+    variance = {label: torch.empty(B, N, M, dtype=torch.float64) for label in sizes}
     for n0 in range(0, N, queries):
-        qb = q[..., n0:n0 + queries, :]
+        x = inp.x[..., n0:n0 + queries, :]
+        logits = (x @ inp.y.transpose(-1, -2)).reshape(B, -1, M)
+        log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+        expected_h = (logits - log_z).exp()  # softmax weights E[h_m] (B, n, M)
         sums = {label: _Sums(values, size) for label, size in sizes.items()}
-        for _, draw in draws:
-            _, hbar, expected_h = base._kernel(qb, k, v, draw, params)
+        for i, omega in enumerate(omegas):
+            key = keys[i] if keep else _Keys.of(base, inp, values, omega, params)
+            hbar, beta = key.queries(base, x, omega, log_z, params)
+            a = hbar - expected_h
+            a2 = a * a
             for sum_ in sums.values():
-                sum_.add(hbar, hbar - expected_h)
+                sum_.add(hbar, a, a2, beta)
         for label, sum_ in sums.items():
-            variance[label][..., n0:n0 + queries, :] = sum_.variance(replicates).cpu()
+            variance[label][:, n0:n0 + queries] = sum_.variance(replicates)
+    variance = {label: var.reshape(*q.shape[:-1], M) for label, var in variance.items()}
     # optimal: ghat_m = E[h_m] v_m whatever the draw, exactly zero variance
     variance["optimal"] = torch.zeros(*q.shape[:-1], M, dtype=torch.float64)
     return Attribution(variance, replicates)
 
 
+@dataclass(frozen=True)
+class _Keys:
+    """The key side of a block of r replicates (B batch elements flattened): features exp(log phi(y_m) - shift)
+    (r, B, M, F), shift the largest log-feature of each replicate (r, B, 1, 1), and their sums against the values,
+    sum_m phi(y_m) v_m^T (r, B, F, dv), and against 1 (r, B, F, 1) (shift left out of both)."""
+
+    features: torch.Tensor
+    shift: torch.Tensor
+    with_v: torch.Tensor
+    total: torch.Tensor
+
+    @classmethod
+    def of(cls, base: ControlVariates, inp: Scaled, values: torch.Tensor, omega: torch.Tensor, params) -> "_Keys":
+        _, ly = base.log_features(inp.x[..., :0, :], inp.y, omega, params)
+        ly = ly.reshape(omega.shape[0], *values.shape[:-1], -1)
+        shift = ly.amax((-2, -1), keepdim=True)
+        features = ly.sub_(shift).exp_()
+        return cls(features, shift, features.transpose(-1, -2) @ values, features.sum(-2).unsqueeze(-1))
+
+    def queries(self, base: ControlVariates, x: torch.Tensor, omega: torch.Tensor, log_z: torch.Tensor, params):
+        """For scaled queries x (*b, n, d) with log Z_n (B, n, 1): hbar (r, B, n, M) and the shared beta (r, B, n, dv)."""
+        lx, _ = base.log_features(x, x[..., :0, :], omega, params)
+        lx = lx.reshape(omega.shape[0], *log_z.shape[:-1], -1)
+        top = lx.amax(-1, keepdim=True)
+        features = lx.sub_(top).exp_()
+        hbar = (features @ self.features.transpose(-1, -2)).mul_((top + self.shift - log_z).exp())
+        return hbar, (features @ self.with_v) / (features @ self.total)
+
+
 class _Sums:
-    """Per-(n, m) float64 sums over replicates for one coefficient rule with chunks of ``size`` keys, in chunked
-    layout (*b, n, C, size, .): one contraction over r of the weights (a, a^2) with (beta, 1, |beta|^2) gives
-    sum a beta, sum a, sum a^2 beta, sum a^2 and sum a^2 |beta|^2 at once."""
+    """Per-(n, m) sums over replicates for one coefficient rule with chunks of ``size`` keys, in chunked layout
+    (B, n, C, size, .): contractions over r of the weights a and a^2 with beta's coordinates give sum a beta and
+    sum a^2 beta, and with |beta|^2 sum a^2 |beta|^2. Coordinates: beta itself (dv numbers) or, for size < dv,
+    the chunk's weights w = hbar / sum_{P_c} hbar (size numbers, inner products through the Gram matrix
+    V_c V_c^T)."""
 
     def __init__(self, v: torch.Tensor, size: int):
+        """v (B, M, dv) in the compute dtype."""
         self.v, self.size, self.M = v, size, v.shape[-2]
-        self.sums = 0.0
+        self.v_c = chunked(v.transpose(-1, -2), size).movedim(-3, -1)  # (B, C, size, dv)
+        self.gram = self.v_c @ self.v_c.transpose(-1, -2) if size < v.shape[-1] else None  # (B, C, size, size)
+        self.sums = None
 
-    def add(self, hbar: torch.Tensor, a: torch.Tensor) -> None:
-        """hbar and a = hbar - E[h]: (r, *b, n, M), in the compute dtype."""
-        beta = _chunk_coefficients(hbar, self.v, self.size)  # (r, *b, n, C, dv)
-        a_c = _chunked(a, self.size)  # (r, *b, n, C, size)
-        weights = torch.cat([a_c, a_c * a_c], dim=-1)
-        columns = torch.cat([beta, torch.ones_like(beta[..., :1]), (beta * beta).sum(-1, keepdim=True)], dim=-1)
-        self.sums = self.sums + torch.einsum("r...ncs,r...ncv->...ncsv", weights, columns).to(torch.float64)
+    def _chunks(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., M) -> (..., C, size), a view when size divides M."""
+        return t.unflatten(-1, (self.M // self.size, self.size)) if self.M % self.size == 0 else chunked(t, self.size)
+
+    def add(self, hbar: torch.Tensor, a: torch.Tensor, a2: torch.Tensor, beta: torch.Tensor) -> None:
+        """hbar, a = hbar - E[h] and a^2: (r, B, n, M); beta (r, B, n, dv) the coefficient of all keys (one chunk)."""
+        if self.gram is not None:
+            h_c = self._chunks(hbar)
+            coords = h_c / h_c.sum(-1, keepdim=True)  # (r, B, n, C, size)
+            norm = torch.einsum("rbncs,bcst->rbnct", coords, self.gram).mul_(coords).sum(-1)
+        else:
+            coords = beta.unsqueeze(-2) if self.size == self.M else chunk_coefficients(hbar, self.v, self.size)
+            norm = (coords * coords).sum(-1)
+        a_c, a2_c = self._chunks(a), self._chunks(a2)  # (r, B, n, C, size)
+        sums = (torch.einsum("rbncs,rbncv->bncsv", a_c, coords), a_c.sum(0),
+                torch.einsum("rbncs,rbncv->bncsv", a2_c, coords), a2_c.sum(0),
+                (a2_c * norm.unsqueeze(-1)).sum(0))
+        self.sums = sums if self.sums is None else tuple(acc.to(torch.float64).add_(t) for acc, t in zip(self.sums, sums))
 
     def variance(self, R: int) -> torch.Tensor:
-        """(*b, n, M): (sum |u|^2 - |sum u|^2 / R) / (R - 1) for u = a (v - beta)."""
-        v_c = _chunked(self.v.to(torch.float64).transpose(-1, -2), self.size).movedim(-3, -1).unsqueeze(-4)
-        first, second = self.sums.split(self.size, dim=-2)  # weights a and a^2: (*b, n, C, size, dv + 2) each
-        dv = v_c.shape[-1]
-        total = first[..., dv].unsqueeze(-1) * v_c - first[..., :dv]  # sum_r u_r = v sum a - sum a beta
-        squares = second[..., dv] * (v_c * v_c).sum(-1) - 2 * (v_c * second[..., :dv]).sum(-1) + second[..., dv + 1]
-        var = (squares - (total * total).sum(-1) / R) / (R - 1)
+        """(B, n, M) float64: (sum |u|^2 - |sum u|^2 / R) / (R - 1) for u = a (v - beta). The reductions over
+        beta's coordinates run in the sums' dtype, the difference in float64."""
+        sum_a_beta, sum_a, sum_a2_beta, sum_a2, sum_a2_norm = self.sums  # (B, n, C, size, D) and (B, n, C, size)
+        if self.gram is None:  # value space: v_m's coordinates are v_m, the inner product the identity
+            x = self.v_c.to(sum_a.dtype).unsqueeze(-4)  # (B, 1, C, size, dv)
+            total = sum_a.unsqueeze(-1) * x - sum_a_beta  # sum_r u_r = v sum a - sum a beta
+            total_sq = (total * total).sum(-1)
+            v_sq, v_dot = (x * x).sum(-1), (x * sum_a2_beta).sum(-1)
+        else:  # weight space: v_m's coordinates are the unit vector e_m, the inner product the Gram matrix
+            gram = self.gram.to(sum_a.dtype).unsqueeze(-4)  # (B, 1, C, size, size)
+            total = sum_a_beta.neg()
+            total.diagonal(dim1=-2, dim2=-1).add_(sum_a)
+            total_sq = ((total @ gram) * total).sum(-1)
+            v_sq, v_dot = gram.diagonal(dim1=-2, dim2=-1), (sum_a2_beta @ gram).diagonal(dim1=-2, dim2=-1)
+        f64 = lambda t: t.to(torch.float64)  # noqa: E731
+        squares = f64(sum_a2) * f64(v_sq) - 2 * f64(v_dot) + f64(sum_a2_norm)
+        var = (squares - f64(total_sq) / R) / (R - 1)
         return var.flatten(-2)[..., : self.M].clamp_min(0.0)
 
 
-def _blocks(B: int, N: int, M: int, dv: int, S: int, batch: int, max_memory: float) -> tuple[int, int]:
-    """(queries, replicates) per block: the three results, the two rules' sums for a block of queries and the
-    (replicates, queries, M) temporaries within max_memory, aiming at WORKING_SET bytes."""
+def _blocks(B: int, N: int, M: int, dv: int, F: int, sizes: list[int], batch: int, R: int, itemsize: int,
+            max_memory: float) -> tuple[int, int, bool]:
+    """(queries, replicates, keep the key features) per block: the three results, the key features (of all R
+    replicates when kept, of one block otherwise), the rules' sums for a block of queries and the (replicates,
+    queries, M) temporaries within max_memory, aiming at WORKING_SET bytes."""
     result = 3 * B * N * M * 8
-    per_query = B * M * (7 * dv + 8) * 8  # two rules' sums (2 (dv + 2) each) and the finishing temporaries (3 dv)
-    per_query_rep = B * (10 * M + 4 * S) * 8  # hbar, a, chunked copies, v.beta, products; the query features
-    room = max_memory - result - B * M * (4 * S + 3 * dv) * 8  # the keys' features, v
+    padded = [math.ceil(M / s) * s for s in sizes]
+    coords = [min(s, dv) for s in sizes]
     reps = min(batch, NOISE_BLOCK)
-    if room < per_query + per_query_rep:
+    # per query: each rule's sums (and their float64 copy over several blocks of replicates), their finishing
+    # temporaries (two over beta's coordinates) and float64 scalars
+    per_query = B * sum(p * ((2 * D + 3) * (itemsize + 8) + 2 * D * itemsize + 6 * 8) for p, D in zip(padded, coords))
+    # per query and replicate: hbar, a, a^2; per rule their padded chunks, the weights w (w, w G and a^2 |beta|^2)
+    # and beta's coordinates with |beta|^2 per chunk; the query features
+    per_query_rep = B * (3 * M + sum(3 * (p - M > 0) * p + 3 * (s < dv) * p + 2 * (p // s) * (D + 1)
+                                     for p, s, D in zip(padded, sizes, coords)) + 4 * F + 2 * dv) * itemsize
+    per_key_rep = B * (M * F + F * (dv + 1)) * itemsize  # features and their sums against v
+    making = B * M * F * itemsize  # per replicate: the log-features while the features are made
+    room = max_memory - result - B * M * dv * (3 * itemsize + 2 * 8)  # v, its chunks and Gram matrices
+    least = per_query + per_query_rep + per_key_rep + making
+    if room < least:
         raise MemoryError(
-            f"key_variance needs about {(max_memory - room + per_query + per_query_rep) / 2**30:.3g} GiB "
+            f"key_variance needs about {(max_memory - room + least) / 2**30:.3g} GiB "
             f"(its three (*b, N, M) = {B} x {N} x {M} float64 results take {result / 2**30:.3g} GiB), over "
             f"max_memory={max_memory / 2**30:.3g} GiB; raise max_memory or pass fewer queries or keys"
         )
+    keep = room - R * per_key_rep - reps * making >= per_query + reps * per_query_rep
+    if not keep:  # each block of queries makes the key features of each block of replicates again
+        reps = max(1, min(reps, int((room - per_query) // (per_query_rep + per_key_rep + making))))
+    room -= (R if keep else reps) * per_key_rep + reps * making
     budget = min(room, max(WORKING_SET, per_query + reps * per_query_rep))
     reps = max(1, min(reps, int((budget - per_query) // per_query_rep)))
+    if reps == R:  # one block of replicates: no float64 copy of the sums
+        per_query -= B * sum(p * (2 * D + 3) * 8 for p, D in zip(padded, coords))
     queries = max(1, min(N, int(budget // (per_query + reps * per_query_rep))))
-    return queries, reps
+    return queries, reps, keep

@@ -9,7 +9,7 @@ memory; (f) ``model_gap`` in all-MiniLM-L6-v2 over 100 verses; (g) ``model_gap``
 ``python -c pass`` and ``import evalab`` against ``import torch``, each in a fresh interpreter; (i) Scatterbrain
 against RFA of the same features, forward time ratio; (j) RFA and EVA no-grad forward peak memory at N = 16384;
 (k) small-N Monte-Carlo throughput on CUDA; (l) ``fit``: Hedgehog fitted on all 6 x 12 heads of
-all-MiniLM-L6-v2 at seq_len 512. Prints a markdown table, writes bench.json, bench.md and bench.png
+all-MiniLM-L6-v2 at seq_len 512; (m) ``key_variance`` at scale (N = 8192, 64 replicates): time and peak memory. Prints a markdown table, writes bench.json, bench.md and bench.png
 into ``out`` (default: a new folder under the user cache, :func:`default_out`).
 
 Noise and signal: every timing goes through :func:`_time`, which returns a :class:`Timing` (a float, the median
@@ -82,15 +82,17 @@ class Plan:
     model_passages: int = 16  # (g): model_gap over this many held-out passages of 512 tokens (0: skip)
     fit_texts: int = 8  # (l): fit Hedgehog on this many training passages of 512 tokens (0: skip)
     fit_steps: int = 100  # (l): Adam steps, minibatches of 2 passages
+    key_variance_seq_len: int = 8192  # (m): key_variance at N = M = this, 64 replicates (0: skip)
     repeats: int = 3  # timed repeats per measurement after a warm-up (2 from seq_len 16384 on in (c))
 
 
 PLANS = {
     "full": Plan(),
     "quick": Plan(engine=((128, 1000, 200), (2048, 100, 10)), lengths=(1024, 2048, 4096, 8192), slope_from=1024,
-                  performer_seq_len=1024, fit_texts=2, fit_steps=5),
+                  performer_seq_len=1024, fit_texts=2, fit_steps=5, key_variance_seq_len=1024),
     "tiny": Plan(engine=((16, 8, 4),), lengths=(64, 128), slope_from=64, performer_seq_len=64, matmul_n=64,
-                 memory=False, attribution_seq_len=16, model_texts=0, model_passages=0, repeats=2, fit_texts=0),
+                 memory=False, attribution_seq_len=16, model_texts=0, model_passages=0, repeats=2, fit_texts=0,
+                 key_variance_seq_len=16),
 }
 
 
@@ -398,36 +400,42 @@ def bench_performer(device, plan: Plan) -> dict | None:
             "time_ratio": ours_s / theirs_s, "max_abs_diff": diff}
 
 
-def _attribution(seq_len: int) -> dict:
-    """Run key_variance once on Gaussian inputs (N = M = seq_len, d = dv = 64, norm 1.5): wall and CPU seconds."""
+def _attribution(seq_len: int, replicates: int = 256) -> dict:
+    """Run key_variance once on Gaussian inputs (N = M = seq_len, d = dv = 64, norm 1.5, S = 64, chunk_size 16):
+    wall and CPU seconds."""
     from ..measure.attribution import key_variance
 
     q, k, v = gaussian(seq_len=seq_len, d=D, norm=1.5, seed=0)
     wall, cpu = time.perf_counter(), time.process_time()
-    key_variance(q, k, v, num_features=64, chunk_size=16, replicates=256)
+    key_variance(q, k, v, num_features=64, chunk_size=16, replicates=replicates)
     return {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
 
 
-def _attribution_worker(seq_len: int, conn) -> None:
+def _attribution_worker(seq_len: int, replicates: int, conn) -> None:
     with open("/proc/self/clear_refs", "w") as refs:  # reset the peak-RSS counter (VmHWM) to the current RSS
         refs.write("5")
-    row = _attribution(seq_len)
+    row = _attribution(seq_len, replicates)
     conn.send({**row, "peak_rss_bytes": _rss_kib("VmHWM") * 1024})
+
+
+def _attribution_run(seq_len: int, replicates: int, memory: bool) -> dict:
+    """One key_variance run (:func:`_attribution`), with ``memory`` in a fresh process whose peak RSS it adds."""
+    if not memory:
+        return {**_attribution(seq_len, replicates), "peak_rss_bytes": None}
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_attribution_worker, args=(seq_len, replicates, child))
+    proc.start()
+    row = parent.recv()
+    proc.join()
+    return row
 
 
 def bench_attribution(device, plan: Plan) -> dict:
     """(e): ``key_variance`` at N = plan.attribution_seq_len, d = 64, S = 64, chunk_size 16, 256 replicates, on the
     CPU: wall and CPU seconds, and (with ``plan.memory``, Linux) the peak RSS of a fresh process, imports included."""
     row = {"seq_len": plan.attribution_seq_len, "d": D, "num_features": 64, "chunk_size": 16, "replicates": 256}
-    if not plan.memory:
-        return {**row, **_attribution(plan.attribution_seq_len), "peak_rss_bytes": None}
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_attribution_worker, args=(plan.attribution_seq_len, child))
-    proc.start()
-    row.update(parent.recv())
-    proc.join()
-    return row
+    return {**row, **_attribution_run(plan.attribution_seq_len, 256, plan.memory)}
 
 
 def bench_model(plan: Plan) -> dict | None:
@@ -609,8 +617,23 @@ def bench_small_n_gpu(device, plan: Plan) -> list[dict] | None:
     return rows
 
 
+#: (m): replicates of ``key_variance`` at scale (N = M = the plan's key_variance_seq_len, d = 64, S = 64, chunk_size 16).
+KEY_VARIANCE_REPLICATES = 64
+
+
+def bench_key_variance_scale(plan: Plan) -> dict | None:
+    """(m): ``key_variance`` at N = plan.key_variance_seq_len, d = 64, S = 64, chunk_size 16, KEY_VARIANCE_REPLICATES
+    replicates, on the CPU, run once (a warm-up would double minutes of work): wall and CPU seconds and (with
+    ``plan.memory``, Linux) the peak RSS of a fresh process, imports included; None with key_variance_seq_len 0."""
+    if not plan.key_variance_seq_len:
+        return None
+    row = {"seq_len": plan.key_variance_seq_len, "d": D, "num_features": 64, "chunk_size": 16,
+           "replicates": KEY_VARIANCE_REPLICATES}
+    return {**row, **_attribution_run(plan.key_variance_seq_len, KEY_VARIANCE_REPLICATES, plan.memory)}
+
+
 def markdown_rows(report: dict) -> list[str]:
-    """Markdown lines of sections (i), (j) and (k)."""
+    """Markdown lines of sections (i), (j), (k) and (m)."""
     lines = []
     for r in report.get("scatterbrain_ratio") or []:
         lines.append(f"\nScatterbrain / RFA forward (S={r['num_features']}, window={r['window']}, N={r['seq_len']}, "
@@ -620,6 +643,12 @@ def markdown_rows(report: dict) -> list[str]:
     for r in report.get("small_n_gpu") or []:
         lines.append(f"\nmonte_carlo on the device, {r['case']} N={r['seq_len']} R={r['replicates']}: "
                      f"{r['seconds']:.3g}s ({r['replicates_per_s']:.0f} replicates/s)")
+    if report.get("key_variance_scale"):
+        r = report["key_variance_scale"]
+        peak = "" if r["peak_rss_bytes"] is None else f", peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
+        lines.append(f"\nkey_variance at scale, N={r['seq_len']}, d={r['d']}, S={r['num_features']}, chunk_size="
+                     f"{r['chunk_size']}, R={r['replicates']} (CPU, one run): {r['seconds']:.3g}s wall, "
+                     f"{r['cpu_seconds']:.3g}s CPU{peak}")
     return lines
 
 
@@ -739,6 +768,7 @@ def run_bench(*, plan: str = "full", device: str = "cpu", out: str | Path | None
     report["no_grad_memory"] = bench_no_grad_memory(dev, sizes)
     report["small_n_gpu"] = bench_small_n_gpu(dev, sizes)
     report["fit"] = bench_fit(sizes)
+    report["key_variance_scale"] = bench_key_variance_scale(sizes)
     report["load"] = load.report()
     report["wide_timings"] = spread_report(report)
     out = default_out(plan) if out is None else Path(out)
