@@ -329,6 +329,17 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
+def _in_fresh_process(worker, *args):
+    """What ``worker(*args, conn)`` sends back over ``conn`` when run in a fresh (spawned) process."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=worker, args=(*args, child))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return value
+
+
 def _peak_cpu_worker(name: str, seq_len: int, conn) -> None:
     fn = _forward(name, seq_len, torch.device("cpu"))
     with open("/proc/self/clear_refs", "w") as refs:  # reset the peak-RSS counter (VmHWM) to the current RSS
@@ -349,13 +360,7 @@ def peak_memory(name: str, seq_len: int, device) -> float:
         fn()
         torch.cuda.synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - base)
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_peak_cpu_worker, args=(name, seq_len, child))
-    proc.start()
-    value = parent.recv()
-    proc.join()
-    return float(value)
+    return float(_in_fresh_process(_peak_cpu_worker, name, seq_len))
 
 
 def bench_scaling(device, plan: Plan) -> tuple[list[dict], dict]:
@@ -422,13 +427,7 @@ def _attribution_run(seq_len: int, replicates: int, memory: bool) -> dict:
     """One key_variance run (:func:`_attribution`), with ``memory`` in a fresh process whose peak RSS it adds."""
     if not memory:
         return {**_attribution(seq_len, replicates), "peak_rss_bytes": None}
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_attribution_worker, args=(seq_len, replicates, child))
-    proc.start()
-    row = parent.recv()
-    proc.join()
-    return row
+    return _in_fresh_process(_attribution_worker, seq_len, replicates)
 
 
 def bench_attribution(device, plan: Plan) -> dict:
