@@ -31,7 +31,7 @@ from ..estimators.features import num_columns
 from ..estimators.scaled import Scaled
 from .monte_carlo import NOISE_BLOCK, iter_draws
 
-WORKING_SET = 256 * 2**20  # bytes a block of queries and replicates aims at (within max_memory)
+WORKING_SET = 128 * 2**20  # bytes a block of queries and replicates aims at (within max_memory)
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,8 @@ def key_variance(
 
     q (*b, N, d), k (*b, M, d), v (*b, M, dv); ``options`` (feature_map, sampler, scale, gerf_a) go to ControlVariates.
     Works in blocks of queries and of replicates (at most ``batch`` replicates per block) within ``max_memory``
-    bytes (default 2 GiB), the three (*b, N, M) float64 results included; raises a MemoryError when even one
-    query and one replicate do not fit.
+    bytes (default 2 GiB), the two (*b, N, M) float64 results of the random rules included (the optimal rule's
+    zeros are a broadcast view, no memory); raises a MemoryError when even one query and one replicate do not fit.
     """
     _checks.integer("replicates", replicates, minimum=2)
     _checks.qkv(q, k, v)
@@ -117,8 +117,8 @@ def key_variance(
         for label, sum_ in sums.items():
             variance[label][:, n0:n0 + queries] = sum_.variance(replicates)
     variance = {label: var.reshape(*q.shape[:-1], M) for label, var in variance.items()}
-    # optimal: ghat_m = E[h_m] v_m whatever the draw, exactly zero variance
-    variance["optimal"] = torch.zeros(*q.shape[:-1], M, dtype=torch.float64)
+    # optimal: ghat_m = E[h_m] v_m whatever the draw, exactly zero variance (a read-only broadcast of one zero)
+    variance["optimal"] = torch.zeros((), dtype=torch.float64).expand(*q.shape[:-1], M)
     return Attribution(variance, replicates)
 
 
@@ -207,10 +207,10 @@ class _Sums:
 
 def _blocks(B: int, N: int, M: int, dv: int, F: int, sizes: list[int], batch: int, R: int, itemsize: int,
             max_memory: float) -> tuple[int, int, bool]:
-    """(queries, replicates, keep the key features) per block: the three results, the key features (of all R
+    """(queries, replicates, keep the key features) per block: the two results, the key features (of all R
     replicates when kept, of one block otherwise), the rules' sums for a block of queries and the (replicates,
     queries, M) temporaries within max_memory, aiming at WORKING_SET bytes."""
-    result = 3 * B * N * M * 8
+    result = 2 * B * N * M * 8
     padded = [math.ceil(M / s) * s for s in sizes]
     coords = [min(s, dv) for s in sizes]
     reps = min(batch, NOISE_BLOCK)
@@ -228,7 +228,7 @@ def _blocks(B: int, N: int, M: int, dv: int, F: int, sizes: list[int], batch: in
     if room < least:
         raise MemoryError(
             f"key_variance needs about {(max_memory - room + least) / 2**30:.3g} GiB "
-            f"(its three (*b, N, M) = {B} x {N} x {M} float64 results take {result / 2**30:.3g} GiB), over "
+            f"(its two (*b, N, M) = {B} x {N} x {M} float64 results take {result / 2**30:.3g} GiB), over "
             f"max_memory={max_memory / 2**30:.3g} GiB; raise max_memory or pass fewer queries or keys"
         )
     keep = room - R * per_key_rep - reps * making >= per_query + reps * per_query_rep
