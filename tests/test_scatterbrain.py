@@ -9,7 +9,7 @@ import evalab as ev
 from conftest import make_qkv, scaled
 from evalab.estimators.eva import CHUNK_LOGITS
 from evalab.estimators import window as windows
-from evalab.estimators.scatterbrain import outside_geometry
+from evalab.estimators.scatterbrain import Complement
 from evalab.estimators.window import QUERY_BLOCK, span
 
 
@@ -161,10 +161,11 @@ def test_cost_counts_the_matrix_products(support, window, causal, feature_map):
     block = est.query_block()
     first, width = span(lo, hi, block)
     elementwise += 4 * len(first) * block * width
-    for bound in [lo] if causal else [lo, (M - hi)[::-1]]:
-        starts, reach, length = outside_geometry(bound, block)
-        B = len(starts)  # blocks padded to B x block queries, segments to the longest, pairs to the furthest reach
-        elementwise += B * block * (3 * reach * F + 4 * F) + 3 * B * length * F + 12 * B * F * dv
+    geometry = Complement.of(lo, hi, block, M, causal)
+    B, C, L, p = len(geometry.starts), geometry.segments, geometry.length, geometry.reach
+    # blocks padded to B x block queries, segments to the longest, pairs to the furthest reach
+    elementwise += (3 * C * L * F + 6 * C * F * dv + 4 * B * F * dv + 3 * B * block * p * F
+                    + 4 * B * block * (F + p))
     assert est.cost(N=N, M=M, d=d, dv=dv).flops() - elementwise == counter.get_total_flops()
 
 

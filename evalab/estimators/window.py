@@ -87,18 +87,48 @@ def local_attention(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, lo: np.nd
         empty = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=device)
         zeros = torch.zeros(*x.shape[:-1], v.shape[-1], dtype=v.dtype, device=device)
         return (empty, zeros, empty) if with_max else (empty, zeros)
-    B, pad = len(first), len(first) * block - N
-    key = torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(width, device=device)  # (B, span)
-    lo_t, hi_t = (torch.from_numpy(np.pad(t, (0, pad))).to(device).view(B, block, 1) for t in (lo, hi))
-    inside = (key.unsqueeze(-2) >= lo_t) & (key.unsqueeze(-2) < hi_t)  # (B, block, span); padding rows: empty
-    key = key.clamp(max=M - 1)
-    xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(-2, (B, block))  # (*b, B, block, d)
-    logits = (xb @ y[..., key, :].transpose(-1, -2)).masked_fill(~inside, -math.inf)  # (*b, B, block, span)
-    lse = torch.logsumexp(logits, dim=-1)
-    weights = torch.exp(logits - finite(lse).unsqueeze(-1))
-    out = weights @ v[..., key, :]  # (*b, B, block, dv)
+    xb, keys, values, inside = window_blocks(x, y, v, lo, hi, block)
+    logits = xb @ keys.transpose(-1, -2)  # (*b, B, block, span)
+    if inside is None:  # no key masked, no empty window: one shift per row, no -inf
+        top = logits.amax(-1, keepdim=True)
+        weights = (logits - top).exp()
+        total = weights.sum(-1, keepdim=True)
+        lse, weights = (top + total.log()).squeeze(-1), weights / total
+    else:
+        logits = logits.masked_fill(~inside, -math.inf)
+        lse = torch.logsumexp(logits, dim=-1)
+        weights = torch.exp(logits - finite(lse).unsqueeze(-1))
+    out = weights @ values  # (*b, B, block, dv)
     lse, out = lse.flatten(-2)[..., :N], out.flatten(-3, -2)[..., :N, :]
     return (lse, out, logits.amax(-1).flatten(-2)[..., :N]) if with_max else (lse, out)
+
+
+def window_blocks(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, lo: np.ndarray, hi: np.ndarray,
+                  block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The windows [lo_n, hi_n) of blocks of ``block`` queries: xb (*b, B, block, d), the queries zero-padded to
+    B blocks; keys (*b, B, span, d) and values (*b, B, span, dv), the keys each block gathers (a view when the
+    blocks tile the keys); inside (B, block, span) bool, which of them lie in each query's window (padding
+    rows: the last query's), or None when all do."""
+    N, M, device = x.shape[-2], y.shape[-2], x.device
+    first, width = span(lo, hi, block)
+    B, pad = len(first), len(first) * block - N
+    xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(-2, (B, block))  # (*b, B, block, d)
+    if tiles(first, width, block, M) and not pad:  # block j holds keys [j T, j T + T)
+        keys, values = y.unflatten(-2, (B, block)), v.unflatten(-2, (B, block))
+        if (lo == np.repeat(first, block)).all() and (hi == np.repeat(first + width, block)).all():
+            return xb, keys, values, None  # each query all of them
+    else:
+        key = (torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(width, device=device)).clamp_(max=M - 1)
+        keys, values = y[..., key, :], v[..., key, :]  # (*b, B, span, .)
+    key = torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(width, device=device)  # (B, span)
+    lo_t, hi_t = (torch.from_numpy(np.pad(t, (0, pad), mode="edge")).to(device).view(B, block, 1) for t in (lo, hi))
+    return xb, keys, values, (key.unsqueeze(-2) >= lo_t) & (key.unsqueeze(-2) < hi_t)
+
+
+def tiles(first: np.ndarray, width: int, block: int, M: int) -> bool:
+    """Whether blocks of ``block`` queries gathering ``width`` keys from ``first`` (B,) on are the tiles
+    [j block, j block + block) of all M keys (then the keys are a view, no gathered copy)."""
+    return width == block and len(first) * block == M and (first == np.arange(len(first)) * block).all()
 
 
 def finite(lse: torch.Tensor) -> torch.Tensor:
