@@ -162,10 +162,10 @@ def test_cost_counts_the_matrix_products(support, window, causal, feature_map):
     first, width = span(lo, hi, block)
     elementwise += 4 * len(first) * block * width
     geometry = Complement.of(lo, hi, block, M, causal)
-    B, C, L, p = len(geometry.starts), geometry.segments, geometry.length, geometry.reach
-    # blocks padded to B x block queries, segments to the longest, pairs to the furthest reach
-    elementwise += (3 * C * L * F + 6 * C * F * dv + 4 * B * F * dv + 3 * B * block * p * F
-                    + 4 * B * block * (F + p))
+    B, C, L, p = -(-N // block), geometry.tiles, block, geometry.reach
+    # blocks padded to B x block queries, keys to C tiles of block keys, pairs to the furthest reach
+    elementwise += (3 * C * L * F + 6 * C * F * dv + 4 * B * F * dv + 3 * B * (block + p) * F * (p > 0)
+                    + 2 * B * block * p + 4 * B * block * (F + p))
     assert est.cost(N=N, M=M, d=d, dv=dv).flops() - elementwise == counter.get_total_flops()
 
 

@@ -10,11 +10,11 @@ block-local windows (the block of ``window`` positions holding n, as in the EVA 
 the w keys ending at n. Causal: keys m <= n only, the random features over the past keys before the support.
 window = 0 gives RFA, a support holding every key gives softmax.
 
-The keys outside the support of a block of queries fall into segments; per segment and feature column f the
-keys' masses sum_m phi_f(y_m) and value sums sum_m phi_f(y_m) v_m form a state, and a block's state is
-the total less its own segments (causal: a running sum over the segments before it). Each query then takes one
-softmax over its window's logits, its block's state columns log phi_f(x_n) + log mass_f and the log-kernels
-of the few keys between its own support and its block's (the "pairs", sliding supports only), applied to the
+The keys fall into tiles of one query block's length; per tile and feature column f the keys' mass
+sum_m phi_f(y_m) and value sum sum_m phi_f(y_m) v_m form a state, and a block of queries takes the total less the
+few tiles that hold its supports (causal: a running sum over the earlier tiles). Each query then takes one
+softmax over its window's logits, its block's state columns log phi_f(x_n) + log mass_f and the log-kernels of
+the keys of those tiles outside its own support (its "pairs"; none for the block support), applied to the
 window's values, the state averages and the pairs' values: Scatterbrain at the cost of RFA plus the window.
 The subtraction is the reference codes' log(total - window), without their eps or clamp: it errs by the compute
 dtype's rounding of each column's total, so the output errs by that rounding of the random-feature mass of the
@@ -38,9 +38,6 @@ from .scaled import Scaled
 from .window import KINDS
 from .window import bounds, query_block, span, window_blocks
 
-#: Elements of the pairwise log-kernel (replicates x batch x queries x keys x feature columns) per group of
-#: query blocks in the prefix/suffix sums.
-PAIR_ELEMENTS = 2**22
 #: On CPU, logits (replicates x batch x queries x (window + feature columns + pairs)) per group of query blocks.
 MIX_ELEMENTS = 2**20
 #: Per compute dtype, the fraction of a column's total below which its mass outside a block's support is rounding
@@ -90,7 +87,7 @@ class Scatterbrain(OmegaDraws):
         block = self.query_block()
         geometry = Complement.of(lo, hi, block, M, self.causal)
         lk = _log_features(inp.y, omega, self.feature_map)  # (R, *b, M, F)
-        log_mass, kv = _states(lk, inp.v, geometry, inplace=inp.inplace)
+        log_mass, kv = _states(lk, inp.v, geometry, -(-N // block), inplace=inp.inplace)
         out = _mix(inp, omega, self.feature_map, lk, lo, hi, block, geometry, log_mass, kv)
         return out.to(inp.out_dtype)
 
@@ -108,14 +105,15 @@ class Scatterbrain(OmegaDraws):
         each gathering the span of keys its supports reach (the window for the block support, T - 1 + w for the
         sliding one). Per replicate, matrix products as performed: the log-features of queries and keys
         (positive: 2 (N + M) S (d + 1), the half norm folded into the product; hyperbolic: 2 (N + M) S d, plus
-        2 (N + M) F elementwise to negate and subtract); the segment sums of the keys outside the supports with
-        their masses (:class:`Complement`: C segments padded to the longest, L keys; 2 C L F (dv + 1)); the
-        support's weights @ v (2 P dv), and per block (B blocks of T queries) the state's (2 B T F dv) and its
-        p pair keys' (2 B T p dv). Elementwise terms added: 4 per support pair (mask, subtract, exp, sum), 3 per
-        segment key-feature (subtract, exp), 6 per segment state entry and 4 per block state entry for the
-        outside sums (C F dv, B F dv), 3 per pair-feature (add, exp, sum; B T p F) and 4 per query-column
-        (B T (F + p)). Memory: the support's logits and gathered keys, the log-features, the gathered segments
-        and their weights, the segment and block states, one group's logits, pairs and weights, the output."""
+        2 (N + M) F elementwise to negate and subtract); the tile sums of the keys with
+        their masses (:class:`Complement`: C tiles of L = T keys, 2 C L F (dv + 1)); the
+        support's weights @ v (2 P dv), and per block (B blocks of T queries) the state's (2 B T F dv), its p
+        pair keys' kernels (2 B T p F) and weights @ v (2 B T p dv). Elementwise terms added: 4 per support pair
+        (mask, subtract, exp, sum), 3 per tile key-feature (subtract, exp), 6 per tile state entry and 4 per
+        block state entry for the outside sums (C F dv, B F dv), 3 per query- and pair-key-feature of a block
+        for the pair kernels (B (T + p) F) and 2 per pair (floor, log; B T p), and 4 per query-column
+        (B T (F + p)). Memory: the support's logits and gathered keys, the log-features, the tiles' weights,
+        the tile and block states, one group's logits, pairs and weights, the output."""
         F = self.columns
         lo, hi = self.bounds(N, M)
         block = self.query_block()
@@ -124,90 +122,89 @@ class Scatterbrain(OmegaDraws):
         S = self.num_features
         rep = 2 * (N + M) * S * (d + 1) if self.feature_map == "positive" else 2 * (N + M) * (S * d + F)
         geometry = Complement.of(lo, hi, block, M, self.causal)
-        B, C, L, p = len(geometry.starts), geometry.segments, geometry.length, geometry.reach
-        rep += 2 * C * L * F * (dv + 1) + 2 * pairs * dv + 2 * B * block * (F + p) * dv
-        rep += (4 * pairs + 3 * C * L * F + 6 * C * F * dv + 4 * B * F * dv + 3 * B * block * p * F
-                + 4 * B * block * (F + p))
+        B, C, L, p = -(-N // block), geometry.tiles, block, geometry.reach
+        rep += 2 * C * L * F * (dv + 1) + 2 * pairs * dv + 2 * B * block * (F + p) * dv + 2 * B * block * p * F
+        rep += (4 * pairs + 3 * C * L * F + 6 * C * F * dv + 4 * B * F * dv + 3 * B * (block + p) * F * (p > 0)
+                + 2 * B * block * p + 4 * B * block * (F + p))
         group = min(B * block * (width + F + p), MIX_ELEMENTS)
         memory = (2 * (N + M) * F + N * dv + 2 * C * L * F + 2 * C * F * (dv + 1) * (8 // itemsize if self.causal else 1)
-                  + B * F * (dv + 1) + 3 * group + min(B * block * p * F, PAIR_ELEMENTS))
+                  + B * F * (dv + 1) + 3 * group + B * (block + p) * F * (p > 0))
         memory_fixed = pairs + len(first) * width * (d + dv)
         return Cost.per_element(2 * pairs * d, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
 
 
 @dataclass(frozen=True)
 class Complement:
-    """Where the keys outside the supports [lo_n, hi_n) lie, for blocks of ``block`` queries (numpy, no tensor).
+    """Which keys each block of ``block`` queries leaves to its pairs (numpy, no tensor).
 
-    Block j (queries j T .. j T + T - 1) shares the prefix [0, a_j) and, unless causal, the suffix [h_j, M):
-    a_j = the first query's lo, h_j = the last query's hi. The keys those leave to each query, [a_j, lo_n) and
-    [hi_n, h_j), are its pairs (at most ``reach`` per query, both sides together). The keys fall into
-    ``segments`` at the cuts {0, M} and every a_j and h_j; the prefix of block j is the segments before
-    ``prefix_end[j]``, its suffix the segments from ``suffix_start[j]`` on.
+    The keys fall into ``tiles`` of ``block`` keys (the last one padded). Block j leaves out the tiles
+    j + first .. j + last - 1 (causal: every tile from j + first on), a range that holds the support of each of
+    its queries (none for empty non-causal supports); its state sums the other tiles. The keys it leaves out
+    that lie outside a query's own support, [start_j, lo_n) and [hi_n, end_j), are that query's pairs: at most
+    ``before`` and ``after`` per query.
     """
 
-    starts: np.ndarray  # a_j (B,)
-    ends: np.ndarray  # h_j (B,); M when causal (no suffix)
-    cuts: np.ndarray  # segment boundaries (S + 1,), 0 and M included
-    prefix_end: np.ndarray  # (B,) segment index of a_j
-    suffix_start: np.ndarray  # (B,) segment index of h_j
-    before: int  # the most prefix pairs a query of a block has, max lo_n - a_j
-    after: int  # the most suffix pairs, max h_j - hi_n
-    length: int  # the longest segment
+    block: int
+    first: int
+    last: int  # exclusive; causal: unused (every later tile is left out)
+    tiles: int
+    before: int
+    after: int
     causal: bool
 
     @classmethod
     def of(cls, lo: np.ndarray, hi: np.ndarray, block: int, M: int, causal: bool) -> "Complement":
-        N = len(lo)
-        last = np.minimum(np.arange(block, N + block, block), N) - 1
-        starts = lo[::block]
-        ends = np.full_like(starts, M) if causal else hi[last]
-        blocks = np.arange(N) // block
-        cuts = np.unique(np.concatenate([[0, M], starts, ends]))
-        before = int((lo - starts[blocks]).max(initial=0))
-        after = int((ends[blocks] - hi).max(initial=0)) if not causal else 0
-        return cls(starts, ends, cuts, np.searchsorted(cuts, starts), np.searchsorted(cuts, ends), before, after,
-                   int(np.diff(cuts).max(initial=0)), causal)
+        N, T = len(lo), block
+        j = np.arange(N) // T  # each query's block
+        tiles = -(-M // T)
+        if not causal and (lo == hi).all():  # empty supports: every key in the state, no pairs
+            return cls(T, 0, 0, tiles, 0, 0, causal)
+        first = int((lo // T - j).min())
+        last = int((-(-hi // T) - j).max())
+        before = int((lo - T * (j + first)).max(initial=0))
+        after = 0 if causal else int((T * (j + last) - hi).max(initial=0))
+        return cls(T, first, last, tiles, before, after, causal)
 
     @property
     def reach(self) -> int:
         """Pair keys per query: before + after."""
         return self.before + self.after
 
-    @property
-    def segments(self) -> int:
-        """Number of segments S."""
-        return len(self.cuts) - 1
+    def pairs(self, lo: np.ndarray, hi: np.ndarray, M: int) -> tuple[np.ndarray, np.ndarray]:
+        """The pair keys of every block, (B, reach) (start_j + i for i < before, then end_j - after + i for
+        i < after, clipped to [0, M)), and which are pairs of which query, (B, block, reach) bool (padding
+        rows: none)."""
+        N, T = len(lo), self.block
+        B = -(-N // T)
+        start = T * (np.arange(B) + self.first)
+        offsets = np.concatenate([start[:, None] + np.arange(self.before),
+                                  start[:, None] + T * (self.last - self.first) - self.after + np.arange(self.after)], 1)
+        lo_p, hi_p = (np.pad(t, (0, B * T - N)).reshape(B, T, 1) for t in (lo, hi))
+        keys = offsets[:, None, :]
+        pair = np.concatenate([(keys[..., :self.before] >= 0) & (keys[..., :self.before] < lo_p),
+                               (keys[..., self.before:] >= hi_p) & (keys[..., self.before:] < M)], axis=-1)
+        pair[N // T:, (N % T or T):] = False  # padding rows
+        return offsets.clip(0, M - 1), pair
 
 
 def _mix(inp: Scaled, omega: torch.Tensor, feature_map: str, lk: torch.Tensor, lo: np.ndarray, hi: np.ndarray,
          block: int, geometry: Complement, log_mass: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     """The output (R, *b, N, dv): per query one softmax over its window's logits x_n.y_m, its block's state
-    columns log phi_f(x_n) + log_mass_f (``_states``) and its pairs' log-kernels logsumexp_f(lq_nf + lk_mf),
-    applied to the window's values, the state averages kv_f and the pairs' values.
+    columns log phi_f(x_n) + log_mass_f (``_states``) and its pairs' log-kernels log phi(x_n).phi(y_m)
+    (``_pair_logits``), applied to the window's values, the state averages kv_f and the pairs' values.
 
     Over groups of blocks of ``block`` queries (on CPU at most MIX_ELEMENTS logits per group, so each group's
-    temporaries stay in cache; with pairs, at most PAIR_ELEMENTS pair log-kernel terms), the queries'
-    log-features made per group. lk (R, *b, M, F) from :func:`_log_features`; log_mass (R, *b, B, F),
-    kv (R, *b, B, F, dv)."""
+    temporaries stay in cache), the queries' log-features made per group. lk (R, *b, M, F) from
+    :func:`_log_features`; log_mass (R, *b, B, F), kv (R, *b, B, F, dv)."""
     x, v, inplace = inp.x, inp.v, inp.inplace
     N, F, device = x.shape[-2], lk.shape[-1], x.device
     xb, keys, values, inside = window_blocks(x, inp.y, v, lo, hi, block)  # (*b, B, T, d), (*b, B, w, .)
     B, width, reach = xb.shape[-3], keys.shape[-2], geometry.reach
-    if reach:  # pair keys: a_j + i for i < before, then h_j - after + i for i < after
-        pad = B * block - N
-        offsets = np.concatenate([geometry.starts[:, None] + np.arange(geometry.before),
-                                  geometry.ends[:, None] - geometry.after + np.arange(geometry.after)], axis=1)
-        lo_p, hi_p = (np.pad(t, (0, pad)).reshape(B, block, 1) for t in (lo, hi))
-        pair_in = np.concatenate([offsets[:, None, :geometry.before] < lo_p,
-                                  offsets[:, None, geometry.before:] >= hi_p], axis=-1)  # (B, T, p)
-        pair_in[N // block:, (N % block or block):] = False  # padding rows: no pair
-        beyond = torch.from_numpy(~pair_in).to(device)
-        key = torch.from_numpy(offsets.clip(0, lk.shape[-2] - 1)).to(device)  # (B, p)
+    if reach:
+        offsets, pair = geometry.pairs(lo, hi, lk.shape[-2])
+        key, beyond = torch.from_numpy(offsets).to(device), torch.from_numpy(~pair).to(device)  # (B, p), (B, T, p)
     rows = math.prod(lk.shape[:-2]) * block  # logits rows per block
     groups = B if device.type != "cpu" else max(1, MIX_ELEMENTS // (rows * (width + F + reach)))
-    if reach:
-        groups = min(groups, max(1, PAIR_ELEMENTS // (rows * reach * F)))
     state = log_mass - math.log(F)  # the 1/F of phi(x).phi(y), which _log_features leaves out
     out = torch.empty(*lk.shape[:-2], B, block, v.shape[-1], dtype=v.dtype, device=device)
     for j0 in range(0, B, groups):
@@ -220,10 +217,9 @@ def _mix(inp: Scaled, omega: torch.Tensor, feature_map: str, lk: torch.Tensor, l
             local = local.masked_fill(~inside[j0:j1], -math.inf)
         lq = _log_features(xb_g.flatten(-3, -2), omega, feature_map).unflatten(-2, xb_g.shape[-3:-1])  # (R, *b, G, T, F)
         parts = [(local, values[..., j0:j1, :, :])]
-        if reach:
+        if reach:  # before the state joins lq in place
             keys_p = key[j0:j1]
-            pair = torch.logsumexp(lq.unsqueeze(-2) + lk[..., keys_p, :].unsqueeze(-3), dim=-1)  # (R, *b, G, T, p)
-            parts.append(((pair - math.log(F)).masked_fill(beyond[j0:j1], -math.inf), v[..., keys_p, :]))
+            parts.append((_pair_logits(lq, lk[..., keys_p, :]).masked_fill(beyond[j0:j1], -math.inf), v[..., keys_p, :]))
         columns = lq.add_(state[..., j0:j1, :].unsqueeze(-2)) if inplace else lq + state[..., j0:j1, :].unsqueeze(-2)
         parts.append((columns, kv[..., j0:j1, :, :]))
         # one softmax over the parts' logits without concatenating them; every row has a key, inside or outside
@@ -237,73 +233,81 @@ def _mix(inp: Scaled, omega: torch.Tensor, feature_map: str, lk: torch.Tensor, l
     return out.flatten(-3, -2)[..., :N, :]
 
 
+def _pair_logits(lq: torch.Tensor, lk: torch.Tensor) -> torch.Tensor:
+    """log phi(x_n).phi(y_m) for the queries lq (R, *b, G, T, F) and pair keys lk (R, *b, G, p, F) of each block
+    (both from :func:`_log_features`): (R, *b, G, T, p), one matrix product per block. The keys are shifted by
+    their block's largest log-feature per column, each query by its largest shifted one, so every term is at most
+    1 and the largest kernel of a block's keys survives; a term below the dtype's range, at least e^-87 (float32)
+    under the query's largest, is dropped, and a kernel that loses all its terms is floored at the dtype's
+    smallest normal number (a finite logit, its weight negligible)."""
+    top = lk.amax(-2, keepdim=True)  # (R, *b, G, 1, F)
+    shifted = lq + top
+    row = shifted.amax(-1, keepdim=True)  # (R, *b, G, T, 1)
+    kernel = (shifted - row).exp() @ (lk - top).exp().transpose(-1, -2)
+    return kernel.clamp_min(torch.finfo(kernel.dtype).tiny).log() + (row - math.log(lq.shape[-1]))
+
+
 def _log_features(x: torch.Tensor, omega: torch.Tensor, feature_map: str) -> torch.Tensor:
     """log phi(x) + log(F) / 2 (the constant left to the callers): x (*b, N, d) -> (R, *b, N, F), a view of one
     (*b, N, R, F) projection."""
     return stacked_projection(x, omega, feature_map, minus_half_norm=True).movedim(-2, 0)
 
 
-def _states(lk: torch.Tensor, v: torch.Tensor, geometry: Complement, *,
+def _states(lk: torch.Tensor, v: torch.Tensor, geometry: Complement, blocks: int, *,
             inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block j and column f, over the keys outside its segments [prefix_end[j], suffix_start[j]) (causal:
-    the segments before prefix_end[j]): log_mass log sum_m e^{lk_mf} (R, *b, B, F) and kv, the matching average
-    of v (R, *b, B, F, dv); -inf and 0 for no key. Keys tiling [0, M) in equal segments are a view, no gathered
-    copy.
+    """Per block j of queries (``blocks`` of them) and column f, over the keys of every tile it does not leave
+    out (:class:`Complement`): log_mass log sum_m e^{lk_mf} (R, *b, B, F) and kv, the matching average of v
+    (R, *b, B, F, dv); -inf and 0 for no key. The tiles are views of the keys (padded when the tile size does
+    not divide M).
 
-    Non-causal, the outside of a block is the total less its own segments, in the compute dtype, every key
-    shifted by its column's largest log-feature: the subtraction errs by the dtype's rounding of the column's
-    total, so the output errs by about that rounding of the random-feature mass of the whole row relative to
-    its normaliser (the window's random-feature mass is within a small factor of its exact mass); a column
-    whose outside mass is below OUTSIDE_FLOOR of its total lies within that rounding and counts as empty.
-    Causal, the outside is a running sum, which needs every key it holds: each segment is summed with its own
-    maximum as shift and the running sums run in float64, shifted by the largest maximum per column (exact
+    Non-causal, a block's state is the total less the tiles it leaves out, in the compute dtype, every key shifted
+    by its column's largest log-feature: the subtraction errs by the dtype's rounding of the column's total, so
+    the output errs by about that rounding of the random-feature mass of the whole row relative to its
+    normaliser (the window's random-feature mass is within a small factor of its exact mass); a column whose
+    outside mass is below OUTSIDE_FLOOR of its total lies within that rounding and counts as empty. Causal, the
+    state is a running sum over the earlier tiles, which needs every key it holds: each tile is summed with its
+    own maximum as shift and the running sums run in float64, shifted by the largest maximum per column (exact
     while the keys' log-features span less than float64's exponent range, about 700). ``inplace``: overwrite
     the intermediates (False when autograd records the call; the same numbers).
     """
-    M, F, device = lk.shape[-2], lk.shape[-1], lk.device
-    cuts, L, S = geometry.cuts, geometry.length, geometry.segments
+    T, S, device = geometry.block, geometry.tiles, lk.device
     v1 = torch.cat([torch.ones_like(v[..., :1]), v], dim=-1)  # (*b, M, 1 + dv): the mass with the values
-    if (np.diff(cuts) == L).all():
-        lk_s, v_s = lk.unflatten(-2, (S, L)), v1.unflatten(-2, (S, L))  # (R, *b, S, L, F), (*b, S, L, 1 + dv)
-    else:
-        key = torch.from_numpy(cuts[:-1]).to(device).unsqueeze(-1) + torch.arange(L, device=device)  # (S, L)
-        outside = (key >= torch.from_numpy(cuts[1:]).to(device).unsqueeze(-1)).unsqueeze(-1)  # (S, L, 1)
-        key = key.clamp_(max=M - 1)
-        lk_s, v_s = lk[..., key, :].masked_fill(outside, -math.inf), v1[..., key, :]
+    pad = S * T - lk.shape[-2]
+    if pad:  # padding keys: log-feature -inf, value 0
+        lk = torch.nn.functional.pad(lk, (0, 0, 0, pad), value=-math.inf)
+        v1 = torch.nn.functional.pad(v1, (0, 0, 0, pad))
+    lk_s, v_s = lk.unflatten(-2, (S, T)), v1.unflatten(-2, (S, T)).transpose(-1, -2)  # (R, *b, S, T, F), (*b, S, 1 + dv, T)
+    first, last = geometry.first, geometry.last
     if geometry.causal:
-        top = lk_s.amax(-2, keepdim=True)  # (R, *b, S, 1, F); finite: every segment holds a key
+        top = lk_s.amax(-2, keepdim=True)  # (R, *b, S, 1, F); finite: every tile holds a key
         peak = top.amax(-3, keepdim=True)
-        sums = (v_s.transpose(-1, -2) @ (lk_s - top).exp()).double() * (top - peak).double().exp()
-        outside = torch.cat([torch.zeros_like(sums[..., :1, :, :]), sums.cumsum(-3)], dim=-3)
-        outside = outside[..., torch.from_numpy(geometry.prefix_end).to(device), :, :]  # (R, *b, B, 1 + dv, F)
+        sums = (v_s @ (lk_s - top).exp()).double() * (top - peak).double().exp()  # (R, *b, S, 1 + dv, F)
+        running = torch.cat([torch.zeros_like(sums[..., :1, :, :]), sums.cumsum(-3)], dim=-3)
+        index = torch.from_numpy((np.arange(blocks) + first).clip(0, S)).to(device)
+        outside = running[..., index, :, :]  # (R, *b, B, 1 + dv, F)
         empty = outside[..., :1, :] == 0
     else:
         peak = lk.amax(-2, keepdim=True).unsqueeze(-2)  # (R, *b, 1, 1, F)
         weights = (lk_s - peak).exp_() if inplace else (lk_s - peak).exp()
-        sums = v_s.transpose(-1, -2) @ weights  # (R, *b, S, 1 + dv, F): each segment's mass and sums
+        sums = v_s @ weights  # (R, *b, S, 1 + dv, F): each tile's mass and value sums
         total = sums.sum(-3, keepdim=True)
-        own = [_take(sums, geometry.prefix_end + i, geometry.suffix_start, device)
-               for i in range(int((geometry.suffix_start - geometry.prefix_end).max(initial=0)))]
-        if inplace and own and own[0] is sums:  # the blocks are the segments: overwrite them
+        # tile j + k of block j, k in [first, last), as slices of the tiles padded with zero tiles
+        left, right = max(0, -first), max(0, blocks - 1 + last - S)
+        padded = torch.nn.functional.pad(sums, (0, 0, 0, 0, left, right)) if left or right else sums
+        own = [padded[..., left + k:left + k + blocks, :, :] for k in range(first, last)]
+        if inplace and own and own[0] is sums and len(own) == 1:  # the blocks leave out their own tile: overwrite
             outside = sums.neg_().add_(total)
-            for segment in own[1:]:
-                outside.sub_(segment)
+        elif own:
+            outside = total - own[0]
+            for tile in own[1:]:
+                outside = outside.sub_(tile) if inplace else outside - tile
         else:
-            outside = total - sum(own[1:], own[0]) if own else total.expand(*sums.shape[:-3], 0, *sums.shape[-2:])
+            outside = total.expand(*sums.shape[:-3], blocks, *sums.shape[-2:])
         empty = outside[..., :1, :] <= OUTSIDE_FLOOR[lk.dtype] * total[..., :1, :]
     mass = outside[..., :1, :].masked_fill(empty, 1.0)  # (R, *b, B, 1, F)
     log_mass = (mass.log() + peak).masked_fill(empty, -math.inf).squeeze(-2)
-    if inplace:
+    if inplace and outside.is_contiguous() and outside.dtype == lk.dtype:
         kv = outside[..., 1:, :].div_(mass).masked_fill_(empty, 0.0)
     else:
         kv = (outside[..., 1:, :] / mass).masked_fill(empty, 0.0)  # (R, *b, B, dv, F)
     return log_mass.to(lk.dtype), kv.transpose(-1, -2).to(lk.dtype)
-
-
-def _take(sums: torch.Tensor, index: np.ndarray, stop: np.ndarray, device) -> torch.Tensor:
-    """sums[..., index_j, :, :] where index_j < stop_j, zero elsewhere (index clipped to the segments): (..., B, *)."""
-    S = sums.shape[-3]
-    if len(index) == S and (index == np.arange(S)).all() and (index < stop).all():
-        return sums
-    keep = torch.from_numpy(index < stop).to(device).view(-1, 1, 1)
-    return sums[..., torch.from_numpy(index.clip(max=S - 1)).to(device), :, :] * keep

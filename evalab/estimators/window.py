@@ -62,10 +62,13 @@ def query_block(window: int, kind: str) -> int:
 
 def span(lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[np.ndarray, int]:
     """The keys each block of ``block`` queries gathers for its windows: (first key per block (B,), span), so
-    that block j holds keys [first_j, first_j + span) ⊇ every [lo_n, hi_n) of its queries."""
+    that block j holds keys [first_j, first_j + span) ⊇ every [lo_n, hi_n) of its queries. The blocks start
+    ``block`` keys apart (first_j = j block + c, possibly before the first key), so they are strided views of
+    the keys."""
     N = len(lo)
-    first = lo[::block]
-    last = hi[np.minimum(np.arange(block, N + block, block), N) - 1]
+    starts = np.arange(0, N, block)
+    first = starts + int((lo[::block] - starts).min(initial=0)) if N else starts
+    last = hi[np.minimum(starts + block, N) - 1]
     return first, int((last - first).max(initial=0))
 
 
@@ -106,8 +109,8 @@ def local_attention(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, lo: np.nd
 def window_blocks(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, lo: np.ndarray, hi: np.ndarray,
                   block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The windows [lo_n, hi_n) of blocks of ``block`` queries: xb (*b, B, block, d), the queries zero-padded to
-    B blocks; keys (*b, B, span, d) and values (*b, B, span, dv), the keys each block gathers (a view when the
-    blocks tile the keys); inside (B, block, span) bool, which of them lie in each query's window (padding
+    B blocks; keys (*b, B, span, d) and values (*b, B, span, dv), the keys each block gathers (views: of the
+    keys themselves when the blocks tile them, else of the keys zero-padded on both sides); inside (B, block, span) bool, which of them lie in each query's window (padding
     rows: the last query's), or None when all do."""
     N, M, device = x.shape[-2], y.shape[-2], x.device
     first, width = span(lo, hi, block)
@@ -117,9 +120,12 @@ def window_blocks(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, lo: np.ndar
         keys, values = y.unflatten(-2, (B, block)), v.unflatten(-2, (B, block))
         if (lo == np.repeat(first, block)).all() and (hi == np.repeat(first + width, block)).all():
             return xb, keys, values, None  # each query all of them
-    else:
-        key = (torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(width, device=device)).clamp_(max=M - 1)
-        keys, values = y[..., key, :], v[..., key, :]  # (*b, B, span, .)
+    else:  # keys [first_j, first_j + span) of the keys zero-padded on both sides, block keys apart: a strided view
+        left = max(0, -int(first[0]))
+        right = max(0, int(first[-1]) + width - M)
+        base = int(first[0]) + left
+        keys, values = (torch.nn.functional.pad(t, (0, 0, left, right))[..., base:, :].unfold(-2, width, block)[..., :B, :, :]
+                        .transpose(-1, -2) for t in (y, v))  # (*b, B, span, .)
     key = torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(width, device=device)  # (B, span)
     lo_t, hi_t = (torch.from_numpy(np.pad(t, (0, pad), mode="edge")).to(device).view(B, block, 1) for t in (lo, hi))
     return xb, keys, values, (key.unsqueeze(-2) >= lo_t) & (key.unsqueeze(-2) < hi_t)
