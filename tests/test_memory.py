@@ -17,19 +17,25 @@ def _rules(chunk_size):
             "optimal": dataclasses.replace(base, coefficient="optimal")}
 
 
-def test_key_variance_equals_the_variance_of_the_terms():
-    """Reference: the sample variance over draws of ghat from ControlVariates.terms (all R x N x M x dv at once)."""
+def test_key_variance_equals_the_variance_of_the_terms(monkeypatch):
+    """Reference: the sample variance over draws of ghat from ControlVariates.terms (all R x N x M x dv at once),
+    for one block, for blocks of one query and three replicates (key features made again per tile), and for
+    tiles of 8 keys (two per row, the shared coefficient in value space across them)."""
+    from evalab.measure import attribution
     q, k, v = make_qkv(N=9, M=14, d=4, dv=3, batch=(2,), norm=1.0, seed=4)
     R = 40
     _, draw = next(iter_draws(ev.ControlVariates(num_features=5), q, k, R, 1, R))
-    unblocked = ev.key_variance(q, k, v, num_features=5, chunk_size=4, replicates=R, seed=1)
-    # one query and three replicates per block: the results (2 x 9 x 14 x 3 float64) plus a little room
-    blocked = ev.key_variance(q, k, v, num_features=5, chunk_size=4, replicates=R, seed=1, batch=3,
-                              max_memory=3 * 2 * 9 * 14 * 8 + 40_000)
+    kw = dict(num_features=5, chunk_size=4, replicates=R, seed=1)
+    unblocked = ev.key_variance(q, k, v, **kw)
+    # the results (2 x 9 x 14 float64, two rules) plus a little room
+    blocked = ev.key_variance(q, k, v, **kw, batch=3, max_memory=2 * 2 * 9 * 14 * 8 + 60_000)
+    assert attribution._Plan.of(2, 9, 14, 3, 5, 4, 3, R, 8, 2 * 2 * 9 * 14 * 8 + 60_000) == attribution._Plan(1, 14, 3, False)
+    monkeypatch.setattr(attribution, "TILE_KEYS", 8)
+    tiled = ev.key_variance(q, k, v, **kw)
     for label, est in _rules(4).items():
         reference = est.terms(q, k, v, draw).ghat.var(0).sum(-1)
-        torch.testing.assert_close(unblocked.variance[label], reference, rtol=1e-10, atol=1e-14)
-        torch.testing.assert_close(blocked.variance[label], reference, rtol=1e-10, atol=1e-14)
+        for result in (unblocked, blocked, tiled):
+            torch.testing.assert_close(result.variance[label], reference, rtol=1e-10, atol=1e-14)
     assert float(unblocked.variance["optimal"].abs().max()) < 1e-24  # ghat_m = E[h_m] v_m for every draw (zero up to rounding)
 
 

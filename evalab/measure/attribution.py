@@ -6,12 +6,13 @@ under each coefficient rule (shared = RFA, chunked, optimal = softmax, whose ter
 Memory stays linear in the number of terms: with a_m = hbar_m - E[h_m],
 ghat_m - E[h_m] v_m = a_m (v_m - beta_m) (docs/theory.md section 4), so the variance over draws of ghat_m
 needs, per (n, m), only sum_r a_m, sum_r a_m beta_m and sum_r a_m^2 |v_m - beta_m|^2
-= sum_r a_m^2 (|v_m|^2 - 2 v_m.beta_m + |beta_m|^2); these are accumulated in blocks of queries and
-replicates, never R x N x M x dv at once.
+= sum_r a_m^2 (|v_m|^2 - 2 v_m.beta_m + |beta_m|^2); these are accumulated on tiles of the (query, key) grid
+and blocks of replicates, never R x N x M x dv at once.
 
 The work: the key features of every replicate are computed once (and kept across blocks of queries when they
-fit in memory); per block, one GEMM per replicate gives hbar = phi(x_n).phi(y_m) / Z_n, and one contraction over
-the replicates of the weights (a_m, a_m^2) with the columns (beta, 1, |beta|^2) gives every sum at once. beta has
+fit in memory), the query features and the shared beta once per block of queries; per tile, one GEMM per block
+of replicates gives hbar = phi(x_n).phi(y_m) / Z_n, and contractions over the replicates of the weights
+(a_m, a_m^2) with beta's coordinates and |beta|^2 give the sums. beta has
 coordinates in value space (beta itself, dv numbers; the shared beta from the features, sum_m phi(y_m) v_m^T
 once per replicate) or, for chunks of fewer than dv keys, in weight space (beta_c = sum_{m in P_c} w_m v_m with
 w = hbar / sum_{P_c} hbar, chunk_size numbers, inner products through the chunk's Gram matrix V_c V_c^T).
@@ -32,6 +33,7 @@ from ..estimators.scaled import Scaled
 from .monte_carlo import NOISE_BLOCK, iter_draws
 
 WORKING_SET = 128 * 2**20  # bytes a block of queries and replicates aims at (within max_memory)
+TILE_KEYS = 1024  # keys per tile of the (query, key) grid, rounded down to a multiple of the chunk size
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,10 @@ def key_variance(
     """Variance of ghat_m over ``replicates`` shared draws for the shared, chunked and optimal coefficients.
 
     q (*b, N, d), k (*b, M, d), v (*b, M, dv); ``options`` (feature_map, sampler, scale, gerf_a) go to ControlVariates.
-    Works in blocks of queries and of replicates (at most ``batch`` replicates per block) within ``max_memory``
-    bytes (default 2 GiB), the two (*b, N, M) float64 results of the random rules included (the optimal rule's
-    zeros are a broadcast view, no memory); raises a MemoryError when even one query and one replicate do not fit.
+    Works on tiles of the (query, key) grid (blocks of queries by at most TILE_KEYS keys) and blocks of
+    replicates (at most ``batch`` per block) within ``max_memory`` bytes (default 2 GiB), the two (*b, N, M)
+    float64 results of the random rules included (the optimal rule's zeros are a broadcast view, no memory);
+    raises a MemoryError when even one query, one replicate and one chunk of keys do not fit.
     """
     _checks.integer("replicates", replicates, minimum=2)
     _checks.qkv(q, k, v)
@@ -90,32 +93,36 @@ def key_variance(
     max_memory = _checks.DEFAULT_MAX_MEMORY if max_memory is None else _checks.real("max_memory", max_memory, strict=True)
     base = ControlVariates(num_features=num_features, **options)
     M = k.shape[-2]
-    sizes = {"shared": M, f"chunked ({chunk_size})": min(_checks.integer("chunk_size", chunk_size), M)}
+    chunk = min(_checks.integer("chunk_size", chunk_size), M)
     inp = Scaled.of(q, k, v, base.scale)
     B, N, dv = math.prod(q.shape[:-2]), q.shape[-2], v.shape[-1]
-    F = num_columns(base.feature_map, num_features)
-    queries, reps, keep = _blocks(B, N, M, dv, F, list(sizes.values()), min(batch, replicates), replicates,
-                                  inp.x.element_size(), max_memory)
+    plan = _Plan.of(B, N, M, dv, num_columns(base.feature_map, num_features), chunk, min(batch, replicates),
+                    replicates, inp.x.element_size(), max_memory)
     params = base.gerf_params(q, k)  # oprf/sderf/saderf: parameters from all queries, shared by the blocks
     values = inp.v.reshape(B, M, dv)
-    omegas = [draw.for_estimator(base, q, k, inp.x) for _, draw in iter_draws(base, q, k, replicates, seed, reps)]
-    keys = [_Keys.of(base, inp, values, omega, params) for omega in omegas] if keep else None
-    variance = {label: torch.empty(B, N, M, dtype=torch.float64) for label in sizes}
-    for n0 in range(0, N, queries):
-        x = inp.x[..., n0:n0 + queries, :]
+    omegas = [draw.for_estimator(base, q, k, inp.x) for _, draw in iter_draws(base, q, k, replicates, seed, plan.reps)]
+    keys = [_Keys.of(base, inp, values, omega, params, keep=plan.keep) for omega in omegas]
+    # the shared rule: one coefficient for all keys, in value space unless one tile holds all of fewer keys than dv
+    rules = {"shared": None if plan.tile < M or M >= dv else M, f"chunked ({chunk})": chunk}
+    variance = {label: torch.empty(B, N, M, dtype=torch.float64) for label in rules}
+    for n0 in range(0, N, plan.queries):
+        x = inp.x[..., n0:n0 + plan.queries, :]
         logits = (x @ inp.y.transpose(-1, -2)).reshape(B, -1, M)
         log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
-        expected_h = (logits - log_z).exp()  # softmax weights E[h_m] (B, n, M)
-        sums = {label: _Sums(values, size) for label, size in sizes.items()}
-        for i, omega in enumerate(omegas):
-            key = keys[i] if keep else _Keys.of(base, inp, values, omega, params)
-            hbar, beta = key.queries(base, x, omega, log_z, params)
-            a = hbar - expected_h
-            a2 = a * a
-            for sum_ in sums.values():
-                sum_.add(hbar, a, a2, beta)
-        for label, sum_ in sums.items():
-            variance[label][:, n0:n0 + queries] = sum_.variance(replicates)
+        expected_h = logits.sub_(log_z).exp_()  # softmax weights E[h_m] (B, n, M)
+        sides = [key.queries(base, x, omega, log_z, params) for key, omega in zip(keys, omegas)]
+        for m0 in range(0, M, plan.tile):
+            m1 = min(M, m0 + plan.tile)
+            sums = {label: _Sums(values[:, m0:m1], size) for label, size in rules.items()}
+            for key, omega, (scaled, beta) in zip(keys, omegas, sides):
+                hbar = scaled.features @ key.tile(base, inp, omega, params, m0, m1).transpose(-1, -2)
+                hbar.mul_(scaled.scale)  # (r, B, n, m)
+                a = hbar - expected_h[..., m0:m1]
+                a2 = a * a
+                for sum_ in sums.values():
+                    sum_.add(hbar, a, a2, beta)
+            for label, sum_ in sums.items():
+                variance[label][:, n0:n0 + x.shape[-2], m0:m1] = sum_.variance(replicates)
     variance = {label: var.reshape(*q.shape[:-1], M) for label, var in variance.items()}
     # optimal: ghat_m = E[h_m] v_m whatever the draw, exactly zero variance (a read-only broadcast of one zero)
     variance["optimal"] = torch.zeros((), dtype=torch.float64).expand(*q.shape[:-1], M)
@@ -124,59 +131,77 @@ def key_variance(
 
 @dataclass(frozen=True)
 class _Keys:
-    """The key side of a block of r replicates (B batch elements flattened): features exp(log phi(y_m) - shift)
-    (r, B, M, F), shift the largest log-feature of each replicate (r, B, 1, 1), and their sums against the values,
-    sum_m phi(y_m) v_m^T (r, B, F, dv), and against 1 (r, B, F, 1) (shift left out of both)."""
+    """The key side of a block of r replicates (B batch elements flattened): shift, the largest log-feature of
+    each replicate (r, B, 1, 1); the features' sums against the values, sum_m phi(y_m) v_m^T (r, B, F, dv), and
+    against 1 (r, B, F, 1) (shift left out of both); the features exp(log phi(y_m) - shift) (r, B, M, F) when
+    kept (None: made again per tile)."""
 
-    features: torch.Tensor
     shift: torch.Tensor
     with_v: torch.Tensor
     total: torch.Tensor
+    features: torch.Tensor | None
 
     @classmethod
-    def of(cls, base: ControlVariates, inp: Scaled, values: torch.Tensor, omega: torch.Tensor, params) -> "_Keys":
+    def of(cls, base: ControlVariates, inp: Scaled, values: torch.Tensor, omega: torch.Tensor, params, *,
+           keep: bool) -> "_Keys":
         _, ly = base.log_features(inp.x[..., :0, :], inp.y, omega, params)
         ly = ly.reshape(omega.shape[0], *values.shape[:-1], -1)
         shift = ly.amax((-2, -1), keepdim=True)
         features = ly.sub_(shift).exp_()
-        return cls(features, shift, features.transpose(-1, -2) @ values, features.sum(-2).unsqueeze(-1))
+        return cls(shift, features.transpose(-1, -2) @ values, features.sum(-2).unsqueeze(-1), features if keep else None)
+
+    def tile(self, base: ControlVariates, inp: Scaled, omega: torch.Tensor, params, m0: int, m1: int) -> torch.Tensor:
+        """The features of keys m0 .. m1 - 1: (r, B, m, F)."""
+        if self.features is not None:
+            return self.features[..., m0:m1, :]
+        _, ly = base.log_features(inp.x[..., :0, :], inp.y[..., m0:m1, :], omega, params)
+        return ly.reshape(*self.shift.shape[:-2], m1 - m0, -1).sub_(self.shift).exp_()
 
     def queries(self, base: ControlVariates, x: torch.Tensor, omega: torch.Tensor, log_z: torch.Tensor, params):
-        """For scaled queries x (*b, n, d) with log Z_n (B, n, 1): hbar (r, B, n, M) and the shared beta (r, B, n, dv)."""
+        """For scaled queries x (*b, n, d) with log Z_n (B, n, 1): their scaled features (hbar = features @ key
+        features^T * scale) and the shared beta (r, B, n, dv)."""
         lx, _ = base.log_features(x, x[..., :0, :], omega, params)
         lx = lx.reshape(omega.shape[0], *log_z.shape[:-1], -1)
         top = lx.amax(-1, keepdim=True)
         features = lx.sub_(top).exp_()
-        hbar = (features @ self.features.transpose(-1, -2)).mul_((top + self.shift - log_z).exp())
-        return hbar, (features @ self.with_v) / (features @ self.total)
+        return _Scaled(features, (top + self.shift - log_z).exp()), (features @ self.with_v) / (features @ self.total)
+
+
+@dataclass(frozen=True)
+class _Scaled:
+    """Query features (r, B, n, F) and the factor (r, B, n, 1) that turns their products with key features into hbar."""
+
+    features: torch.Tensor
+    scale: torch.Tensor
 
 
 class _Sums:
-    """Per-(n, m) sums over replicates for one coefficient rule with chunks of ``size`` keys, in chunked layout
+    """Per-(n, m) sums over replicates for one coefficient rule on a tile of keys, in chunked layout
     (B, n, C, size, .): contractions over r of the weights a and a^2 with beta's coordinates give sum a beta and
-    sum a^2 beta, and with |beta|^2 sum a^2 |beta|^2. Coordinates: beta itself (dv numbers) or, for size < dv,
-    the chunk's weights w = hbar / sum_{P_c} hbar (size numbers, inner products through the Gram matrix
-    V_c V_c^T)."""
+    sum a^2 beta, and with |beta|^2 sum a^2 |beta|^2. Coordinates: beta itself (dv numbers: the shared beta of
+    all keys when ``size`` is None, else each chunk's) or, for size < dv, the chunk's weights
+    w = hbar / sum_{P_c} hbar (size numbers, inner products through the Gram matrix V_c V_c^T)."""
 
-    def __init__(self, v: torch.Tensor, size: int):
-        """v (B, M, dv) in the compute dtype."""
-        self.v, self.size, self.M = v, size, v.shape[-2]
-        self.v_c = chunked(v.transpose(-1, -2), size).movedim(-3, -1)  # (B, C, size, dv)
-        self.gram = self.v_c @ self.v_c.transpose(-1, -2) if size < v.shape[-1] else None  # (B, C, size, size)
+    def __init__(self, v: torch.Tensor, size: int | None):
+        """v (B, m, dv) the tile's values in the compute dtype; size: keys per chunk (None: the shared beta)."""
+        self.v, self.M, self.shared = v, v.shape[-2], size is None
+        self.size = self.M if size is None else size
+        self.v_c = chunked(v.transpose(-1, -2), self.size).movedim(-3, -1)  # (B, C, size, dv)
+        self.gram = self.v_c @ self.v_c.transpose(-1, -2) if self.size < v.shape[-1] and not self.shared else None
         self.sums = None
 
     def _chunks(self, t: torch.Tensor) -> torch.Tensor:
-        """(..., M) -> (..., C, size), a view when size divides M."""
+        """(..., m) -> (..., C, size), a view when size divides m."""
         return t.unflatten(-1, (self.M // self.size, self.size)) if self.M % self.size == 0 else chunked(t, self.size)
 
     def add(self, hbar: torch.Tensor, a: torch.Tensor, a2: torch.Tensor, beta: torch.Tensor) -> None:
-        """hbar, a = hbar - E[h] and a^2: (r, B, n, M); beta (r, B, n, dv) the coefficient of all keys (one chunk)."""
+        """hbar, a = hbar - E[h] and a^2: (r, B, n, m); beta (r, B, n, dv), the shared coefficient of all keys."""
         if self.gram is not None:
             h_c = self._chunks(hbar)
             coords = h_c / h_c.sum(-1, keepdim=True)  # (r, B, n, C, size)
             norm = torch.einsum("rbncs,bcst->rbnct", coords, self.gram).mul_(coords).sum(-1)
         else:
-            coords = beta.unsqueeze(-2) if self.size == self.M else chunk_coefficients(hbar, self.v, self.size)
+            coords = beta.unsqueeze(-2) if self.shared else chunk_coefficients(hbar, self.v, self.size)
             norm = (coords * coords).sum(-1)
         a_c, a2_c = self._chunks(a), self._chunks(a2)  # (r, B, n, C, size)
         sums = (torch.einsum("rbncs,rbncv->bncsv", a_c, coords), a_c.sum(0),
@@ -205,39 +230,55 @@ class _Sums:
         return var.flatten(-2)[..., : self.M].clamp_min(0.0)
 
 
-def _blocks(B: int, N: int, M: int, dv: int, F: int, sizes: list[int], batch: int, R: int, itemsize: int,
-            max_memory: float) -> tuple[int, int, bool]:
-    """(queries, replicates, keep the key features) per block: the two results, the key features (of all R
-    replicates when kept, of one block otherwise), the rules' sums for a block of queries and the (replicates,
-    queries, M) temporaries within max_memory, aiming at WORKING_SET bytes."""
-    result = 2 * B * N * M * 8
-    padded = [math.ceil(M / s) * s for s in sizes]
-    coords = [min(s, dv) for s in sizes]
-    reps = min(batch, NOISE_BLOCK)
-    # per query: each rule's sums (and their float64 copy over several blocks of replicates), their finishing
-    # temporaries (two over beta's coordinates) and float64 scalars
-    per_query = B * sum(p * ((2 * D + 3) * (itemsize + 8) + 2 * D * itemsize + 6 * 8) for p, D in zip(padded, coords))
-    # per query and replicate: hbar, a, a^2; per rule their padded chunks, the weights w (w, w G and a^2 |beta|^2)
-    # and beta's coordinates with |beta|^2 per chunk; the query features
-    per_query_rep = B * (3 * M + sum(3 * (p - M > 0) * p + 3 * (s < dv) * p + 2 * (p // s) * (D + 1)
-                                     for p, s, D in zip(padded, sizes, coords)) + 4 * F + 2 * dv) * itemsize
-    per_key_rep = B * (M * F + F * (dv + 1)) * itemsize  # features and their sums against v
-    making = B * M * F * itemsize  # per replicate: the log-features while the features are made
-    room = max_memory - result - B * M * dv * (3 * itemsize + 2 * 8)  # v, its chunks and Gram matrices
-    least = per_query + per_query_rep + per_key_rep + making
-    if room < least:
-        raise MemoryError(
-            f"key_variance needs about {(max_memory - room + least) / 2**30:.3g} GiB "
-            f"(its two (*b, N, M) = {B} x {N} x {M} float64 results take {result / 2**30:.3g} GiB), over "
-            f"max_memory={max_memory / 2**30:.3g} GiB; raise max_memory or pass fewer queries or keys"
-        )
-    keep = room - R * per_key_rep - reps * making >= per_query + reps * per_query_rep
-    if not keep:  # each block of queries makes the key features of each block of replicates again
-        reps = max(1, min(reps, int((room - per_query) // (per_query_rep + per_key_rep + making))))
-    room -= (R if keep else reps) * per_key_rep + reps * making
-    budget = min(room, max(WORKING_SET, per_query + reps * per_query_rep))
-    reps = max(1, min(reps, int((budget - per_query) // per_query_rep)))
-    if reps == R:  # one block of replicates: no float64 copy of the sums
-        per_query -= B * sum(p * (2 * D + 3) * 8 for p, D in zip(padded, coords))
-    queries = max(1, min(N, int(budget // (per_query + reps * per_query_rep))))
-    return queries, reps, keep
+@dataclass(frozen=True)
+class _Plan:
+    """Blocks of key_variance: ``queries`` per block, keys per ``tile`` (a multiple of the chunk size),
+    replicates per block (``reps``), and whether the key features of all replicates are kept (``keep``)."""
+
+    queries: int
+    tile: int
+    reps: int
+    keep: bool
+
+    @classmethod
+    def of(cls, B: int, N: int, M: int, dv: int, F: int, chunk: int, batch: int, R: int, itemsize: int,
+           max_memory: float) -> "_Plan":
+        """The largest blocks whose working set fits max_memory (aiming at WORKING_SET bytes): the two results, the
+        values with their chunks and Gram matrices, the key sums (and features, of all R replicates when kept,
+        else of one block per tile), per query its logits and the query features and shared beta of every
+        replicate, the rules' sums on a tile (and their float64 copy over several blocks of replicates) with
+        their finishing temporaries, and the (replicates, queries, tile) temporaries."""
+        tile = min(M, max(chunk, TILE_KEYS // chunk * chunk))
+        sizes = [tile if tile == M and M < dv else None, chunk]  # None: the shared beta, in value space
+        padded = [tile if s is None else math.ceil(tile / s) * s for s in sizes]
+        coords = [dv if s is None else min(s, dv) for s in sizes]
+        reps = min(batch, NOISE_BLOCK)
+        sums = sum(p * (2 * D + 3) for p, D in zip(padded, coords))  # per query: the rules' accumulators
+        finishing = sum(p * (2 * D * itemsize + 6 * 8) for p, D in zip(padded, coords))
+        per_query = B * (2 * M * itemsize + R * (F + dv + 2) * itemsize + sums * (itemsize + 8) + finishing)
+        # per query and replicate on a tile: hbar, a, a^2; per rule its padded chunks, the weights w (w, w G and
+        # a^2 |beta|^2) and beta's coordinates with |beta|^2 per chunk; the query features
+        per_query_rep = B * (3 * tile + sum(3 * (p - tile > 0) * p + 3 * (s is not None and s < dv) * p
+                                            + 2 * (p // (s or p)) * (D + 1) for p, s, D in zip(padded, sizes, coords))
+                             + 2 * F + 2 * dv) * itemsize
+        per_key_rep = B * M * F * itemsize  # features of all keys
+        making = B * M * F * itemsize  # per replicate, while the key sums are made
+        room = (max_memory - 2 * B * N * M * 8 - B * M * dv * (3 * itemsize + 2 * 8)
+                - R * B * F * (dv + 1) * itemsize)
+        least = per_query + per_query_rep + B * tile * F * itemsize * 2 + making
+        if room < least:
+            raise MemoryError(
+                f"key_variance needs about {(max_memory - room + least) / 2**30:.3g} GiB "
+                f"(its two (*b, N, M) = {B} x {N} x {M} float64 results take {2 * B * N * M * 8 / 2**30:.3g} GiB), "
+                f"over max_memory={max_memory / 2**30:.3g} GiB; raise max_memory or pass fewer queries or keys"
+            )
+        keep = room - R * per_key_rep - reps * making >= per_query + reps * per_query_rep
+        if not keep:  # each tile makes its keys' features again
+            reps = max(1, min(reps, int((room - per_query) // (per_query_rep + 2 * B * tile * F * itemsize + making))))
+        room -= R * per_key_rep if keep else reps * (2 * B * tile * F * itemsize + making)
+        budget = min(room, max(WORKING_SET, per_query + reps * per_query_rep))
+        reps = max(1, min(reps, int((budget - per_query) // per_query_rep)))
+        if reps == R:  # one block of replicates: no float64 copy of the sums
+            per_query -= B * sums * 8
+        queries = max(1, min(N, int(budget // (per_query + reps * per_query_rep))))
+        return cls(queries, tile, reps, keep)
