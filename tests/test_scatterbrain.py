@@ -160,7 +160,7 @@ def test_cost_counts_the_matrix_products(support, window, causal, feature_map):
     lo, hi = est.bounds(N, M)
     block = est.query_block()
     first, width = span(lo, hi, block)
-    elementwise += 4 * len(first) * block * width
+    elementwise += 4 * len(first) * block * width * bool(window)
     geometry = Complement.of(lo, hi, block, M, causal)
     B, C, L, p = -(-N // block), geometry.tiles, block, geometry.reach
     # blocks padded to B x block queries, keys to C tiles of block keys, pairs to the furthest reach

@@ -92,7 +92,7 @@ class Scatterbrain(OmegaDraws):
         return out.to(inp.out_dtype)
 
     def query_block(self) -> int:
-        """Queries per block of the support and of the prefix/suffix sums: evalab.estimators.window.query_block."""
+        """Queries per block of the support, keys per tile of the states: evalab.estimators.window.query_block."""
         return query_block(self.window, self.support)
 
     @property
@@ -118,7 +118,7 @@ class Scatterbrain(OmegaDraws):
         lo, hi = self.bounds(N, M)
         block = self.query_block()
         first, width = span(lo, hi, block)
-        pairs = len(first) * block * width  # support logits over padded blocks of queries
+        pairs = len(first) * block * width * bool(self.window)  # support logits over padded blocks of queries
         S = self.num_features
         rep = 2 * (N + M) * S * (d + 1) if self.feature_map == "positive" else 2 * (N + M) * (S * d + F)
         geometry = Complement.of(lo, hi, block, M, self.causal)
@@ -129,7 +129,7 @@ class Scatterbrain(OmegaDraws):
         group = min(B * block * (width + F + p), MIX_ELEMENTS)
         memory = (2 * (N + M) * F + N * dv + 2 * C * L * F + 2 * C * F * (dv + 1) * (8 // itemsize if self.causal else 1)
                   + B * F * (dv + 1) + 3 * group + B * (block + p) * F * (p > 0))
-        memory_fixed = pairs + len(first) * width * (d + dv)
+        memory_fixed = pairs + len(first) * width * (d + dv) * bool(self.window)
         return Cost.per_element(2 * pairs * d, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
 
 
@@ -199,7 +199,8 @@ def _mix(inp: Scaled, omega: torch.Tensor, feature_map: str, lk: torch.Tensor, l
     x, v, inplace = inp.x, inp.v, inp.inplace
     N, F, device = x.shape[-2], lk.shape[-1], x.device
     xb, keys, values, inside = window_blocks(x, inp.y, v, lo, hi, block)  # (*b, B, T, d), (*b, B, w, .)
-    B, width, reach = xb.shape[-3], keys.shape[-2], geometry.reach
+    B, reach = xb.shape[-3], geometry.reach
+    width = keys.shape[-2] if (lo < hi).any() else 0  # window 0: no support, random features only
     if reach:
         offsets, pair = geometry.pairs(lo, hi, lk.shape[-2])
         key, beyond = torch.from_numpy(offsets).to(device), torch.from_numpy(~pair).to(device)  # (B, p), (B, T, p)
@@ -210,13 +211,15 @@ def _mix(inp: Scaled, omega: torch.Tensor, feature_map: str, lk: torch.Tensor, l
     for j0 in range(0, B, groups):
         j1 = min(B, j0 + groups)
         xb_g = xb[..., j0:j1, :, :]
-        local = xb_g @ keys[..., j0:j1, :, :].transpose(-1, -2)  # (*b, G, T, w)
-        if lk.shape[0] == 1:  # one replicate: the replicate axis of the other parts
-            local = local.unsqueeze(0)
-        if inside is not None:
-            local = local.masked_fill(~inside[j0:j1], -math.inf)
+        parts = []
+        if width:
+            local = xb_g @ keys[..., j0:j1, :, :].transpose(-1, -2)  # (*b, G, T, w)
+            if lk.shape[0] == 1:  # one replicate: the replicate axis of the other parts
+                local = local.unsqueeze(0)
+            if inside is not None:
+                local = local.masked_fill(~inside[j0:j1], -math.inf)
+            parts.append((local, values[..., j0:j1, :, :]))
         lq = _log_features(xb_g.flatten(-3, -2), omega, feature_map).unflatten(-2, xb_g.shape[-3:-1])  # (R, *b, G, T, F)
-        parts = [(local, values[..., j0:j1, :, :])]
         if reach:  # before the state joins lq in place
             keys_p = key[j0:j1]
             parts.append((_pair_logits(lq, lk[..., keys_p, :]).masked_fill(beyond[j0:j1], -math.inf), v[..., keys_p, :]))
