@@ -726,22 +726,24 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for name in report["scaling_fit"]["slopes"]:
+    colours, markers = plt.get_cmap("tab20").colors, "os^vD<>ph*X"
+    for i, name in enumerate(report["scaling_fit"]["slopes"]):  # a colour (tab20's dark shades, then its light
+        style = dict(color=colours[2 * i % 20 + i // 10 % 2], marker=markers[i % len(markers)])  # ones) and a marker each
         pts = [r for r in report["scaling"] if r["method"] == name]
         label = f"{name} (slope {report['scaling_fit']['slopes'][name]:.2f})"
         spread = [r.get("seconds_timing") or {} for r in pts]  # error bars: min to max over the repeats
         yerr = [[r["seconds"] - t.get("min", r["seconds"]) for r, t in zip(pts, spread)],
                 [t.get("max", r["seconds"]) - r["seconds"] for r, t in zip(pts, spread)]]
-        ax[0].errorbar([r["seq_len"] for r in pts], [r["seconds"] for r in pts], yerr=yerr, fmt="o-", capsize=2,
-                       label=label)
+        ax[0].errorbar([r["seq_len"] for r in pts], [r["seconds"] for r in pts], yerr=yerr, capsize=2, label=label,
+                       **style)
         if all(r["peak_bytes"] is not None for r in pts):
-            ax[1].loglog([r["seq_len"] for r in pts], [max(r["peak_bytes"], 1) / 2**20 for r in pts], "o-", label=name)
+            ax[1].loglog([r["seq_len"] for r in pts], [max(r["peak_bytes"], 1) / 2**20 for r in pts], **style)
     ax[0].set(xscale="log", yscale="log", xlabel="seq_len", ylabel="forward seconds (bars: min to max)",
               title=f"time ({report['device']})" + (", busy machine" if (report.get("load") or {}).get("busy") else ""))
     ax[1].set(xlabel="seq_len", ylabel="peak MiB", title="peak memory")
-    ax[0].legend()
+    fig.legend(*ax[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
