@@ -42,7 +42,8 @@ from .window import bounds, query_block, span, window_blocks
 MIX_ELEMENTS = 2**20
 #: Per compute dtype, the fraction of a column's total below which its mass outside a block's support is rounding
 #: of the subtraction that computes it (64 units of rounding), and counts as no mass.
-OUTSIDE_FLOOR = {dtype: 64 * torch.finfo(dtype).eps for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+OUTSIDE_FLOOR = {dtype: 64 * torch.finfo(dtype).eps
+                 for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ class Scatterbrain(OmegaDraws):
         rep += (4 * pairs + 3 * C * L * F + 6 * C * F * dv + 4 * B * F * dv + 3 * B * (block + p) * F * (p > 0)
                 + 2 * B * block * p + 4 * B * block * (F + p))
         group = min(B * block * (width + F + p), MIX_ELEMENTS)
-        memory = (2 * (N + M) * F + N * dv + 2 * C * L * F + 2 * C * F * (dv + 1) * (8 // itemsize if self.causal else 1)
+        running = 8 // itemsize if self.causal else 1  # causal tile sums in float64
+        memory = (2 * (N + M) * F + N * dv + 2 * C * L * F + 2 * C * F * (dv + 1) * running
                   + B * F * (dv + 1) + 3 * group + B * (block + p) * F * (p > 0))
         memory_fixed = pairs + len(first) * width * (d + dv) * bool(self.window)
         return Cost.per_element(2 * pairs * d, rep, memory_fixed, memory, batch=batch, itemsize=itemsize)
@@ -177,8 +179,9 @@ class Complement:
         N, T = len(lo), self.block
         B = -(-N // T)
         start = T * (np.arange(B) + self.first)
+        end = start + T * (self.last - self.first)
         offsets = np.concatenate([start[:, None] + np.arange(self.before),
-                                  start[:, None] + T * (self.last - self.first) - self.after + np.arange(self.after)], 1)
+                                  end[:, None] - self.after + np.arange(self.after)], axis=1)
         lo_p, hi_p = (np.pad(t, (0, B * T - N)).reshape(B, T, 1) for t in (lo, hi))
         keys = offsets[:, None, :]
         pair = np.concatenate([(keys[..., :self.before] >= 0) & (keys[..., :self.before] < lo_p),
@@ -219,10 +222,11 @@ def _mix(inp: Scaled, omega: torch.Tensor, feature_map: str, lk: torch.Tensor, l
             if inside is not None:
                 local = local.masked_fill(~inside[j0:j1], -math.inf)
             parts.append((local, values[..., j0:j1, :, :]))
-        lq = _log_features(xb_g.flatten(-3, -2), omega, feature_map).unflatten(-2, xb_g.shape[-3:-1])  # (R, *b, G, T, F)
+        lq = _log_features(xb_g.flatten(-3, -2), omega, feature_map).unflatten(-2, xb_g.shape[-3:-1])  # (R,*b,G,T,F)
         if reach:  # before the state joins lq in place
             keys_p = key[j0:j1]
-            parts.append((_pair_logits(lq, lk[..., keys_p, :]).masked_fill(beyond[j0:j1], -math.inf), v[..., keys_p, :]))
+            pair = _pair_logits(lq, lk[..., keys_p, :]).masked_fill(beyond[j0:j1], -math.inf)
+            parts.append((pair, v[..., keys_p, :]))
         columns = lq.add_(state[..., j0:j1, :].unsqueeze(-2)) if inplace else lq + state[..., j0:j1, :].unsqueeze(-2)
         parts.append((columns, kv[..., j0:j1, :, :]))
         # one softmax over the parts' logits without concatenating them; every row has a key, inside or outside
@@ -279,7 +283,8 @@ def _states(lk: torch.Tensor, v: torch.Tensor, geometry: Complement, blocks: int
     if pad:  # padding keys: log-feature -inf, value 0
         lk = torch.nn.functional.pad(lk, (0, 0, 0, pad), value=-math.inf)
         v1 = torch.nn.functional.pad(v1, (0, 0, 0, pad))
-    lk_s, v_s = lk.unflatten(-2, (S, T)), v1.unflatten(-2, (S, T)).transpose(-1, -2)  # (R, *b, S, T, F), (*b, S, 1 + dv, T)
+    lk_s = lk.unflatten(-2, (S, T))  # (R, *b, S, T, F)
+    v_s = v1.unflatten(-2, (S, T)).transpose(-1, -2)  # (*b, S, 1 + dv, T)
     first, last = geometry.first, geometry.last
     if geometry.causal:
         top = lk_s.amax(-2, keepdim=True)  # (R, *b, S, 1, F); finite: every tile holds a key

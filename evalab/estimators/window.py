@@ -12,9 +12,9 @@ causal windows keep keys m <= n only. w = 0 is the empty window, placed where th
 bounds are non-decreasing in n. Scatterbrain, LocalWindow and the window hybrids all take their windows from
 :func:`bounds`.
 
-Exact attention on the windows (:func:`local_attention`) runs over blocks of queries, each gathering the span of
-keys its windows reach (the window itself for the block kind, T - 1 + w for the sliding one), so no N x M
-tensor is formed.
+Exact attention on the windows (:func:`local_attention`) runs over blocks of queries, each taking the span of
+keys its windows reach (the window itself for the block kind, T - 1 + w for the sliding one) as a strided view
+of the zero-padded keys (:func:`window_blocks`), so neither an N x M tensor nor a gathered copy is formed.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from .draw import Draw, NoDraws
 from .scaled import Scaled
 
 KINDS = ("block", "sliding")
-#: Queries per block of windowed attention (and of Scatterbrain's prefix/suffix sums); the block kind uses its
+#: Queries per block of windowed attention (and keys per tile of Scatterbrain's states); the block kind uses its
 #: window blocks instead when they are 8 to 128 positions long (then no padded pairs are formed at all).
 QUERY_BLOCK = 32
 
@@ -67,7 +67,7 @@ def span(lo: np.ndarray, hi: np.ndarray, block: int) -> tuple[np.ndarray, int]:
     the keys."""
     N = len(lo)
     starts = np.arange(0, N, block)
-    first = starts + int((lo[::block] - starts).min(initial=0)) if N else starts
+    first = starts + int((lo[::block] - starts).min(initial=0))
     last = hi[np.minimum(starts + block, N) - 1]
     return first, int((last - first).max(initial=0))
 
@@ -110,13 +110,14 @@ def window_blocks(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, lo: np.ndar
                   block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The windows [lo_n, hi_n) of blocks of ``block`` queries: xb (*b, B, block, d), the queries zero-padded to
     B blocks; keys (*b, B, span, d) and values (*b, B, span, dv), the keys each block gathers (views: of the
-    keys themselves when the blocks tile them, else of the keys zero-padded on both sides); inside (B, block, span) bool, which of them lie in each query's window (padding
-    rows: the last query's), or None when all do."""
+    keys themselves when the blocks tile them, else of the keys zero-padded on both sides); inside
+    (B, block, span) bool, which of them lie in each query's window (padding rows: the last query's), or None
+    when all do."""
     N, M, device = x.shape[-2], y.shape[-2], x.device
     first, width = span(lo, hi, block)
     B, pad = len(first), len(first) * block - N
     xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(-2, (B, block))  # (*b, B, block, d)
-    if tiles(first, width, block, M) and not pad:  # block j holds keys [j T, j T + T)
+    if _tiles(first, width, block, M) and not pad:  # block j holds keys [j T, j T + T)
         keys, values = y.unflatten(-2, (B, block)), v.unflatten(-2, (B, block))
         if (lo == np.repeat(first, block)).all() and (hi == np.repeat(first + width, block)).all():
             return xb, keys, values, None  # each query all of them
@@ -124,14 +125,14 @@ def window_blocks(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, lo: np.ndar
         left = max(0, -int(first[0]))
         right = max(0, int(first[-1]) + width - M)
         base = int(first[0]) + left
-        keys, values = (torch.nn.functional.pad(t, (0, 0, left, right))[..., base:, :].unfold(-2, width, block)[..., :B, :, :]
-                        .transpose(-1, -2) for t in (y, v))  # (*b, B, span, .)
+        keys, values = (torch.nn.functional.pad(t, (0, 0, left, right))[..., base:, :]
+                        .unfold(-2, width, block)[..., :B, :, :].transpose(-1, -2) for t in (y, v))  # (*b, B, span, .)
     key = torch.from_numpy(first).to(device).unsqueeze(-1) + torch.arange(width, device=device)  # (B, span)
     lo_t, hi_t = (torch.from_numpy(np.pad(t, (0, pad), mode="edge")).to(device).view(B, block, 1) for t in (lo, hi))
     return xb, keys, values, (key.unsqueeze(-2) >= lo_t) & (key.unsqueeze(-2) < hi_t)
 
 
-def tiles(first: np.ndarray, width: int, block: int, M: int) -> bool:
+def _tiles(first: np.ndarray, width: int, block: int, M: int) -> bool:
     """Whether blocks of ``block`` queries gathering ``width`` keys from ``first`` (B,) on are the tiles
     [j block, j block + block) of all M keys (then the keys are a view, no gathered copy)."""
     return width == block and len(first) * block == M and (first == np.arange(len(first)) * block).all()

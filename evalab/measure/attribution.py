@@ -148,7 +148,8 @@ class _Keys:
         ly = ly.reshape(omega.shape[0], *values.shape[:-1], -1)
         shift = ly.amax((-2, -1), keepdim=True)
         features = ly.sub_(shift).exp_()
-        return cls(shift, features.transpose(-1, -2) @ values, features.sum(-2).unsqueeze(-1), features if keep else None)
+        return cls(shift, features.transpose(-1, -2) @ values, features.sum(-2).unsqueeze(-1),
+                   features if keep else None)
 
     def tile(self, base: ControlVariates, inp: Scaled, omega: torch.Tensor, params, m0: int, m1: int) -> torch.Tensor:
         """The features of keys m0 .. m1 - 1: (r, B, m, F)."""
