@@ -19,8 +19,8 @@ forward pass (its replicates stacked as the batch), so no padding mask exists; a
 estimator cannot hide (anything but a causal mask in a causal layer) is refused. Causal layers use the
 estimator's ``causal=True`` variant. Noise: the estimator gets ``shared_noise=False`` when it has that field
 (every head its own noise), and the noise of replicate r in layer l on text t comes from
-``seeded_generator(seed, MODEL_PURPOSE, r, l, t)``: results depend on the seed only, not on how replicates are
-batched. One replicate is one forward pass of the model over every text with fresh noise in every layer.
+``seeded_generator(seed, MODEL_PURPOSE, r, l, t)`` on the model's device (no host-to-device copy): results depend
+on the seed and the device type only, not on how replicates are batched. One replicate is one forward pass of the model over every text with fresh noise in every layer.
 
 The exact model runs once per text: its hidden states and the sizes of its attention calls (and, when the
 per-call gap is asked for, its q, k, v) are kept in an in-process cache keyed by the model object, the version
@@ -193,7 +193,8 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if not _has_field(est, "scale"):
         query = query * (scaling * d**0.5)  # the estimator's default d**-0.5 then gives the layer's logits
     pieces = [est.draw(query[b : b + 1], key[b : b + 1], replicates=1,
-                       generator=seeded_generator(run.seed, MODEL_PURPOSE, run.first_replicate + b, layer, run.text))
+                       generator=seeded_generator(run.seed, MODEL_PURPOSE, run.first_replicate + b, layer, run.text,
+                                                  device=query.device))
               for b in range(query.shape[0])]
     noise = pieces[0].noise if len(pieces) == 1 else torch.cat([p.noise for p in pieces], dim=1)
     out = est(query, key, value, Draw(noise, pieces[0].kind))[0]  # (B, H, N, dv)
