@@ -146,7 +146,7 @@ def _inputs(batch: tuple, N: int, d: int, dv: int, norm: float, seed: int, dtype
 
 def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b| (absolute below 1)."""
-    a, b = a.double().cpu(), b.double().cpu()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()  # outputs of learned maps carry gradients
     return float((a - b).abs().max()) / max(1.0, float(b.abs().max())) if b.numel() else 0.0
 
 
