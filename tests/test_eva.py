@@ -74,37 +74,30 @@ def test_official_padding_by_hand():
         assert (est(q, k, v, draw)[0, n] - (p[:3] @ v + p[3:] @ beta)).abs().max() < TOL
 
 
-RTOL_RECORDED = 5e-6
-
-
-def test_defaults_reproduce_recorded_values():
-    """Numbers recorded from the code before noise_scale, shared_noise and the padding rules existed (float64,
-    CPU): the defaults reproduce them to RTOL_RECORDED.
-
-    Not bit for bit: the noise is sampled in float32 (evalab.estimators.draw.gaussian_noise), and torch's scalar
-    sampler (ATEN_CPU_CAPABILITY=default) and its vectorised ones (avx2, avx512) differ by up to 2e-6 in a sample
-    (about 16 float32 ulps at |z| = 4; measured over 1e5 samples), which moves these values by up to 5.3e-7
-    relative; the float64 arithmetic after the draw adds about 1e-15. RTOL_RECORDED = 5e-6 sits a few such
-    sampler roundings above that and far below what any change of the estimator's rules moves (1e-2 and more)."""
+def test_defaults_match_the_literal_reference():
+    """The defaults (noise_scale, shared noise over a batch of 2, the padding rules) on the configurations once
+    recorded from earlier code, against the literal reference on the same draw: the sum of squares and two
+    entries to rel 1e-10 (float64; the draw is common to both, so the CPU's sampler does not enter)."""
     q, k, v = make_qkv(N=24, d=4, dv=3, batch=(2,), norm=0.9, seed=7)
-    recorded = [
-        (dict(window=8, chunk_size=4), (22.546656582484353, -0.09942189750304149, -0.06071757246918383)),
-        (dict(window=8, chunk_size=4, samples_per_chunk=3, proposal="half-mean", chunk_logit="exact"),
-         (19.667732884453706, -0.09492054259727199, -0.21460166180766616)),
-        (dict(window=6, chunk_size=2, samples_per_chunk=2, causal=True),
-         (50.2152804512409, -0.5384597157950703, 0.22252064572375277)),
-        (dict(window=0, chunk_size=5, samples_per_chunk=2, proposal="zero", chunk_logit="official"),
-         (18.96756890592613, -0.11126490255775257, -0.05171244913075411)),
-        (dict(window=8, chunk_size=4, samples_per_chunk=2, partition="official", proposal="half-mean",
-              chunk_logit="official"), (29.412333909928236, -0.16498650131509207, -0.18676353758856878)),
-        (dict(window=8, chunk_size=4, partition="official", causal=True),
-         (49.97311174648893, -0.593548271382849, 0.2411365149187787)),
+    configurations = [
+        dict(window=8, chunk_size=4),
+        dict(window=8, chunk_size=4, samples_per_chunk=3, proposal="half-mean", chunk_logit="exact"),
+        dict(window=6, chunk_size=2, samples_per_chunk=2, causal=True),
+        dict(window=0, chunk_size=5, samples_per_chunk=2, proposal="zero", chunk_logit="official"),
+        dict(window=8, chunk_size=4, samples_per_chunk=2, partition="official", proposal="half-mean",
+             chunk_logit="official"),
+        dict(window=8, chunk_size=4, partition="official", causal=True),
     ]
-    for kwargs, values in recorded:
+    for kwargs in configurations:
         est = ev.EVA(**kwargs)
-        out = est(q, k, v, est.draw(q, k, replicates=2, generator=3))
+        draw = est.draw(q, k, replicates=2, generator=3)
+        out = est(q, k, v, draw)
+        ref = torch.stack([eva_reference(q[b], k[b], v[b], draw.noise, window=est.window, chunk_size=est.chunk_size,
+                                         proposal=est.proposal, chunk_logit=est.chunk_logit, partition=est.partition,
+                                         causal=est.causal, noise_scale=est.noise_scale) for b in range(2)], dim=1)
         got = (float((out**2).sum()), float(out[0, 1, 5, 0]), float(out[1, 0, 21, 2]))
-        assert got == pytest.approx(values, rel=RTOL_RECORDED, abs=0), kwargs
+        expected = (float((ref**2).sum()), float(ref[0, 1, 5, 0]), float(ref[1, 0, 21, 2]))
+        assert got == pytest.approx(expected, rel=1e-10, abs=1e-14), kwargs
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(proposal="half-mean", chunk_logit="official", partition="official"),

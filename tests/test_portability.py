@@ -126,8 +126,8 @@ def test_the_lint_catches_planted_comparisons():
         EXPECTED = 0.1234
         recorded = [(dict(a=1), (22.5, -0.09))]
         def test_caught():
-            assert float(x) == -0.0994218975030415
-            assert (a, b, c) == (22.546656582484353, 1, 2)
+            assert float(x) == -0.0994
+            assert (a, b, c) == (22.55, 1, 2)
             assert y != 1e-3
             assert out.sum().item() == EXPECTED
             for kwargs, values in recorded:
