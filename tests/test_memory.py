@@ -29,7 +29,7 @@ def test_key_variance_equals_the_variance_of_the_terms(monkeypatch):
     unblocked = ev.key_variance(q, k, v, **kw)
     # the results (2 x 9 x 14 float64, two rules) plus a little room
     blocked = ev.key_variance(q, k, v, **kw, batch=3, max_memory=2 * 2 * 9 * 14 * 8 + 60_000)
-    assert attribution._Plan.of(2, 9, 14, 3, 5, 4, 3, R, 8, 2 * 2 * 9 * 14 * 8 + 60_000) == attribution._Plan(1, 14, 3, False)
+    assert attribution._Plan.of(2, 9, 14, 3, 5, 4, 3, R, 8, 2 * 2 * 9 * 14 * 8 + 60_000) == attribution._Plan(1, 14, 3, False, None)
     monkeypatch.setattr(attribution, "TILE_KEYS", 8)
     tiled = ev.key_variance(q, k, v, **kw)
     for label, est in _rules(4).items():

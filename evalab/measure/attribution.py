@@ -102,8 +102,7 @@ def key_variance(
     values = inp.v.reshape(B, M, dv)
     omegas = [draw.for_estimator(base, q, k, inp.x) for _, draw in iter_draws(base, q, k, replicates, seed, plan.reps)]
     keys = [_Keys.of(base, inp, values, omega, params, keep=plan.keep) for omega in omegas]
-    # the shared rule: one coefficient for all keys, in value space unless one tile holds all of fewer keys than dv
-    rules = {"shared": None if plan.tile < M or M >= dv else M, f"chunked ({chunk})": chunk}
+    rules = {"shared": plan.shared, f"chunked ({chunk})": chunk}
     variance = {label: torch.empty(B, N, M, dtype=torch.float64) for label in rules}
     for n0 in range(0, N, plan.queries):
         x = inp.x[..., n0:n0 + plan.queries, :]
@@ -119,8 +118,9 @@ def key_variance(
                 hbar.mul_(scaled.scale)  # (r, B, n, m)
                 a = hbar - expected_h[..., m0:m1]
                 a2 = a * a
+                sum_a, sum_a2 = a.sum(0), a2.sum(0)  # (B, n, m), the same for every rule
                 for sum_ in sums.values():
-                    sum_.add(hbar, a, a2, beta)
+                    sum_.add(hbar, a, a2, sum_a, sum_a2, beta)
             for label, sum_ in sums.items():
                 variance[label][:, n0:n0 + x.shape[-2], m0:m1] = sum_.variance(replicates)
     variance = {label: var.reshape(*q.shape[:-1], M) for label, var in variance.items()}
@@ -195,8 +195,10 @@ class _Sums:
         """(..., m) -> (..., C, size), a view when size divides m."""
         return t.unflatten(-1, (self.M // self.size, self.size)) if self.M % self.size == 0 else chunked(t, self.size)
 
-    def add(self, hbar: torch.Tensor, a: torch.Tensor, a2: torch.Tensor, beta: torch.Tensor) -> None:
-        """hbar, a = hbar - E[h] and a^2: (r, B, n, m); beta (r, B, n, dv), the shared coefficient of all keys."""
+    def add(self, hbar: torch.Tensor, a: torch.Tensor, a2: torch.Tensor, sum_a: torch.Tensor, sum_a2: torch.Tensor,
+            beta: torch.Tensor) -> None:
+        """hbar, a = hbar - E[h] and a^2: (r, B, n, m), and the sums of a and a^2 over r (B, n, m); beta
+        (r, B, n, dv), the shared coefficient of all keys."""
         if self.gram is not None:
             h_c = self._chunks(hbar)
             coords = h_c / h_c.sum(-1, keepdim=True)  # (r, B, n, C, size)
@@ -205,8 +207,8 @@ class _Sums:
             coords = beta.unsqueeze(-2) if self.shared else chunk_coefficients(hbar, self.v, self.size)
             norm = (coords * coords).sum(-1)
         a_c, a2_c = self._chunks(a), self._chunks(a2)  # (r, B, n, C, size)
-        sums = (torch.einsum("rbncs,rbncv->bncsv", a_c, coords), a_c.sum(0),
-                torch.einsum("rbncs,rbncv->bncsv", a2_c, coords), a2_c.sum(0),
+        sums = (torch.einsum("rbncs,rbncv->bncsv", a_c, coords), self._chunks(sum_a),
+                torch.einsum("rbncs,rbncv->bncsv", a2_c, coords), self._chunks(sum_a2),
                 (a2_c * norm.unsqueeze(-1)).sum(0))
         self.sums = sums if self.sums is None else tuple(acc.to(torch.float64).add_(t) for acc, t in zip(self.sums, sums))
 
@@ -234,12 +236,15 @@ class _Sums:
 @dataclass(frozen=True)
 class _Plan:
     """Blocks of key_variance: ``queries`` per block, keys per ``tile`` (a multiple of the chunk size),
-    replicates per block (``reps``), and whether the key features of all replicates are kept (``keep``)."""
+    replicates per block (``reps``), whether the key features of all replicates are kept (``keep``), and the
+    shared rule's chunk (``shared``)."""
 
     queries: int
     tile: int
     reps: int
     keep: bool
+    shared: int | None  # the shared rule's chunk: None, the shared beta in value space; M, one tile of fewer keys
+    # than dv, in weight space
 
     @classmethod
     def of(cls, B: int, N: int, M: int, dv: int, F: int, chunk: int, batch: int, R: int, itemsize: int,
@@ -250,7 +255,8 @@ class _Plan:
         replicate, the rules' sums on a tile (and their float64 copy over several blocks of replicates) with
         their finishing temporaries, and the (replicates, queries, tile) temporaries."""
         tile = min(M, max(chunk, TILE_KEYS // chunk * chunk))
-        sizes = [tile if tile == M and M < dv else None, chunk]  # None: the shared beta, in value space
+        shared = M if tile == M and M < dv else None
+        sizes = [shared, chunk]
         padded = [tile if s is None else math.ceil(tile / s) * s for s in sizes]
         coords = [dv if s is None else min(s, dv) for s in sizes]
         reps = min(batch, NOISE_BLOCK)
@@ -282,4 +288,4 @@ class _Plan:
         if reps == R:  # one block of replicates: no float64 copy of the sums
             per_query -= B * sums * 8
         queries = max(1, min(N, int(budget // (per_query + reps * per_query_rep))))
-        return cls(queries, tile, reps, keep)
+        return cls(queries, tile, reps, keep, shared)

@@ -643,12 +643,15 @@ def markdown_rows(report: dict) -> list[str]:
         lines.append(f"\nmonte_carlo on the device, {r['case']} N={r['seq_len']} R={r['replicates']}: "
                      f"{r['seconds']:.3g}s ({r['replicates_per_s']:.0f} replicates/s)")
     if report.get("key_variance_scale"):
-        r = report["key_variance_scale"]
-        peak = "" if r["peak_rss_bytes"] is None else f", peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
-        lines.append(f"\nkey_variance at scale, N={r['seq_len']}, d={r['d']}, S={r['num_features']}, chunk_size="
-                     f"{r['chunk_size']}, R={r['replicates']} (CPU, one run): {r['seconds']:.3g}s wall, "
-                     f"{r['cpu_seconds']:.3g}s CPU{peak}")
+        lines.append(key_variance_line("key_variance at scale", report["key_variance_scale"], "CPU, one run"))
     return lines
+
+
+def key_variance_line(title: str, r: dict, how: str) -> str:
+    """The markdown line of a key_variance row (sections e and m)."""
+    peak = "" if r["peak_rss_bytes"] is None else f", peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
+    return (f"\n{title}, N={r['seq_len']}, d={r['d']}, S={r['num_features']}, chunk_size={r['chunk_size']}, "
+            f"R={r['replicates']} ({how}): {r['seconds']:.3g}s wall, {r['cpu_seconds']:.3g}s CPU{peak}")
 
 
 def markdown(report: dict) -> str:
@@ -689,10 +692,7 @@ def markdown(report: dict) -> str:
                      f"{p['time_ratio']:.2f}{' ?' if noisy(p, 'evalab_s', 'performer_s') else ''}, "
                      f"max |diff| {p['max_abs_diff']:.2g}")
     if report.get("attribution"):
-        a = report["attribution"]
-        peak = "" if a["peak_rss_bytes"] is None else f", peak RSS {a['peak_rss_bytes'] / 2**30:.2f} GiB (whole process)"
-        lines.append(f"\nkey_variance, N={a['seq_len']}, d={a['d']}, S={a['num_features']}, chunk_size={a['chunk_size']}, "
-                     f"R={a['replicates']} (CPU): {a['seconds']:.3g}s wall, {a['cpu_seconds']:.3g}s CPU{peak}")
+        lines.append(key_variance_line("key_variance", report["attribution"], "CPU"))
     if report.get("startup"):
         st = report["startup"]
         cells = ", ".join(f"{what} {time_cell(st, key, unit=' s')}" for key, what in STARTUP.items())
